@@ -1,0 +1,44 @@
+"""asq-post: ASQ activations and POST weights for low-bit quantization-aware training (arXiv 2504.17263)."""
+
+from .adapters import StepAdapter
+from .config import LayerQuant, QATConfig, QuantizerConfig
+from .convert import (
+    calibrate,
+    dequantize,
+    load_quantized,
+    prepare_qat,
+    quant_layers,
+    quantizable_layers,
+    quantized_state,
+    quantizers,
+    resolve_layer_specs,
+)
+from .levels import LevelSet, make_levels
+from .nn import QuantConv2d, QuantLinear
+from .quantizers import NotCalibratedError, Quantizer, build_quantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerQuant",
+    "LevelSet",
+    "NotCalibratedError",
+    "QATConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "Quantizer",
+    "QuantizerConfig",
+    "StepAdapter",
+    "__version__",
+    "build_quantizer",
+    "calibrate",
+    "dequantize",
+    "load_quantized",
+    "make_levels",
+    "prepare_qat",
+    "quant_layers",
+    "quantizable_layers",
+    "quantized_state",
+    "quantizers",
+    "resolve_layer_specs",
+]

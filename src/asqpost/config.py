@@ -1,0 +1,244 @@
+"""Quantization configs: frozen dataclasses, validated on construction, JSON-able with a format version.
+
+A :class:`QATConfig` says how every ``Conv2d``/``Linear`` of a model is quantized: a default weight and
+activation :class:`QuantizerConfig`, the first and last layer's treatment, and overrides by module-name
+pattern. ``None`` for a quantizer means "keep it in float".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .adapters import POSITIVE_MAPS
+from .levels import GRIDS, check_bits
+
+CONFIG_VERSION = 1
+WEIGHT_METHODS = ("lsq", *GRIDS)  # lsq, uniform, pot, post, apot
+ACT_METHODS = ("lsq", "asq")
+FLOAT = "float"
+INITS = ("lsq", "mse", "percentile")
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; known keys: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """One quantizer.
+
+    method: ``lsq`` or ``asq`` for activations; ``lsq``, ``uniform``, ``pot``, ``post`` or ``apot`` for
+        weights (the last four are level-set grids with a learned per-channel scale).
+    bits: 2..8, sign included when signed.
+    signed: activations only; ``None`` decides at calibration (signed if any calibration input is negative).
+    adapter: ASQ only: the adapter's positive map (``softplus``, ``exp`` or the paper's ``relu``).
+    per_token: ASQ on ``(N, T, C)`` inputs: one beta per token instead of per sample.
+    init: scale initialisation: ``lsq`` (LSQ's ``2 mean|x| / sqrt(qmax)``; uniform grids only), ``mse``
+        (search for the least squared error) or ``percentile`` (99th percentile of |x| on the top level, as
+        the public POST code). ``None``: ``mse`` for weights, ``lsq`` for activations (the paper's rule).
+    """
+
+    method: str
+    bits: int
+    signed: bool | None = None
+    adapter: str = "softplus"
+    per_token: bool = False
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in (*WEIGHT_METHODS, "asq"):
+            raise ValueError(
+                f"unknown quantization method {self.method!r}; choose one of {[*WEIGHT_METHODS, 'asq']}"
+            )
+        check_bits(self.bits)
+        if self.signed is not None and not isinstance(self.signed, bool):
+            raise ValueError(f"signed must be true, false or null, got {self.signed!r}")
+        if self.adapter not in POSITIVE_MAPS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {POSITIVE_MAPS}")
+        if self.init not in (None, *INITS):
+            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
+        if self.init == "lsq" and self.method not in ("lsq", "asq"):
+            raise ValueError(
+                f"init 'lsq' is LSQ's rule for uniform steps; {self.method!r} takes 'mse' or 'percentile'"
+            )
+
+    def init_for(self, role: str) -> str:
+        return self.init or ("mse" if role == "weight" else "lsq")
+
+    def check_role(self, role: str) -> None:
+        allowed = WEIGHT_METHODS if role == "weight" else ACT_METHODS
+        if self.method not in allowed:
+            raise ValueError(f"method {self.method!r} cannot quantize {role}s; choose one of {allowed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str | None) -> QuantizerConfig | None:
+        if data is None or data == FLOAT:
+            return None
+        if not isinstance(data, dict):
+            raise ValueError(f"a quantizer config is a mapping or 'float', got {data!r}")
+        _reject_unknown(cls, data, "quantizer")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The resolved quantizers of one layer (``None`` = float)."""
+
+    weight: QuantizerConfig | None
+    act: QuantizerConfig | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None and self.act is None
+
+
+def _with_bits(q: QuantizerConfig | None, bits: int) -> QuantizerConfig | None:
+    return None if q is None else dataclasses.replace(q, bits=bits)
+
+
+def _apply_part(q: QuantizerConfig | None, value: Any, role: str) -> QuantizerConfig | None:
+    """Apply one override value (``'float'``, bits, or a mapping of fields) to a quantizer config."""
+    if value == FLOAT:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if q is None:
+            raise ValueError(f"cannot set {role} bits on a float {role}; give a full mapping with a method")
+        return _with_bits(q, value)
+    if isinstance(value, dict):
+        _reject_unknown(QuantizerConfig, value, f"{role} override")
+        if q is None:
+            return QuantizerConfig(**value)
+        return dataclasses.replace(q, **value)
+    raise ValueError(f"a {role} override is 'float', an integer bit width or a mapping, got {value!r}")
+
+
+def apply_edge(spec: LayerQuant, value: Any) -> LayerQuant:
+    """First/last layer policy: bits mean uniform weights (LSQ) and activations at that width."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        check_bits(value, "first/last bits")
+        weight = None if spec.weight is None else dataclasses.replace(spec.weight, method="lsq", bits=value)
+        return LayerQuant(weight, _with_bits(spec.act, value))
+    return apply_override(spec, value)
+
+
+def apply_override(spec: LayerQuant, value: Any) -> LayerQuant:
+    """Apply a layer override: ``'float'``, bits for both, or ``{'weight': ..., 'act': ...}``."""
+    if value == FLOAT:
+        return LayerQuant(None, None)
+    if isinstance(value, int) and not isinstance(value, bool):
+        check_bits(value, "override bits")
+        return LayerQuant(_with_bits(spec.weight, value), _with_bits(spec.act, value))
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"weight", "act"})
+        if unknown:
+            raise ValueError(f"unknown layer override key(s) {unknown}; known keys: ['act', 'weight']")
+        weight = _apply_part(spec.weight, value["weight"], "weight") if "weight" in value else spec.weight
+        act = _apply_part(spec.act, value["act"], "act") if "act" in value else spec.act
+        return LayerQuant(weight, act)
+    raise ValueError(f"a layer override is 'float', an integer bit width or a mapping, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How a whole model is quantized.
+
+    weight, act: the default quantizers (``None`` = float).
+    first, last: the first and last quantizable layer (registration order): bits (default 8; the weights
+        use LSQ's uniform grid there, since a non-uniform grid buys nothing at 8 bits), ``'float'``, a mapping
+        as in :func:`apply_override`, or ``None`` to treat them like the rest.
+    overrides: ``(pattern, value)`` pairs applied in order after first/last; ``pattern`` is an ``fnmatch``
+        pattern over module names and must match at least one layer; ``value`` as in :func:`apply_override`.
+    """
+
+    weight: QuantizerConfig | None
+    act: QuantizerConfig | None
+    first: int | str | None = 8
+    last: int | str | None = 8
+    overrides: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"config version {self.version} is not supported (this asqpost reads {CONFIG_VERSION})"
+            )
+        if self.weight is not None:
+            self.weight.check_role("weight")
+        if self.act is not None:
+            self.act.check_role("act")
+        base = self.default_layer()
+        for edge in (self.first, self.last):
+            if edge is not None:
+                apply_edge(base, edge)
+        object.__setattr__(self, "overrides", tuple((str(p), v) for p, v in self.overrides))
+        for _, value in self.overrides:
+            resolved = apply_override(base, value)
+            for role in ("weight", "act"):
+                q = getattr(resolved, role)
+                if q is not None:
+                    q.check_role(role)
+
+    def default_layer(self) -> LayerQuant:
+        return LayerQuant(self.weight, self.act)
+
+    @classmethod
+    def recipe(cls, name: str, bits: int, **kwargs: Any) -> QATConfig:
+        """A config from a ``<weight method>-<activation method>`` name, e.g. ``post-asq``, ``lsq-lsq``.
+
+        A single name (``lsq``) means that method for weights and LSQ for activations.
+        """
+        weight_method, _, act_method = name.partition("-")
+        act_method = act_method or "lsq"
+        if weight_method not in WEIGHT_METHODS or act_method not in ACT_METHODS:
+            raise ValueError(
+                f"unknown recipe {name!r}: use '<weight>-<act>' with weight in {WEIGHT_METHODS} "
+                f"and act in {ACT_METHODS}"
+            )
+        return cls(QuantizerConfig(weight_method, bits), QuantizerConfig(act_method, bits), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "weight": self.weight.to_dict() if self.weight else FLOAT,
+            "act": self.act.to_dict() if self.act else FLOAT,
+            "first": self.first,
+            "last": self.last,
+            "overrides": [[p, v] for p, v in self.overrides],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QATConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a QAT config is a mapping, got {type(data).__name__}")
+        _reject_unknown(cls, data, "QAT config")
+        if "weight" not in data or "act" not in data:
+            raise ValueError("a QAT config needs 'weight' and 'act' (a quantizer mapping or 'float')")
+        overrides = data.get("overrides", ())
+        if not isinstance(overrides, list | tuple) or any(
+            not isinstance(o, list | tuple) or len(o) != 2 for o in overrides
+        ):
+            raise ValueError(f"overrides must be a list of [pattern, value] pairs, got {overrides!r}")
+        return cls(
+            weight=QuantizerConfig.from_dict(data["weight"]),
+            act=QuantizerConfig.from_dict(data["act"]),
+            first=data.get("first", 8),
+            last=data.get("last", 8),
+            overrides=tuple((p, v) for p, v in overrides),
+            version=data.get("version", CONFIG_VERSION),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> QATConfig:
+        return cls.from_dict(json.loads(text))

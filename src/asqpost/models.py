@@ -1,0 +1,205 @@
+"""Model registry: ``name -> factory(num_classes, in_channels, **kwargs)``; never ``eval``.
+
+Built in: CIFAR-style ResNet-20/32/56 (He et al. 2016, option-B shortcuts; any input size and channels), a
+small CNN, an MLP, and a tiny transformer encoder classifier. torchvision's ResNet-18/34/50 and MobileNetV2
+are registered when the optional ``[vision]`` extra is installed (random init: pretrained weights download,
+so load your own by path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ModelFactory = Callable[..., nn.Module]
+MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def wrap(factory: ModelFactory) -> ModelFactory:
+        MODELS[name] = factory
+        return factory
+
+    return wrap
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a registered model by name."""
+    _register_vision()
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def available_models() -> list[str]:
+    _register_vision()
+    return sorted(MODELS)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images: 3 stages of ``depth = 6n + 2`` layers, widths ``w, 2w, 4w``."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, in_planes = [], width
+        for i, planes in enumerate((width, 2 * width, 4 * width)):
+            layers = []
+            for j in range(blocks):
+                layers.append(BasicBlock(in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+for _depth in (20, 32, 56):
+    register_model(f"resnet{_depth}")(
+        lambda num_classes=10, in_channels=3, width=16, _d=_depth: CifarResNet(
+            _d, num_classes, in_channels, width
+        )
+    )
+
+
+@register_model("smallcnn")
+def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
+    """Two conv blocks and a classifier: fast on 28x28 images."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 4 * width),
+        nn.ReLU(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
+@register_model("mlp")
+def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 256) -> nn.Module:
+    """Flatten ``(N, C, S, S)`` then two hidden layers."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class TokenEncoder(nn.Module):
+    """A tiny pre-norm transformer classifier over image rows as tokens (Linear layers on (N, T, C))."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        tokens: int = 28,
+        features: int = 28,
+    ):
+        super().__init__()
+        self.embed = nn.Linear(in_channels * features, dim)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # (N, C, H, W) -> (N, H, C * W): one token per row
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        h = self.embed(x) + self.pos[:, : x.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+class _EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
+        x = x + self.proj(attn)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+register_model("transformer")(TokenEncoder)
+
+_VISION_DONE = False
+
+
+def _register_vision() -> None:
+    """Register torchvision models if the optional extra imports (it fails beside some torch builds)."""
+    global _VISION_DONE
+    if _VISION_DONE:
+        return
+    _VISION_DONE = True
+    try:
+        import torchvision.models as tvm
+    except Exception:
+        return
+
+    def factory(build: Callable[..., nn.Module]) -> ModelFactory:
+        def make(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
+            if in_channels != 3:
+                raise ValueError("torchvision models take 3 input channels")
+            return build(weights=None, num_classes=num_classes, **kwargs)
+
+        return make
+
+    for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
+        register_model(name)(factory(getattr(tvm, name)))

@@ -1,0 +1,189 @@
+"""The quantizer interface and its registry.
+
+A :class:`Quantizer` is an ``nn.Module`` whose ``forward(x)`` returns the fake-quantized ``x_hat``:
+
+    x_hat = Q(clamp(x / scale, lo, hi)) * scale
+
+with a learned, positive ``scale`` (LSQ's step, or a level set's per-channel scale) and a rounding ``Q`` to
+the grid. It is built complete by its constructor (parameters have their final shapes) and initialised from
+data by an explicit :meth:`Quantizer.calibrate_` (or :func:`asqpost.calibrate` for a whole model). A forward
+before calibration raises. ``forward`` never writes to parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import QuantizerConfig
+from ..functional import Rounder
+from .init import mse_scale, percentile_scale, subsample
+
+SCALE_FLOOR = 1e-8
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer ran before it was initialised from data."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if x.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); calibration needs data")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or inf; refusing to calibrate from it")
+
+
+def positive(raw: torch.Tensor) -> torch.Tensor:
+    """``|raw|`` floored at ``SCALE_FLOOR``: positive by construction; exactly ``raw`` when raw >= floor."""
+    return raw.abs().clamp_min(SCALE_FLOOR)
+
+
+class Quantizer(nn.Module):
+    """Base class: fake quantization of a weight (``role='weight'``) or an activation (``role='act'``).
+
+    Weights get one scale per output channel (dim 0): ``raw_scale`` is ``(C_out, 1, ...)``; activations one
+    scale per tensor: ``raw_scale`` is ``()``. Subclasses define the grid (:meth:`grid`) and
+    :meth:`quantize`.
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: QuantizerConfig, role: str, weight_shape: torch.Size | None = None):
+        super().__init__()
+        if role not in self.roles:
+            raise ValueError(f"{type(self).__name__} cannot quantize role {role!r}")
+        self.config = config
+        self.role = role
+        self.bits = config.bits
+        self.init = config.init_for(role)
+        if role == "weight":
+            if weight_shape is None:
+                raise ValueError("a weight quantizer needs weight_shape")
+            shape: tuple[int, ...] = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+        else:
+            shape = ()
+        self.raw_scale = nn.Parameter(torch.ones(shape))
+        self.calibrated = False
+        self.observing = False
+        self._reset_observations()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return positive(self.raw_scale)
+
+    def grid(self) -> tuple[Rounder, float, float]:
+        """``(rounder, lo, hi)`` of the normalised grid that ``x / scale`` is rounded to."""
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe_(x)
+            return x
+        if not self.calibrated:
+            raise NotCalibratedError(
+                f"{type(self).__name__} ({self.role}, {self.bits} bits) is not calibrated: call "
+                "asqpost.calibrate(model, batches) (or quantizer.calibrate_(x)) before the first forward"
+            )
+        return self.quantize(x)
+
+    def _reset_observations(self) -> None:
+        self._samples: list[torch.Tensor] = []
+        self._abs_sum = 0.0
+        self._count = 0
+        self._min = float("inf")
+
+    @torch.no_grad()
+    def observe_(self, x: torch.Tensor) -> None:
+        """Accumulate calibration statistics (weights: the tensor itself; activations: a subsample)."""
+        check_finite(x, f"{self.role} calibration input")
+        if self.role == "weight":
+            self._samples = [x.detach().float().reshape(x.shape[0], -1)]
+            return
+        self._samples.append(subsample(x))
+        self._abs_sum += float(x.detach().abs().sum())
+        self._count += x.numel()
+        self._min = min(self._min, float(x.min()))
+
+    def _decide_range(self, observed_min: float) -> None:
+        """Hook: fix anything the data decides (e.g. signedness) before the scale is searched."""
+
+    @torch.no_grad()
+    def finalize_(self) -> None:
+        """Initialise the scale from the observed statistics (``self.init``) and mark calibrated."""
+        if not self._samples:
+            raise ValueError(f"{type(self).__name__} saw no calibration data")
+        self._decide_range(self._min)
+        rows = self._samples[0] if self.role == "weight" else torch.cat(self._samples)[None, :]
+        rounder, lo, hi = self.grid()
+        if self.init == "mse":
+            scale = mse_scale(rows, rounder, lo, hi)
+        elif self.init == "percentile":
+            scale = percentile_scale(rows, hi)
+        else:  # LSQ: s = 2 mean|x| / sqrt(qmax), over all observed elements
+            mean_abs = (
+                rows.abs().mean(dim=1)
+                if self.role == "weight"
+                else torch.tensor([self._abs_sum / self._count])
+            )
+            scale = 2 * mean_abs / hi**0.5
+        self.raw_scale.copy_(scale.clamp_min(1e-6).reshape(self.raw_scale.shape).to(self.raw_scale))
+        self._reset_observations()
+        self.calibrated = True
+
+    @torch.no_grad()
+    def calibrate_(self, x: torch.Tensor) -> Quantizer:
+        """Initialise in place from one tensor (observe + finalize)."""
+        self.observe_(x)
+        self.finalize_()
+        return self
+
+    def export_params(self) -> dict[str, torch.Tensor]:
+        """The tensors an exported (packed) model needs from this quantizer."""
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"calibrated": self.calibrated}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.calibrated = bool(state["calibrated"])
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method}, bits={self.bits}, role={self.role}"
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(*names: str):
+    """Class decorator: make a quantizer buildable by method name."""
+
+    def wrap(cls: type[Quantizer]) -> type[Quantizer]:
+        for name in names:
+            QUANTIZERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_quantizer(
+    config: QuantizerConfig, role: str, *, channels: int | None = None, weight_shape: torch.Size | None = None
+) -> Quantizer:
+    """Build the quantizer that ``config.method`` names.
+
+    Weights need ``weight_shape`` (one scale per output channel, dim 0); activations need ``channels`` (the
+    layer's input channels, for ASQ's adapter).
+    """
+    config.check_role(role)
+    cls = QUANTIZERS[config.method]
+    if role == "weight":
+        if weight_shape is None:
+            raise ValueError("a weight quantizer needs weight_shape")
+        return cls(config, role, weight_shape=torch.Size(weight_shape))
+    if channels is None:
+        raise ValueError("an activation quantizer needs channels")
+    return cls(config, role, channels=channels)

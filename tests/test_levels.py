@@ -1,0 +1,95 @@
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asqpost.levels import GRIDS, apot, check_bits, make_levels, post, pot, uniform
+
+ALL = [(g, b, s) for g in GRIDS for b in range(2, 9) for s in (True, False)]
+
+
+@pytest.mark.parametrize(("grid", "bits", "signed"), ALL)
+def test_invariants(grid, bits, signed):
+    levels = make_levels(grid, bits, signed)
+    values = levels.values
+    assert len(values) <= 2**bits
+    assert list(values) == sorted(set(values))
+    assert max(abs(v) for v in values) == 1.0
+    assert 0.0 in values
+    if signed:
+        assert values == tuple(-v for v in reversed(values))
+    else:
+        assert min(values) == 0.0
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_post_is_powers_of_sqrt2(bits):
+    positive = [v for v in post(bits).values if v > 0]
+    assert len(positive) == 2 ** (bits - 1) - 1
+    assert len(post(bits)) == 2**bits - 1
+    ratios = [b / a for a, b in itertools.pairwise(positive)]
+    assert all(abs(r - math.sqrt(2)) <= 4e-16 for r in ratios)
+    # every second level is an exact power of two (a shift in the LUT path)
+    for k, v in enumerate(reversed(positive)):
+        if k % 2 == 0:
+            assert v == 2.0 ** -(k // 2)
+
+
+def test_documented_grids():
+    r = lambda ls: [round(v, 3) for v in ls.values if v >= 0]  # noqa: E731
+    assert r(post(4)) == [0.0, 0.125, 0.177, 0.25, 0.354, 0.5, 0.707, 1.0]
+    assert r(post(3)) == [0.0, 0.5, 0.707, 1.0]
+    assert r(post(2)) == [0.0, 1.0]
+    assert r(pot(4)) == [0.0, 0.016, 0.031, 0.062, 0.125, 0.25, 0.5, 1.0]
+    assert r(apot(4)) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
+    assert len(uniform(4, signed=False)) == 16
+    # APoT's published 4-bit magnitude set (Li et al. 2020, b = 5 signed): sums of {0, 2^-1, 2^-3, 2^-5}
+    # and {0, 2^-2, 2^-4, 2^-6}, normalised.
+    terms = {a + b for a in (0, 2**-1, 2**-3, 2**-5) for b in (0, 2**-2, 2**-4, 2**-6)}
+    expected = sorted(t / max(terms) for t in terms)
+    assert [v for v in apot(5).values if v >= 0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 9, 2.5, "4", True, None])
+def test_bad_bits(bad):
+    with pytest.raises(ValueError, match="bits"):
+        check_bits(bad)
+    with pytest.raises(ValueError, match="bits"):
+        make_levels("post", bad)
+
+
+def test_unknown_grid():
+    with pytest.raises(ValueError, match="unknown grid 'pow3'"):
+        make_levels("pow3", 4)
+
+
+@pytest.mark.parametrize(("grid", "bits", "signed"), ALL)
+def test_levels_are_fixed_points_and_codes_round_trip(grid, bits, signed):
+    levels = make_levels(grid, bits, signed)
+    table = levels.table(dtype=torch.float64)
+    codes = levels.encode(table)
+    assert torch.equal(codes, torch.arange(len(levels)))
+    assert torch.equal(levels.decode(codes, torch.float64), table)
+    assert torch.equal(levels.project(table), table)
+    # uint8 codes must index, not mask
+    assert torch.equal(levels.decode(codes.to(torch.uint8), torch.float64), table)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    grid=st.sampled_from(sorted(GRIDS)),
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    xs=st.lists(st.floats(-2, 2, allow_nan=False, width=32), min_size=1, max_size=64),
+)
+def test_project_is_nearest_and_idempotent(grid, bits, signed, xs):
+    levels = make_levels(grid, bits, signed)
+    x = torch.tensor(xs, dtype=torch.float64)
+    p = levels.project(x)
+    assert torch.equal(levels.project(p), p)
+    table = levels.table(dtype=torch.float64)
+    nearest = (x[:, None] - table[None, :]).abs().min(dim=1).values
+    assert torch.allclose((x - p).abs(), nearest, rtol=0, atol=1e-12)
