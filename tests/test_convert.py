@@ -22,7 +22,7 @@ RECIPES = ["lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq", "uni
 
 
 def _resnet():
-    return create_model("resnet20", num_classes=10, in_channels=3, width=8)
+    return create_model("resnet20", num_classes=10, input_shape=(3, 16, 16), width=8)
 
 
 def _depthwise_net():
@@ -46,9 +46,7 @@ def _data(n=16, shape=(3, 16, 16)):
 def test_every_parameter_gets_a_finite_gradient(recipe):
     model = _resnet()
     q = prepare_qat(model, QATConfig.recipe(recipe, 3))
-    assert sum(1 for _ in quant_layers(q)) == sum(
-        isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules()
-    )
+    assert sum(1 for _ in quant_layers(q)) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
     calibrate(q, _data())
     q.train()
     out = q(torch.randn(8, 3, 16, 16))
@@ -150,7 +148,7 @@ def test_state_round_trip_rebuilds_model():
     with torch.no_grad():
         assert torch.equal(q(data[0]), restored(data[0]))
     with pytest.raises(ValueError, match="does not match"):
-        load_quantized(create_model("resnet20", width=16), state)
+        load_quantized(create_model("resnet20", input_shape=(3, 16, 16), width=16), state)
 
 
 def test_dequantize_and_double_prepare():
@@ -165,7 +163,7 @@ def test_dequantize_and_double_prepare():
 
 
 def test_transformer_tokens():
-    model = create_model("transformer", num_classes=4, in_channels=1, dim=32, tokens=6, features=5)
+    model = create_model("transformer", num_classes=4, input_shape=(6, 5), dim=32)
     q = prepare_qat(model, QATConfig.recipe("post-asq", 4))
     x = torch.randn(3, 6, 5)
     calibrate(q, [x])

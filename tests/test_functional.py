@@ -61,9 +61,7 @@ def test_step_gradient_matches_lsq_formula(shape, step_shape):
     y = fake_quantize(x, step, lo, hi)
     gx, gs = torch.autograd.grad(y.sum(), (x, step))
     v = x.detach() / step.detach()
-    per_elem = torch.where(
-        v < lo, torch.full_like(v, lo), torch.where(v > hi, torch.full_like(v, hi), v.round() - v)
-    )
+    per_elem = torch.where(v < lo, torch.full_like(v, lo), torch.where(v > hi, torch.full_like(v, hi), v.round() - v))
     assert torch.allclose(gs, sum_to_shape(per_elem, step.shape), atol=1e-12)
     inside = (v >= lo) & (v <= hi)
     assert torch.equal(gx, inside.to(gx.dtype))  # STE: 1 inside, 0 outside

@@ -142,9 +142,7 @@ def test_level_set_weights_on_grid(grid, init):
     assert torch.equal(q.levels.decode(q.codes(w)) * q.scale, w_hat)
 
 
-@pytest.mark.parametrize(
-    ("method", "inits"), [("post", ("mse", "percentile")), ("lsq", ("mse", "percentile", "lsq"))]
-)
+@pytest.mark.parametrize(("method", "inits"), [("post", ("mse", "percentile")), ("lsq", ("mse", "percentile", "lsq"))])
 @pytest.mark.parametrize("role", ["weight", "act"])
 def test_mse_init_has_least_error(method, inits, role):
     if role == "act" and method == "post":

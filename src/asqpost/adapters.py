@@ -42,9 +42,7 @@ class StepAdapter(nn.Module):
     ``(N, 1, 1, 1)``, ``(N, 1)``, ``(N, 1, 1)`` or ``(N, T, 1)``.
     """
 
-    def __init__(
-        self, channels: int, reduction: int = 4, positive: str = "softplus", per_token: bool = False
-    ):
+    def __init__(self, channels: int, reduction: int = 4, positive: str = "softplus", per_token: bool = False):
         super().__init__()
         if positive not in POSITIVE_MAPS:
             raise ValueError(f"unknown adapter positive map {positive!r}; choose one of {POSITIVE_MAPS}")

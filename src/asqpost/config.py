@@ -53,9 +53,7 @@ class QuantizerConfig:
 
     def __post_init__(self) -> None:
         if self.method not in (*WEIGHT_METHODS, "asq"):
-            raise ValueError(
-                f"unknown quantization method {self.method!r}; choose one of {[*WEIGHT_METHODS, 'asq']}"
-            )
+            raise ValueError(f"unknown quantization method {self.method!r}; choose one of {[*WEIGHT_METHODS, 'asq']}")
         check_bits(self.bits)
         if self.signed is not None and not isinstance(self.signed, bool):
             raise ValueError(f"signed must be true, false or null, got {self.signed!r}")
@@ -64,9 +62,7 @@ class QuantizerConfig:
         if self.init not in (None, *INITS):
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         if self.init == "lsq" and self.method not in ("lsq", "asq"):
-            raise ValueError(
-                f"init 'lsq' is LSQ's rule for uniform steps; {self.method!r} takes 'mse' or 'percentile'"
-            )
+            raise ValueError(f"init 'lsq' is LSQ's rule for uniform steps; {self.method!r} takes 'mse' or 'percentile'")
 
     def init_for(self, role: str) -> str:
         return self.init or ("mse" if role == "weight" else "lsq")
@@ -168,9 +164,7 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
-            raise ValueError(
-                f"config version {self.version} is not supported (this asqpost reads {CONFIG_VERSION})"
-            )
+            raise ValueError(f"config version {self.version} is not supported (this asqpost reads {CONFIG_VERSION})")
         if self.weight is not None:
             self.weight.check_role("weight")
         if self.act is not None:

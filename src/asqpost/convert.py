@@ -110,9 +110,7 @@ def _observing(model: nn.Module) -> Iterator[None]:
 def _inputs_of(batch: Any) -> torch.Tensor:
     x = batch[0] if isinstance(batch, list | tuple) else batch
     if not isinstance(x, torch.Tensor):
-        raise ValueError(
-            f"calibration batches must be tensors or (inputs, ...) tuples, got {type(x).__name__}"
-        )
+        raise ValueError(f"calibration batches must be tensors or (inputs, ...) tuples, got {type(x).__name__}")
     if x.numel() == 0 or x.shape[0] == 0:
         raise ValueError(f"calibration batch is empty (shape {tuple(x.shape)})")
     return x

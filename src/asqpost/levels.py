@@ -73,9 +73,7 @@ class LevelSet:
     def __len__(self) -> int:
         return len(self.values)
 
-    def table(
-        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
+    def table(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The levels as a 1-D tensor (cached per device and dtype)."""
         return self._tensors(torch.device(device or "cpu"), dtype)[0]
 
@@ -151,10 +149,7 @@ def apot(bits: int, signed: bool = True) -> LevelSet:
     else:
         n_terms = math.ceil(mbits / 2)
         term_bits = [2] * (mbits // 2) + [1] * (mbits % 2)
-        terms = [
-            [0.0] + [2.0 ** -(i + 1 + j * n_terms) for j in range(2**tb - 1)]
-            for i, tb in enumerate(term_bits)
-        ]
+        terms = [[0.0] + [2.0 ** -(i + 1 + j * n_terms) for j in range(2**tb - 1)] for i, tb in enumerate(term_bits)]
     sums = {0.0}
     for term in terms:
         sums = {s + t for s in sums for t in term}

@@ -1,4 +1,7 @@
-"""Model registry: ``name -> factory(num_classes, in_channels, **kwargs)``; never ``eval``.
+"""Model registry: ``name -> factory(num_classes, input_shape, **kwargs)``; never ``eval``.
+
+``input_shape`` is one sample's shape without the batch: ``(C, H, W)`` for images, ``(C, L)`` for 1-D
+signals.
 
 Built in: CIFAR-style ResNet-20/32/56 (He et al. 2016, option-B shortcuts; any input size and channels), a
 small CNN, an MLP, and a tiny transformer encoder classifier. torchvision's ResNet-18/34/50 and MobileNetV2
@@ -8,6 +11,7 @@ so load your own by path).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,12 +30,23 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return wrap
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build a registered model by name."""
+def create_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), **kwargs) -> nn.Module:
+    """Build a registered model by name for inputs of ``input_shape`` (no batch dimension)."""
     _register_vision()
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    try:
+        return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments for model {name!r}: {err}") from err
+
+
+def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} takes images (C, H, W), got input shape {input_shape}")
+    return input_shape  # type: ignore[return-value]
 
 
 def available_models() -> list[str]:
@@ -87,17 +102,22 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
+def _cifar_resnet(depth: int) -> ModelFactory:
+    def make(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), width: int = 16) -> nn.Module:
+        channels = _image_shape(f"resnet{depth}", input_shape)[0]
+        return CifarResNet(depth, num_classes, channels, width)
+
+    return make
+
+
 for _depth in (20, 32, 56):
-    register_model(f"resnet{_depth}")(
-        lambda num_classes=10, in_channels=3, width=16, _d=_depth: CifarResNet(
-            _d, num_classes, in_channels, width
-        )
-    )
+    register_model(f"resnet{_depth}")(_cifar_resnet(_depth))
 
 
 @register_model("smallcnn")
-def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
-    """Two conv blocks and a classifier: fast on 28x28 images."""
+def small_cnn(num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28), width: int = 32) -> nn.Module:
+    """Three conv layers and a two-layer classifier: fast on 28x28 images."""
+    in_channels = _image_shape("smallcnn", input_shape)[0]
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
         nn.BatchNorm2d(width),
@@ -119,11 +139,11 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> n
 
 
 @register_model("mlp")
-def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 256) -> nn.Module:
-    """Flatten ``(N, C, S, S)`` then two hidden layers."""
+def mlp(num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28), hidden: int = 256) -> nn.Module:
+    """Flatten, then two hidden layers (any input shape)."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(in_channels * image_size * image_size, hidden),
+        nn.Linear(math.prod(input_shape), hidden),
         nn.ReLU(),
         nn.Linear(hidden, hidden),
         nn.ReLU(),
@@ -137,15 +157,19 @@ class TokenEncoder(nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
-        in_channels: int = 1,
+        input_shape: tuple[int, ...] = (1, 28, 28),
         dim: int = 64,
         depth: int = 2,
         heads: int = 4,
-        tokens: int = 28,
-        features: int = 28,
     ):
         super().__init__()
-        self.embed = nn.Linear(in_channels * features, dim)
+        if len(input_shape) == 3:  # (C, H, W): H tokens of C * W features
+            tokens, features = input_shape[1], input_shape[0] * input_shape[2]
+        elif len(input_shape) == 2:  # (T, C) token sequences
+            tokens, features = input_shape
+        else:
+            raise ValueError(f"transformer takes (C, H, W) or (T, C) inputs, got {input_shape}")
+        self.embed = nn.Linear(features, dim)
         self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
         self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -190,12 +214,12 @@ def _register_vision() -> None:
     _VISION_DONE = True
     try:
         import torchvision.models as tvm
-    except Exception:
+    except Exception:  # any import failure (missing, or built for another torch) means: not available
         return
 
     def factory(build: Callable[..., nn.Module]) -> ModelFactory:
-        def make(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
-            if in_channels != 3:
+        def make(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224), **kwargs) -> nn.Module:
+            if _image_shape("torchvision model", input_shape)[0] != 3:
                 raise ValueError("torchvision models take 3 input channels")
             return build(weights=None, num_classes=num_classes, **kwargs)
 

@@ -125,11 +125,7 @@ class Quantizer(nn.Module):
         elif self.init == "percentile":
             scale = percentile_scale(rows, hi)
         else:  # LSQ: s = 2 mean|x| / sqrt(qmax), over all observed elements
-            mean_abs = (
-                rows.abs().mean(dim=1)
-                if self.role == "weight"
-                else torch.tensor([self._abs_sum / self._count])
-            )
+            mean_abs = rows.abs().mean(dim=1) if self.role == "weight" else torch.tensor([self._abs_sum / self._count])
             scale = 2 * mean_abs / hi**0.5
         self.raw_scale.copy_(scale.clamp_min(1e-6).reshape(self.raw_scale.shape).to(self.raw_scale))
         self._reset_observations()

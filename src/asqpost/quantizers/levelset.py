@@ -22,9 +22,7 @@ class LevelSetQuantizer(Quantizer):
 
     roles = ("weight",)
 
-    def __init__(
-        self, config: QuantizerConfig, role: str, *, weight_shape: torch.Size | None = None, **_: object
-    ):
+    def __init__(self, config: QuantizerConfig, role: str, *, weight_shape: torch.Size | None = None, **_: object):
         super().__init__(config, role, weight_shape)
         self.levels = make_levels(config.method, config.bits, signed=True)
 

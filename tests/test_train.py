@@ -1,0 +1,202 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asqpost.cli import main
+from asqpost.runconfig import RunConfig, load_run_config, parse_set
+from asqpost.train.checkpoint import CheckpointError, load_checkpoint
+from asqpost.train.run import fit
+
+TINY = {
+    "data": "synthetic",
+    "model": "smallcnn",
+    "model_args": {"width": 8},
+    "batch_size": 64,
+    "epochs": 2,
+    "lr": 0.05,
+    "progress": False,
+    "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("float")
+    fit(RunConfig(**TINY), out)
+    return out / "checkpoint.pt"
+
+
+def _weights(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_cli_train_eval_compare_end_to_end(tmp_path, float_ckpt, capsys):
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    qat_dir = tmp_path / "qat"
+    assert (
+        main(
+            [
+                "train",
+                *sets,
+                f"--set=init={float_ckpt}",
+                "--set=quant.recipe=post-asq",
+                "--set=quant.bits=3",
+                "--set=epochs=1",
+                "--out",
+                str(qat_dir),
+            ]
+        )
+        == 0
+    )
+    payload = load_checkpoint(qat_dir / "checkpoint.pt")
+    assert json.loads(payload["qat"])["weight"]["method"] == "post"
+    assert payload["epoch"] == 1 and payload["run"]["quant"]["bits"] == 3
+    assert (qat_dir / "config.yaml").is_file() and (qat_dir / "metrics.csv").read_text().startswith("epoch,")
+    assert main(["eval", str(qat_dir / "checkpoint.pt"), "--data", "synthetic", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = json.loads((qat_dir / "final.json").read_text())
+    assert result["accuracy"] == pytest.approx(final["test_acc"])
+    assert main(["eval", str(qat_dir / "checkpoint.pt"), "--data", "synthetic", "--shift", "--json"]) == 0
+    shifted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shifted["accuracy"] == pytest.approx(final["shift_acc"])
+    cmp_dir = tmp_path / "cmp"
+    args = [
+        "compare",
+        *sets,
+        "--set=epochs=1",
+        "--init",
+        str(float_ckpt),
+        "--out",
+        str(cmp_dir),
+        "--methods",
+        "float",
+        "lsq",
+        "post-asq",
+        "--bits",
+        "2",
+        "4",
+        "--seeds",
+        "0",
+    ]
+    assert main(args) == 0
+    table = (cmp_dir / "results.md").read_text()
+    assert "POST (W) + ASQ (A) | 2/2" in table and "LSQ (W) + LSQ (A) | 4/4" in table
+    assert (cmp_dir / "accuracy.png").stat().st_size > 1000
+    records = json.loads((cmp_dir / "results.json").read_text())
+    assert len(records) == 5
+    sizes = {(r["method"], r["bits"]): r["size_bytes"] for r in records}
+    assert sizes[("lsq", 2)] < sizes[("lsq", 4)] < sizes[("float", None)]
+    # a rerun reuses every finished cell
+    mtime = (cmp_dir / "cells" / "lsq-w2-s0" / "final.json").stat().st_mtime
+    assert main(args) == 0
+    assert (cmp_dir / "cells" / "lsq-w2-s0" / "final.json").stat().st_mtime == mtime
+
+
+def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
+    config = RunConfig(**{**TINY, "epochs": 3, "init": str(float_ckpt), "quant": {"recipe": "post-asq", "bits": 2}})
+    fit(config, tmp_path / "straight")
+    partial = fit(config.replace(stop_after=1), tmp_path / "stopped")
+    assert partial["stopped_after_epoch"] == 1
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["epoch"] == 1
+    fit(config, tmp_path / "stopped", resume=True)
+    a, b = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "stopped" / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+    with pytest.raises(CheckpointError, match="different"):
+        fit(config.replace(seed=5), tmp_path / "stopped", resume=True)
+
+
+def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
+    config = RunConfig(**{**TINY, "epochs": 1, "init": str(float_ckpt), "quant": {"recipe": "lsq", "bits": 4}})
+    fit(config, tmp_path / "q")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        fit(config.replace(init=str(tmp_path / "q" / "checkpoint.pt")), tmp_path / "q2")
+    with pytest.raises(CheckpointError, match="classes"):
+        fit(config.replace(data="digits"), tmp_path / "q3")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"bogus": 1}, "unknown config key"),
+        ({"epochs": "ten"}, "'epochs' must be"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": True}, "'lr' must be"),
+        ({"augment": "mixup"}, "unknown augment"),
+        ({"quant": {"recipe": "post-asq"}}, "needs quant.bits"),
+        ({"quant": {"recipe": "post-asq", "bits": 1}}, "bits"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "frist": 8}}, "unknown quant key"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_run_configs(data, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict(data)
+
+
+def test_yaml_then_set_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: mlp\nquant:\n  recipe: lsq\n  bits: 4\n")
+    config = load_run_config(path, ["quant.bits=2", "lr=0.5", "train_subset=null"])
+    assert config.model == "mlp" and config.quant == {"recipe": "lsq", "bits": 2} and config.lr == 0.5
+    assert parse_set(["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_set(["novalue"])
+
+
+def test_cli_reports_user_errors(tmp_path, capsys):
+    assert main(["train", "--set", "model=resnet1000", "--set", "data=synthetic", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'resnet1000'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", "synthetic"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "-c", "no-such-recipe", "--out", str(tmp_path)]) == 2
+    assert "packaged recipe" in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "asqpost.cli",
+        "train",
+        "--set",
+        "data=synthetic",
+        "--set",
+        "model=smallcnn",
+        "--set",
+        "model_args={width: 8}",
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=32",
+        "--set",
+        "progress=false",
+        "--set",
+        f"init={float_ckpt}",
+        "--set",
+        "quant={recipe: post-asq, bits: 4}",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["history"][0]["epoch"] == 1
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["qat"] is not None
+    # both ranks saw half of the data each: 512 samples / (2 ranks x 32) = 8 steps per rank
+    assert 0.0 <= final["test_acc"] <= 1.0
