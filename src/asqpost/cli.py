@@ -1,4 +1,4 @@
-"""The ``asqpost`` command line: train | eval | compare | demo.
+"""The ``asqpost`` command line: train | eval | compare | demo | export | run.
 
 Every command is a thin layer over the library; errors the user can fix are printed as one line
 (``error: ...``) with exit status 2.
@@ -121,6 +121,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import convert_to_packed, save_packed
+    from .train.checkpoint import build_from_checkpoint, load_checkpoint
+
+    payload = load_checkpoint(args.checkpoint)
+    if payload["qat"] is None:
+        raise ValueError(f"{args.checkpoint} is a float checkpoint; export a QAT checkpoint (asqpost train with quant)")
+    packed = convert_to_packed(build_from_checkpoint(payload))
+    size = save_packed(packed, args.out, payload["model"], payload.get("normalizer"))
+    ckpt_size = Path(args.checkpoint).stat().st_size
+    print(f"{args.out}: {size / 1024:.1f} KiB ({ckpt_size / size:.1f}x smaller than the checkpoint)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .train.run import evaluate_export
+
+    result = evaluate_export(args.export, args.data, args.data_root, args.split, args.shift, device=args.device)
+    print(
+        json.dumps(result)
+        if args.json
+        else f"{args.data}/{args.split}{' (shifted)' if args.shift else ''}: accuracy {result['accuracy'] * 100:.2f}% "
+        f"over {result['samples']} samples (packed model)"
+    )
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset name (fashion-mnist, mnist, digits, mnist1d, cifar10...)")
+    p.add_argument("--data-root", help="folder with the dataset's files")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--shift", action="store_true", help="scale each image by a random gain (0.25x..4x) plus offset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asqpost", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"asqpost {__version__}")
@@ -139,12 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split (optionally shifted)")
     p.add_argument("checkpoint")
-    p.add_argument("--data", required=True, help="dataset name (fashion-mnist, mnist, digits, mnist1d, cifar10...)")
-    p.add_argument("--data-root", help="folder with the dataset's files")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--shift", action="store_true", help="scale each image by a random gain (0.25x..4x) plus offset")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -166,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="pack a QAT checkpoint: b-bit codes + LUT + scales (safetensors + JSON)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="output file (.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="evaluate an exported (packed) model on a dataset split")
+    p.add_argument("export")
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_run)
 
     return parser
 

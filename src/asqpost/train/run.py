@@ -254,6 +254,37 @@ def _fmt(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch")
 
 
+def _evaluate_model(model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source):
+    dataset = load_dataset(data, split, data_root)
+    if tuple(input_shape) != dataset.input_shape:
+        raise ValueError(f"{source} expects inputs {tuple(input_shape)}; {data!r} has {dataset.input_shape}")
+    normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
+    batches = TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None)
+    stats = evaluate(model, batches, next(model.buffers()).device)
+    return {"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples, "shift": shift}
+
+
+def evaluate_export(
+    path: str | Path,
+    data: str,
+    data_root: str | None = None,
+    split: str = "test",
+    shift: bool = False,
+    batch_size: int = 500,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Accuracy of an exported (packed) model, computed from its packed form."""
+    from ..export import load_packed, read_export
+
+    meta, _ = read_export(path)
+    if not meta.get("model"):
+        raise ValueError(f"{path} names no registered model; evaluate it from Python with load_packed(path, model)")
+    model = load_packed(path).to(resolve_device(device))
+    return _evaluate_model(
+        model, meta["model"]["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path
+    )
+
+
 def evaluate_checkpoint(
     path: str | Path,
     data: str,
@@ -266,13 +297,14 @@ def evaluate_checkpoint(
     """Accuracy of a checkpoint on a dataset split (optionally under the per-sample gain/offset shift)."""
     payload = load_checkpoint(path)
     model = build_from_checkpoint(payload).to(resolve_device(device))
-    dataset = load_dataset(data, split, data_root)
-    if tuple(payload["model"]["input_shape"]) != dataset.input_shape:
-        raise CheckpointError(
-            f"{path} expects inputs {tuple(payload['model']['input_shape'])}; {data!r} has {dataset.input_shape}"
-        )
-    norm = payload.get("normalizer")
-    normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
-    batches = TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None)
-    stats = evaluate(model, batches, next(model.parameters()).device)
-    return {"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples, "shift": shift}
+    return _evaluate_model(
+        model,
+        payload["model"]["input_shape"],
+        payload.get("normalizer"),
+        data,
+        data_root,
+        split,
+        shift,
+        batch_size,
+        path,
+    )

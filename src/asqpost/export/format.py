@@ -1,0 +1,162 @@
+"""The export file: safetensors tensors + one JSON metadata entry (no pickles), with checksums.
+
+Metadata key ``asqpost`` holds JSON::
+
+    {"format": "asqpost-packed", "version": 1,
+     "model": {"name", "num_classes", "input_shape", "kwargs"} | null,   registry spec to rebuild the float net
+     "qat": QATConfig JSON, "normalizer": {"mean", "std"} | null,
+     "layers": {name: PackedLayer.meta()},                            geometry, bits, table size, act range
+     "sha256": hex digest over every tensor (sorted names, raw bytes)}
+
+Tensors: each packed layer's ``weight.codes`` (uint8, densely packed), ``weight.table`` (float64 levels),
+``weight.scale`` (float32 per output channel), ``input_quant.step`` and ``input_quant.adapter.*`` (ASQ),
+``bias``; plus every other tensor of the model (BatchNorm ...) under its state_dict name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..convert import CONFIG_ATTR, quant_layers
+from ..models import create_model
+from ..train.checkpoint import atomic_write_bytes
+from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer
+
+FORMAT = "asqpost-packed"
+VERSION = 1
+
+
+class ExportError(ValueError):
+    """An export file is missing, corrupt, of another version, or does not match its model."""
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convert_to_packed(model: nn.Module) -> nn.Module:
+    """A copy of a calibrated QAT model whose quantized layers are :class:`PackedLayer` (inference form)."""
+    layers = list(quant_layers(model))
+    if not layers:
+        raise ValueError("model has no quantized layers; prepare_qat + calibrate (and train) it first")
+    for name, layer in layers:
+        for q in (layer.weight_quantizer, layer.input_quantizer):
+            if q is not None and not q.calibrated:
+                raise ValueError(f"layer {name!r} is not calibrated; nothing meaningful to export")
+    packed = copy.deepcopy(model).eval()
+    for name, layer in layers:
+        _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer))
+    return packed
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLayer)}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_packed(
+    packed: nn.Module,
+    path: str | Path,
+    model_spec: dict[str, Any] | None = None,
+    normalizer: dict[str, Any] | None = None,
+) -> int:
+    """Write a packed model atomically; returns the file size in bytes."""
+    layers = packed_layers(packed)
+    if not layers:
+        raise ValueError("not a packed model: call convert_to_packed(model) first")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in packed.state_dict().items()}
+    config = getattr(packed, CONFIG_ATTR, None)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_spec,
+        "qat": None if config is None else config.to_json(),
+        "normalizer": normalizer,
+        "layers": {name: layer.meta() for name, layer in layers.items()},
+        "sha256": _digest(tensors),
+    }
+    data = st_save(tensors, metadata={"asqpost": json.dumps(meta)})
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and verify an export file: ``(metadata, tensors)``; raises :class:`ExportError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"export file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        tensors = st_load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["asqpost"])
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as err:
+        raise ExportError(f"{path} is not a readable asqpost export (truncated or corrupt?): {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an asqpost packed export (format tag {FORMAT!r} missing)")
+    if meta.get("version") != VERSION:
+        raise ExportError(f"{path} has export version {meta.get('version')!r}; this asqpost reads {VERSION}")
+    if meta.get("sha256") != _digest(tensors):
+        raise ExportError(f"{path}: tensor data do not match the recorded checksum (file edited or corrupt)")
+    if not isinstance(meta.get("layers"), dict) or not meta["layers"]:
+        raise ExportError(f"{path}: metadata lists no packed layers")
+    return meta, tensors
+
+
+def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a packed model from an export; ``model`` is the float architecture if the file names none."""
+    meta, tensors = read_export(path)
+    if model is None:
+        spec = meta.get("model")
+        if not spec:
+            raise ExportError(f"{path} names no registered model; pass the float architecture as model=")
+        try:
+            model = create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ExportError(f"{path}: cannot rebuild model {spec!r}: {err}") from err
+    try:
+        for name, layer_meta in meta["layers"].items():
+            model.get_submodule(name)
+            _set_submodule(model, name, PACKED_LAYERS[layer_meta["kind"]](layer_meta))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{path}: layer metadata does not fit the model: {err!r}") from err
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ExportError(
+            f"{path}: tensors do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise ExportError(
+                f"{path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the model needs "
+                f"{tuple(expected[name].shape)} {expected[name].dtype}"
+            )
+    model.load_state_dict(tensors)
+    for name, layer in packed_layers(model).items():
+        w = layer.weight
+        if w is not None and w.lut() is None and not torch.isfinite(w.table).all():
+            raise ExportError(f"{path}: layer {name!r} has a non-finite level table")
+    return model.eval()

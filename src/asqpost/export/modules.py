@@ -1,0 +1,271 @@
+"""Packed layers: weights as b-bit codes + a level table + per-channel scales; inference from that form.
+
+A packed layer computes, for integer activation codes ``x_int = clamp(round(x / s_a), qmin, qmax)`` with the
+per-sample step ``s_a = s * beta(x)`` (``beta = 1`` for LSQ):
+
+    y[n] = s_a * scale[n] * unit * (acc_even[n] + acc_odd[n] / sqrt 2) + bias[n]
+    acc_even = x_int . even[codes[n, :]],  acc_odd = x_int . odd[codes[n, :]]
+
+where ``(even, odd, unit)`` is the table's :class:`~asqpost.export.lut.IntegerLUT` (POST splits even and odd
+powers of sqrt 2; other grids have ``odd = 0``). The two sums are exact integers. Which kernel computes them
+is chosen by :mod:`asqpost.kernels` (the float64 reference, or a native CPU kernel). A layer whose table has
+no small-integer form, or whose input stays float, runs the same maths with decoded float weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import StepAdapter
+from ..nn import QuantConv2d, QuantLinear
+from ..quantizers import ASQQuantizer, LevelSetQuantizer, LSQQuantizer, Quantizer
+from .lut import IntegerLUT, integer_lut
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+
+class PackedWeight(nn.Module):
+    """A weight ``(C_out, ...)`` stored as packed codes: ``w = table[codes] * scale[c]``.
+
+    Buffers: ``codes`` uint8 ``(ceil(numel * bits / 8),)``; ``table`` float64 ``(L,)`` with ``L <= 2**bits``;
+    ``scale`` float32 ``(C_out,)``.
+    """
+
+    def __init__(self, shape: tuple[int, ...], bits: int, table_size: int):
+        super().__init__()
+        if table_size > 2**bits:
+            raise ValueError(f"a {table_size}-entry table does not fit {bits}-bit codes")
+        self.shape = tuple(shape)
+        self.bits = bits
+        numel = math.prod(shape)
+        self.register_buffer("codes", torch.zeros(packed_nbytes(numel, bits), dtype=torch.uint8))
+        self.register_buffer("table", torch.zeros(table_size, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(shape[0]))
+        self._cache: dict[str, object] = {}
+
+    @classmethod
+    def from_quantizer(cls, weight: torch.Tensor, quantizer: Quantizer) -> PackedWeight:
+        with torch.no_grad():
+            if isinstance(quantizer, LevelSetQuantizer):
+                codes = quantizer.codes(weight)
+                table = quantizer.levels.table(dtype=torch.float64)
+            elif isinstance(quantizer, LSQQuantizer):
+                qmin, qmax = quantizer.qrange
+                q = torch.clamp(torch.round(weight / quantizer.step), qmin, qmax)
+                codes = (q - qmin).long()
+                table = torch.arange(qmin, qmax + 1, dtype=torch.float64)
+            else:
+                raise ValueError(f"cannot pack weights of {type(quantizer).__name__}")
+            packed = cls(tuple(weight.shape), quantizer.bits, table.numel())
+            packed.codes.copy_(pack_codes(codes, quantizer.bits))
+            packed.table.copy_(table)
+            packed.scale.copy_(quantizer.scale.detach().reshape(-1).float())
+        return packed
+
+    def _load_from_state_dict(self, *args, **kwargs):  # decoded caches follow the loaded codes
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def code_tensor(self) -> torch.Tensor:
+        """Unpacked codes, int64, shaped like the weight (cached)."""
+        if "codes" not in self._cache:
+            numel = math.prod(self.shape)
+            self._cache["codes"] = unpack_codes(self.codes.cpu(), self.bits, numel).reshape(self.shape)
+        return self._cache["codes"]  # type: ignore[return-value]
+
+    def lut(self) -> IntegerLUT | None:
+        if "lut" not in self._cache:
+            self._cache["lut"] = integer_lut(self.table.cpu())
+        return self._cache["lut"]  # type: ignore[return-value]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``table[codes] * scale`` (what fake quantization produced)."""
+        scale = self.scale.to(dtype).reshape((-1,) + (1,) * (len(self.shape) - 1))
+        return (self.table.to(dtype)[self.code_tensor().to(self.table.device)] * scale).to(self.scale.device)
+
+    def integer_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(even, odd, unit)``: integer weights (int64, weight-shaped) with ``w = scale * unit * (even + odd/sqrt2)``."""
+        lut = self.lut()
+        if lut is None:
+            raise ValueError("this table has no small-integer form")
+        codes = self.code_tensor()
+        return lut.even[codes], lut.odd[codes], lut.unit
+
+
+class PackedInput(nn.Module):
+    """Activation quantization of a packed layer: ``x_int`` and the per-sample step ``s_a`` (LSQ or ASQ)."""
+
+    def __init__(self, qmin: int, qmax: int, adapter: dict | None = None):
+        super().__init__()
+        self.qmin, self.qmax = int(qmin), int(qmax)
+        self.register_buffer("step", torch.ones(()))
+        self.adapter = None if adapter is None else StepAdapter(**adapter)
+
+    @classmethod
+    def from_quantizer(cls, quantizer: Quantizer) -> PackedInput:
+        if not isinstance(quantizer, LSQQuantizer):
+            raise ValueError(f"cannot pack activations of {type(quantizer).__name__}")
+        qmin, qmax = quantizer.qrange
+        adapter = None
+        if isinstance(quantizer, ASQQuantizer):
+            a = quantizer.adapter
+            adapter = {"channels": a.channels, "positive": a.positive, "per_token": a.per_token}
+        packed = cls(qmin, qmax, adapter).to(quantizer.raw_scale.device)
+        with torch.no_grad():
+            packed.step.copy_(quantizer.step.detach())
+            if packed.adapter is not None:
+                packed.adapter.load_state_dict(quantizer.adapter.state_dict())
+        return packed
+
+    def meta(self) -> dict:
+        adapter = None
+        if self.adapter is not None:
+            a = self.adapter
+            adapter = {"channels": a.channels, "positive": a.positive, "per_token": a.per_token}
+        return {"qmin": self.qmin, "qmax": self.qmax, "adapter": adapter}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_int as float, s_a)``; ``s_a`` broadcasts against ``x`` (scalar, or one per sample/token)."""
+        step = self.step if self.adapter is None else self.step * self.adapter(x)
+        return torch.clamp(torch.round(x / step), self.qmin, self.qmax), step
+
+    def extra_repr(self) -> str:
+        return f"qmin={self.qmin}, qmax={self.qmax}, asq={self.adapter is not None}"
+
+
+class PackedLayer(nn.Module):
+    """Base of :class:`PackedLinear` and :class:`PackedConv2d`; built from :meth:`meta` alone, filled by loading.
+
+    ``weight`` is a :class:`PackedWeight` (or ``None`` with ``float_weight`` kept for float-weight layers);
+    ``input_quant`` a :class:`PackedInput` (or ``None`` when the layer's input stays float).
+    """
+
+    kind = ""
+
+    def __init__(self, meta: dict):
+        super().__init__()
+        self.geometry = dict(meta["geometry"])
+        weight_shape = tuple(meta["weight_shape"])
+        w = meta["weight"]
+        self.weight = None if w is None else PackedWeight(weight_shape, w["bits"], w["table_size"])
+        self.float_weight = None if w is not None else nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
+        a = meta["input"]
+        self.input_quant = None if a is None else PackedInput(a["qmin"], a["qmax"], a["adapter"])
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if meta["bias"] else None
+
+    @classmethod
+    def from_quant(cls, layer: QuantConv2d | QuantLinear) -> PackedLayer:
+        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        weight = None if wq is None else PackedWeight.from_quantizer(layer.weight.detach(), wq)
+        meta = {
+            "kind": cls.kind,
+            "geometry": cls.geometry_of(layer),
+            "weight_shape": list(layer.weight.shape),
+            "weight": None if weight is None else {"bits": weight.bits, "table_size": weight.table.numel()},
+            "input": None if aq is None else PackedInput.from_quantizer(aq).meta(),
+            "bias": layer.bias is not None,
+        }
+        packed = cls(meta).to(layer.weight.device)
+        with torch.no_grad():
+            if weight is not None:
+                packed.weight.load_state_dict(weight.state_dict())
+            else:
+                packed.float_weight.copy_(layer.weight)
+            if aq is not None:
+                packed.input_quant.load_state_dict(PackedInput.from_quantizer(aq).state_dict())
+            if layer.bias is not None:
+                packed.bias.copy_(layer.bias)
+        return packed
+
+    @staticmethod
+    def geometry_of(layer: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        return {
+            "kind": self.kind,
+            "geometry": self.geometry,
+            "weight_shape": list(self.weight.shape if self.weight is not None else self.float_weight.shape),
+            "weight": None
+            if self.weight is None
+            else {"bits": self.weight.bits, "table_size": self.weight.table.numel()},
+            "input": None if self.input_quant is None else self.input_quant.meta(),
+            "bias": self.bias is not None,
+        }
+
+    def apply_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's linear map (``F.linear`` / ``F.conv2d`` with its geometry)."""
+        raise NotImplementedError
+
+    def channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
+        """Shape that broadcasts a per-output-channel vector against the output ``y``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import packed_forward
+
+        return packed_forward(self, x)
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded-float path: fake-quantized input times the dequantized weight."""
+        if self.input_quant is not None:
+            x_int, step = self.input_quant(x)
+            x = x_int * step
+        w = self.float_weight if self.weight is None else self.weight.dequantize(x.dtype)
+        return self.apply_op(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        bits = None if self.weight is None else self.weight.bits
+        return f"{self.geometry}, weight_bits={bits}"
+
+
+class PackedLinear(PackedLayer):
+    """Packed ``nn.Linear``: inputs ``(N, C)`` or ``(N, T, C)``."""
+
+    kind = "linear"
+
+    @staticmethod
+    def geometry_of(layer: nn.Module) -> dict:
+        return {"in_features": layer.in_features, "out_features": layer.out_features}
+
+    def apply_op(self, x, w, bias=None):
+        return F.linear(x, w, bias)
+
+    def channel_shape(self, y):
+        return (1,) * (y.dim() - 1) + (-1,)
+
+
+class PackedConv2d(PackedLayer):
+    """Packed ``nn.Conv2d`` (stride, padding, dilation, groups; zero padding only)."""
+
+    kind = "conv2d"
+
+    @staticmethod
+    def geometry_of(layer: nn.Module) -> dict:
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"packed conv supports zero padding only, got padding_mode={layer.padding_mode!r}")
+        if isinstance(layer.padding, str):
+            raise ValueError(f"packed conv needs numeric padding, got {layer.padding!r}")
+        return {
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size),
+            "stride": list(layer.stride),
+            "padding": list(layer.padding),
+            "dilation": list(layer.dilation),
+            "groups": layer.groups,
+        }
+
+    def apply_op(self, x, w, bias=None):
+        g = self.geometry
+        return F.conv2d(x, w, bias, tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]), g["groups"])
+
+    def channel_shape(self, y):
+        return (1, -1, 1, 1)
+
+
+PACKED_LAYERS: dict[str, type[PackedLayer]] = {"linear": PackedLinear, "conv2d": PackedConv2d}
+QUANT_TO_PACKED: dict[type[nn.Module], type[PackedLayer]] = {QuantLinear: PackedLinear, QuantConv2d: PackedConv2d}
