@@ -87,7 +87,7 @@ class PackedWeight(nn.Module):
         return (self.table.to(dtype)[self.code_tensor().to(self.table.device)] * scale).to(self.scale.device)
 
     def integer_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(even, odd, unit)``: integer weights (int64, weight-shaped) with ``w = scale * unit * (even + odd/sqrt2)``."""
+        """``(even, odd, unit)``: int64 weight-shaped, ``w = scale * unit * (even + odd / sqrt 2)``."""
         lut = self.lut()
         if lut is None:
             raise ValueError("this table has no small-integer form")
