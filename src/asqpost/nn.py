@@ -27,6 +27,21 @@ def _build_quantizers(layer: nn.Module, spec: LayerQuant, in_channels: int) -> N
     layer.to(layer.weight.device)
 
 
+def check_conv_input(x: torch.Tensor, in_channels: int, who: str) -> None:
+    """A clear error for inputs a conv layer cannot take (instead of a failure deep inside torch)."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{who} expects input (N, C, H, W) with {in_channels} channels, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{who} got an empty batch (shape {tuple(x.shape)})")
+
+
+def check_linear_input(x: torch.Tensor, in_features: int, who: str) -> None:
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{who} expects inputs (..., {in_features}) features, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{who} got an empty batch (shape {tuple(x.shape)})")
+
+
 class _QuantMixin:
     weight: nn.Parameter
     weight_quantizer: Quantizer | None
@@ -83,6 +98,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_conv_input(x, self.in_channels, "QuantConv2d")
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
@@ -118,6 +134,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_input(x, self.in_features, "QuantLinear")
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import StepAdapter
-from ..nn import QuantConv2d, QuantLinear
+from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import ASQQuantizer, LevelSetQuantizer, LSQQuantizer, Quantizer
 from .lut import IntegerLUT, integer_lut
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -70,11 +70,8 @@ class PackedWeight(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def code_tensor(self) -> torch.Tensor:
-        """Unpacked codes, int64, shaped like the weight (cached)."""
-        if "codes" not in self._cache:
-            numel = math.prod(self.shape)
-            self._cache["codes"] = unpack_codes(self.codes.cpu(), self.bits, numel).reshape(self.shape)
-        return self._cache["codes"]  # type: ignore[return-value]
+        """Unpacked codes, int64, shaped like the weight (decoded on each call: kernels cache their own form)."""
+        return unpack_codes(self.codes.cpu(), self.bits, math.prod(self.shape)).reshape(self.shape)
 
     def lut(self) -> IntegerLUT | None:
         if "lut" not in self._cache:
@@ -82,9 +79,13 @@ class PackedWeight(nn.Module):
         return self._cache["lut"]  # type: ignore[return-value]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight ``table[codes] * scale`` (what fake quantization produced)."""
-        scale = self.scale.to(dtype).reshape((-1,) + (1,) * (len(self.shape) - 1))
-        return (self.table.to(dtype)[self.code_tensor().to(self.table.device)] * scale).to(self.scale.device)
+        """The float weight ``table[codes] * scale`` (what fake quantization produced; cached per dtype)."""
+        key = f"dequantized-{dtype}"
+        if key not in self._cache:
+            scale = self.scale.to(dtype).reshape((-1,) + (1,) * (len(self.shape) - 1))
+            codes = self.code_tensor().to(self.table.device)
+            self._cache[key] = self.table.to(dtype)[codes] * scale
+        return self._cache[key]  # type: ignore[return-value]
 
     def integer_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(even, odd, unit)``: int64 weight-shaped, ``w = scale * unit * (even + odd / sqrt 2)``."""
@@ -204,9 +205,13 @@ class PackedLayer(nn.Module):
         """Shape that broadcasts a per-output-channel vector against the output ``y``."""
         raise NotImplementedError
 
+    def check_input(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import packed_forward
 
+        self.check_input(x)
         return packed_forward(self, x)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,6 +235,9 @@ class PackedLinear(PackedLayer):
     @staticmethod
     def geometry_of(layer: nn.Module) -> dict:
         return {"in_features": layer.in_features, "out_features": layer.out_features}
+
+    def check_input(self, x):
+        check_linear_input(x, self.geometry["in_features"], "PackedLinear")
 
     def apply_op(self, x, w, bias=None):
         return F.linear(x, w, bias)
@@ -258,6 +266,9 @@ class PackedConv2d(PackedLayer):
             "dilation": list(layer.dilation),
             "groups": layer.groups,
         }
+
+    def check_input(self, x):
+        check_conv_input(x, self.geometry["in_channels"], "PackedConv2d")
 
     def apply_op(self, x, w, bias=None):
         g = self.geometry

@@ -93,7 +93,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
+    check_finite_state(payload["state_dict"], str(path))
     return payload
+
+
+def check_finite_state(state: dict[str, Any], source: str) -> None:
+    """Refuse weights, steps or scales that are NaN or inf (a poisoned model)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: state_dict is not a mapping")
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {key!r}; refusing a poisoned model")
 
 
 def model_spec(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,154 @@
+"""The native CPU kernel: built from ``lut_kernel.cpp`` on first use, with the pure-torch reference as fallback.
+
+The extension is compiled with torch's C++ extension tooling into the per-user torch extensions cache (so
+pip's isolated build never has to fetch its own torch); if that fails (no compiler, no ninja), the reference
+path runs and one log line says so. ``ASQPOST_KERNEL=reference`` forces the reference path.
+
+Eligible layers: integer activations in ``[0, 255]`` (ASQ/LSQ after ReLU), weight codes of at most 4 bits,
+LUT integers in int8, and a fan-in small enough that int32 sums cannot overflow; convolutions need
+``groups == 1`` (run as im2col + the linear kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+BLOCK = 128
+_STATE: dict[str, Any] = {}
+
+
+def extension() -> Any | None:
+    """The compiled extension module, or ``None`` (logged once) when it cannot be built here."""
+    if "module" in _STATE:
+        return _STATE["module"]
+    module = None
+    if os.environ.get("ASQPOST_KERNEL", "auto") != "reference":
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("lut_kernel.cpp")
+            module = load(
+                name="asqpost_lut_kernel",
+                sources=[str(source)],
+                extra_cflags=["-O3", "-fopenmp"],  # ATen's parallel_for is serial without OpenMP
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            log.info("asqpost native LUT kernel: %s path", module.capability())
+        except Exception as err:  # any build failure means: use the reference path
+            log.warning("asqpost native LUT kernel unavailable (%s); using the pure-torch reference path", err)
+            module = None
+    _STATE["module"] = module
+    return module
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def capability() -> str:
+    module = extension()
+    return "reference" if module is None else module.capability()
+
+
+def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
+    """Reorder 2-D codes ``(N, K)`` (values < 16) into the kernel's nibble layout ``(N, Kp / 2)`` uint8.
+
+    K is padded to a multiple of 128 with ``zero_code`` (a level equal to 0). In block ``b`` byte ``j`` holds
+    ``code[128 b + j]`` (low nibble) and ``code[128 b + 64 + j]`` (high nibble).
+    """
+    n, k = codes.shape
+    kp = -(-k // BLOCK) * BLOCK
+    padded = torch.full((n, kp), zero_code, dtype=torch.int64)
+    padded[:, :k] = codes
+    blocks = padded.reshape(n, kp // BLOCK, 2, 64)
+    return (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, kp // 2).to(torch.uint8).contiguous()
+
+
+def prepare(layer) -> dict[str, Any] | None:
+    """Kernel-ready weights of a packed layer (cached on it), or ``None`` when the layer is not eligible."""
+    cache = layer.weight._cache
+    if "native" in cache:
+        return cache["native"]
+    plan = _plan(layer)
+    cache["native"] = plan
+    return plan
+
+
+def _plan(layer) -> dict[str, Any] | None:
+    w, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
+    if lut is None or w.bits > 4 or inp.qmin < 0 or inp.qmax > 255:
+        return None
+    if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
+        return None
+    biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
+    codes = w.code_tensor().reshape(w.shape[0], -1)
+    if biggest > 127 or 255 * biggest * codes.shape[1] >= 2**31:
+        return None
+    zero = (lut.even == 0) & (lut.odd == 0)
+    if not zero.any():
+        return None
+    table_even = torch.zeros(16, dtype=torch.int8)
+    table_odd = torch.zeros(16, dtype=torch.int8)
+    table_even[: lut.even.numel()] = lut.even.to(torch.int8)
+    table_odd[: lut.odd.numel()] = lut.odd.to(torch.int8)
+    return {
+        "weights": kernel_weights(codes, int(zero.nonzero()[0])),
+        "lut_even": table_even,
+        "lut_odd": table_odd,
+        "has_odd": lut.has_odd,
+        "k": codes.shape[1],
+        "path": "auto" if 2 * 255 * biggest <= 32767 else "avx512_vnni",
+    }
+
+
+def lut_matmul(
+    x_u8: torch.Tensor, plan: dict[str, Any], path: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a prepared weight."""
+    module = extension()
+    if module is None:
+        raise RuntimeError("the native LUT kernel is not available")
+    k = x_u8.shape[1]
+    kp = plan["weights"].shape[1] * 2
+    if k != kp:
+        x_u8 = F.pad(x_u8, (0, kp - k))
+    chosen = path or plan["path"]
+    if chosen == "avx512_vnni" and module.capability() != "avx512_vnni":
+        chosen = "scalar"  # int16 pairs could saturate on AVX2 for such large tables
+    acc_even, acc_odd = module.lut_linear(
+        x_u8.contiguous(), plan["weights"], plan["lut_even"], plan["lut_odd"], plan["has_odd"], chosen
+    )
+    return acc_even, (acc_odd if plan["has_odd"] else None)
+
+
+def integer_accumulators_native(layer, x_int: torch.Tensor, plan: dict[str, Any]):
+    """Like :func:`asqpost.kernels.reference.integer_accumulators`, through the native kernel (int32)."""
+    if layer.kind == "linear":
+        lead = x_int.shape[:-1]
+        rows = x_int.reshape(-1, x_int.shape[-1]).to(torch.uint8)
+        acc_even, acc_odd = lut_matmul(rows, plan)
+        out_shape = (*lead, acc_even.shape[-1])
+        return acc_even.reshape(out_shape), None if acc_odd is None else acc_odd.reshape(out_shape)
+    g = layer.geometry
+    n, _, h, w = x_int.shape
+    kh, kw = g["kernel_size"]
+    cols = F.unfold(
+        x_int, (kh, kw), dilation=tuple(g["dilation"]), padding=tuple(g["padding"]), stride=tuple(g["stride"])
+    )  # (N, C*kh*kw, L)
+    out_h = (h + 2 * g["padding"][0] - g["dilation"][0] * (kh - 1) - 1) // g["stride"][0] + 1
+    out_w = (w + 2 * g["padding"][1] - g["dilation"][1] * (kw - 1) - 1) // g["stride"][1] + 1
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.uint8)
+    acc_even, acc_odd = lut_matmul(rows, plan)
+
+    def to_map(acc: torch.Tensor) -> torch.Tensor:
+        return acc.reshape(n, out_h * out_w, -1).transpose(1, 2).reshape(n, -1, out_h, out_w)
+
+    return to_map(acc_even), None if acc_odd is None else to_map(acc_odd)

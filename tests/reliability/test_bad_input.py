@@ -1,0 +1,126 @@
+"""One row per bad input: each must raise the documented error type with a message naming the problem."""
+
+import gzip
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from asqpost import NotCalibratedError, QATConfig, QuantizerConfig, calibrate, prepare_qat
+from asqpost.data import DataNotFoundError, load_dataset
+from asqpost.models import create_model
+from asqpost.runconfig import RunConfig
+
+pytestmark = pytest.mark.reliability("bad input")
+
+
+def _calibrated(recipe="post-asq", bits=4):
+    model = create_model("smallcnn", 4, (1, 12, 12), width=8)
+    q = prepare_qat(model, QATConfig.recipe(recipe, bits))
+    calibrate(q, [torch.rand(8, 1, 12, 12)])
+    return q
+
+
+def _bad_idx(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x01\x02\x03\x04garbage"))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 0)))
+    return tmp_path
+
+
+CASES = {
+    "bits 0": (lambda: QuantizerConfig("post", 0), ValueError, "bits"),
+    "bits 1": (lambda: QuantizerConfig("lsq", 1), ValueError, "bits"),
+    "bits 9": (lambda: QuantizerConfig("asq", 9), ValueError, "bits"),
+    "bits 4.0": (lambda: QuantizerConfig("post", 4.0), ValueError, "bits"),
+    "bits '4'": (lambda: QuantizerConfig("post", "4"), ValueError, "bits"),
+    "recipe bits 9": (lambda: QATConfig.recipe("post-asq", 9), ValueError, "bits"),
+    "unknown method": (lambda: QuantizerConfig("pact", 4), ValueError, "unknown quantization method 'pact'"),
+    "unknown recipe": (lambda: QATConfig.recipe("post-pact", 4), ValueError, "unknown recipe"),
+    "method in wrong role": (lambda: QATConfig(QuantizerConfig("asq", 4), None), ValueError, "cannot quantize weights"),
+    "unknown adapter": (lambda: QuantizerConfig("asq", 4, adapter="tanh"), ValueError, "unknown adapter"),
+    "unknown model": (lambda: create_model("resnet1000"), ValueError, "unknown model 'resnet1000'"),
+    "bad model args": (lambda: create_model("resnet20", 10, (3, 8, 8), depth=7), ValueError, "bad arguments"),
+    "model for images given 1-D": (lambda: create_model("resnet20", 10, (1, 40)), ValueError, "takes images"),
+    "unknown dataset": (lambda: load_dataset("imagenet21k", "train"), ValueError, "unknown dataset"),
+    "unknown config key": (lambda: RunConfig.from_dict({"lr": 0.1, "lrr": 1}), ValueError, "unknown config key"),
+    "config wrong type": (lambda: RunConfig.from_dict({"batch_size": "big"}), ValueError, "'batch_size' must be"),
+    "config bool for int": (lambda: RunConfig.from_dict({"epochs": True}), ValueError, "'epochs' must be"),
+    "config negative lr": (lambda: RunConfig.from_dict({"lr": -1.0}), ValueError, "lr must be > 0"),
+    "quant config unknown key": (
+        lambda: QATConfig.from_dict({"weight": "float", "act": "float", "wieght": 1}),
+        ValueError,
+        "unknown QAT",
+    ),
+    "override pattern matches nothing": (
+        lambda: prepare_qat(create_model("mlp", 4, (1, 4, 4)), QATConfig.recipe("lsq", 4, overrides=(("conv*", 2),))),
+        ValueError,
+        "matches no",
+    ),
+    "model without layers": (
+        lambda: prepare_qat(nn.Sequential(nn.ReLU()), QATConfig.recipe("lsq", 4)),
+        ValueError,
+        "no nn.Conv2d or nn.Linear",
+    ),
+    "empty calibration batch": (
+        lambda: calibrate(
+            prepare_qat(create_model("mlp", 4, (1, 4, 4)), QATConfig.recipe("lsq", 4)), [torch.zeros(0, 1, 4, 4)]
+        ),
+        ValueError,
+        "empty",
+    ),
+    "no calibration batches": (
+        lambda: calibrate(prepare_qat(create_model("mlp", 4, (1, 4, 4)), QATConfig.recipe("lsq", 4)), []),
+        ValueError,
+        "no batches",
+    ),
+    "NaN calibration input": (
+        lambda: calibrate(
+            prepare_qat(create_model("mlp", 4, (1, 4, 4)), QATConfig.recipe("lsq", 4)),
+            [torch.full((2, 1, 4, 4), float("nan"))],
+        ),
+        ValueError,
+        "NaN or inf",
+    ),
+    "inf calibration input": (
+        lambda: calibrate(
+            prepare_qat(create_model("mlp", 4, (1, 4, 4)), QATConfig.recipe("post-asq", 4)),
+            [torch.full((2, 1, 4, 4), float("inf"))],
+        ),
+        ValueError,
+        "NaN or inf",
+    ),
+    "forward before calibration": (
+        lambda: prepare_qat(create_model("mlp", 4, (1, 4, 4)), QATConfig.recipe("lsq", 4))(torch.rand(2, 1, 4, 4)),
+        NotCalibratedError,
+        "not calibrated",
+    ),
+    "wrong channel count (conv)": (lambda: _calibrated()(torch.rand(2, 3, 12, 12)), ValueError, "channels"),
+    "wrong input rank (conv)": (lambda: _calibrated("lsq")(torch.rand(2, 12, 12)), ValueError, "(N, C, H, W)"),
+    "wrong feature count (linear)": (
+        lambda: _calibrated("lsq").get_submodule("15")(torch.rand(2, 7)),
+        ValueError,
+        "features",
+    ),
+    "empty batch in forward": (lambda: _calibrated()(torch.rand(0, 1, 12, 12)), ValueError, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_a_clear_error(case):
+    fn, error, message = CASES[case]
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fn()
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        load_dataset("fashion-mnist", "train", tmp_path / "nowhere")
+
+
+def test_data_path_with_wrong_files(tmp_path):
+    (tmp_path / "readme.txt").write_text("not a dataset")
+    with pytest.raises(DataNotFoundError, match="train-images-idx3-ubyte"):
+        load_dataset("mnist", "train", tmp_path)
+    with pytest.raises(ValueError, match="IDX"):
+        load_dataset("mnist", "train", _bad_idx(tmp_path))

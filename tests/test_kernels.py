@@ -1,0 +1,103 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost.export import convert_to_packed, integer_lut
+from asqpost.kernels import native, packed_forward
+from asqpost.kernels.reference import integer_accumulators
+from asqpost.levels import make_levels
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
+PATHS = ["scalar", "avx2", "avx512_vnni"]
+
+
+def _paths():
+    best = native.capability()
+    return [p for p in PATHS if p == "scalar" or p == best or (p == "avx2" and best == "avx512_vnni")]
+
+
+@needs_native
+@pytest.mark.parametrize("grid", ["post", "pot", "apot", "uniform"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 1, 1), (1, 5, 3), (3, 127, 5), (5, 129, 17), (64, 300, 33)])
+def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
+    levels = make_levels(grid, bits)
+    lut = integer_lut(levels.table(dtype=torch.float64))
+    if lut is None or max(lut.even.abs().max(), lut.odd.abs().max()) > 127:
+        pytest.skip("table has no int8 form")
+    codes = torch.randint(0, len(levels), (n, k))
+    zero = int(((lut.even == 0) & (lut.odd == 0)).nonzero()[0])
+    table_even, table_odd = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
+    table_even[: len(levels)], table_odd[: len(levels)] = lut.even.to(torch.int8), lut.odd.to(torch.int8)
+    plan = {
+        "weights": native.kernel_weights(codes, zero),
+        "lut_even": table_even,
+        "lut_odd": table_odd,
+        "has_odd": True,
+        "k": k,
+        "path": "auto",
+    }
+    x = torch.randint(0, 256, (m, k)).to(torch.uint8)
+    expected_even, expected_odd = x.long() @ lut.even[codes].T, x.long() @ lut.odd[codes].T
+    for path in _paths():
+        even, odd = native.lut_matmul(x, plan, path)
+        assert torch.equal(even.long(), expected_even), path
+        assert torch.equal(odd.long(), expected_odd), path
+
+
+def _layer(kind):
+    if kind == "linear":
+        return nn.Linear(37, 11), torch.rand(4, 37) * 2
+    if kind == "tokens":
+        return nn.Linear(24, 9), torch.rand(2, 5, 24) * 2
+    return nn.Conv2d(5, 7, 3, stride=2, padding=1, dilation=1), torch.rand(3, 5, 9, 11) * 2
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["linear", "tokens", "conv"])
+@pytest.mark.parametrize("recipe", ["post-asq", "lsq-lsq", "apot-asq", "pot-lsq"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
+    layer, x = _layer(kind)
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, bits, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    plan = native.prepare(packed)
+    assert plan is not None, "an unsigned-input, <= 4-bit layer must be eligible"
+    x_int, _ = packed.input_quant(x)
+    ref_even, ref_odd = integer_accumulators(packed, x_int)
+    nat_even, nat_odd = native.integer_accumulators_native(packed, x_int, plan)
+    assert torch.equal(nat_even.double(), ref_even)
+    assert (nat_odd is None) == (ref_odd is None)
+    if ref_odd is not None:
+        assert torch.equal(nat_odd.double(), ref_odd)
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    with torch.no_grad():
+        ref = packed_forward(packed, x)
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+    with torch.no_grad():
+        out = packed_forward(packed, x)
+    assert torch.equal(out, ref)
+
+
+def test_ineligible_layers_fall_back():
+    layer, x = _layer("linear")
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 8, first=None, last=None)).eval()
+    calibrate(q, [x - 1])  # signed inputs and 8-bit codes: not for the u8 x 4-bit kernel
+    packed = convert_to_packed(q)[0]
+    assert native.prepare(packed) is None if native.available() else True
+    with torch.no_grad():
+        assert torch.allclose(packed(x - 1), q(x - 1), rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_choice_is_validated(monkeypatch):
+    layer, x = _layer("linear")
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-asq", 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="ASQPOST_KERNEL"):
+        packed(x)
