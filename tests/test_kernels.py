@@ -101,3 +101,21 @@ def test_kernel_choice_is_validated(monkeypatch):
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "fastest")
     with pytest.raises(ValueError, match="ASQPOST_KERNEL"):
         packed(x)
+
+
+@needs_native
+def test_native_linear_propagates_nan_rows_like_the_reference(monkeypatch):
+    layer, x = _layer("linear")
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    x = x.clone()
+    x[1, 3] = float("nan")
+    outs = {}
+    for kernel in ("reference", "native"):
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        with torch.no_grad():
+            outs[kernel] = packed(x)
+    for out in outs.values():
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
+    assert torch.equal(outs["native"][[0, 2, 3]], outs["reference"][[0, 2, 3]])

@@ -53,8 +53,13 @@ def run_grid(
         if method != "float":
             QATConfig.recipe(method, 4)  # fail fast on an unknown method name
     out = Path(out_dir)
+    # seed-major: a complete table for the first seed comes first if the grid is stopped part-way
     cells = [
-        (m, None if m == "float" else b, s) for m in methods for b in ((None,) if m == "float" else bits) for s in seeds
+        (m, None if m == "float" else b, s)
+        for s in seeds
+        for b in bits
+        for m in methods
+        if m != "float" or b == bits[0]
     ]
     records = []
     for method, b, seed in cells:

@@ -128,9 +128,13 @@ class PackedInput(nn.Module):
             adapter = {"channels": a.channels, "positive": a.positive, "per_token": a.per_token}
         return {"qmin": self.qmin, "qmax": self.qmax, "adapter": adapter}
 
+    def step_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``s_a = s * beta(x)``: broadcasts against ``x`` (a scalar, or one per sample/token with ASQ)."""
+        return self.step if self.adapter is None else self.step * self.adapter(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_int as float, s_a)``; ``s_a`` broadcasts against ``x`` (scalar, or one per sample/token)."""
-        step = self.step if self.adapter is None else self.step * self.adapter(x)
+        """``(x_int as float, s_a)``."""
+        step = self.step_of(x)
         return torch.clamp(torch.round(x / step), self.qmin, self.qmax), step
 
     def extra_repr(self) -> str:

@@ -34,6 +34,8 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         if choice == "native":
             raise RuntimeError(f"ASQPOST_KERNEL=native but this layer cannot use it ({native.capability()})")
         return integer_forward_reference(layer, x)
+    if layer.kind == "linear":
+        return native.linear_forward(layer, x, plan)
     x_int, step = layer.input_quant(x)
     acc_even, acc_odd = native.integer_accumulators_native(layer, x_int, plan)
     acc = acc_even.double() if acc_odd is None else acc_even.double() + acc_odd.double() * SQRT1_2

@@ -12,7 +12,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace {
@@ -61,8 +63,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_avx512_vnni(con
     const uint8_t* wr = a.w + n * (a.Kp / 2);
     for (int64_t m0 = 0; m0 < a.M; m0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, a.M - m0));
-      __m512i acc_e[kRows], acc_o[kRows];
-      for (int i = 0; i < kRows; ++i) acc_e[i] = acc_o[i] = _mm512_setzero_si512();
+      // two accumulators per sum (low / high nibbles) keep the dpbusd dependency chains short
+      __m512i acc_e[kRows], acc_e2[kRows], acc_o[kRows], acc_o2[kRows];
+      for (int i = 0; i < kRows; ++i) acc_e[i] = acc_e2[i] = acc_o[i] = acc_o2[i] = _mm512_setzero_si512();
       for (int64_t b = 0; b < blocks; ++b) {
         const __m512i v = _mm512_loadu_si512(wr + b * 64);
         const __m512i lo = _mm512_and_si512(v, nibble);
@@ -73,7 +76,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_avx512_vnni(con
           const uint8_t* xr = a.x + (m0 + i) * a.Kp + b * kBlock;
           const __m512i x_lo = _mm512_loadu_si512(xr);
           const __m512i x_hi = _mm512_loadu_si512(xr + 64);
-          acc_e[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i], x_lo, we_lo), x_hi, we_hi);
+          acc_e[i] = _mm512_dpbusd_epi32(acc_e[i], x_lo, we_lo);
+          acc_e2[i] = _mm512_dpbusd_epi32(acc_e2[i], x_hi, we_hi);
         }
         if (a.has_odd) {
           const __m512i wo_lo = _mm512_shuffle_epi8(table_odd, lo);
@@ -82,13 +86,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_avx512_vnni(con
             const uint8_t* xr = a.x + (m0 + i) * a.Kp + b * kBlock;
             const __m512i x_lo = _mm512_loadu_si512(xr);
             const __m512i x_hi = _mm512_loadu_si512(xr + 64);
-            acc_o[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i], x_lo, wo_lo), x_hi, wo_hi);
+            acc_o[i] = _mm512_dpbusd_epi32(acc_o[i], x_lo, wo_lo);
+            acc_o2[i] = _mm512_dpbusd_epi32(acc_o2[i], x_hi, wo_hi);
           }
         }
       }
       for (int i = 0; i < rows; ++i) {
-        a.out_even[(m0 + i) * a.N + n] = _mm512_reduce_add_epi32(acc_e[i]);
-        if (a.has_odd) a.out_odd[(m0 + i) * a.N + n] = _mm512_reduce_add_epi32(acc_o[i]);
+        a.out_even[(m0 + i) * a.N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc_e[i], acc_e2[i]));
+        if (a.has_odd) a.out_odd[(m0 + i) * a.N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc_o[i], acc_o2[i]));
       }
     }
   }
@@ -184,7 +189,61 @@ std::vector<torch::Tensor> lut_linear(torch::Tensor x, torch::Tensor w, torch::T
   return {out_even, out_odd};
 }
 
+// The whole packed linear layer in one call, same maths and float64 operation order as the Python reference:
+//   x_int = clamp(round(x / step[m]), qmin, qmax)              (float32 division, round half to even)
+//   y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m] + bias[n]   (float64, then float32)
+// x: float32 (M, K); step: float32 (M,); col_scale = scale * unit: float64 (N,); bias: float64 (N,) or empty.
+// A row with a NaN or inf input gives NaN outputs, as the reference does.
+torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
+                                 torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
+                                 torch::Tensor bias, std::string path) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(step.dtype() == torch::kFloat32 && step.numel() == x.size(0), "step must be float32 (M,)");
+  TORCH_CHECK(col_scale.dtype() == torch::kFloat64 && col_scale.numel() == w.size(0), "col_scale must be float64 (N,)");
+  TORCH_CHECK(qmin >= 0 && qmax <= 255 && qmin <= qmax, "activation codes must fit uint8");
+  const int64_t M = x.size(0), K = x.size(1), Kp = w.size(1) * 2, N = w.size(0);
+  TORCH_CHECK(K <= Kp, "x has more features than the weight");
+  auto x_u8 = torch::zeros({M, Kp}, torch::dtype(torch::kUInt8));
+  std::vector<char> bad(M, 0);
+  const float* xp = x.data_ptr<float>();
+  const float* sp = step.data_ptr<float>();
+  uint8_t* up = x_u8.data_ptr<uint8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float s = sp[m];
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::nearbyint(xp[m * K + k] / s);
+        if (!std::isfinite(v)) {
+          bad[m] = 1;
+          continue;
+        }
+        up[m * Kp + k] = static_cast<uint8_t>(std::min<float>(std::max<float>(v, qmin), qmax));
+      }
+    }
+  });
+  auto accs = lut_linear(x_u8, w, lut_even, lut_odd, has_odd, path);
+  const int32_t* ae = accs[0].data_ptr<int32_t>();
+  const int32_t* ao = has_odd ? accs[1].data_ptr<int32_t>() : nullptr;
+  const double* cs = col_scale.data_ptr<double>();
+  const double* bp = bias.numel() ? bias.data_ptr<double>() : nullptr;
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  const double kSqrt1_2 = 0.70710678118654757;  // == math.sqrt(0.5)
+  for (int64_t m = 0; m < M; ++m) {
+    const double s = static_cast<double>(sp[m]);
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = static_cast<double>(ae[m * N + n]);
+      if (ao) acc = acc + static_cast<double>(ao[m * N + n]) * kSqrt1_2;
+      double v = acc * cs[n] * s;
+      if (bp) v = v + bp[n];
+      yp[m * N + n] = bad[m] ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(v);
+    }
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators");
+  m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale");
   m.def("capability", &capability, "the fastest kernel path this CPU supports");
 }

@@ -129,6 +129,32 @@ def lut_matmul(
     return acc_even, (acc_odd if plan["has_odd"] else None)
 
 
+def linear_forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor:
+    """A packed linear layer in one native call (quantize, accumulate, rescale); equals the reference path."""
+    lead = x.shape[:-1]
+    step = layer.input_quant.step_of(x)
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    step_rows = step.expand(*lead, 1).reshape(-1).float().contiguous()
+    if "col_scale" not in plan:
+        plan["col_scale"] = layer.weight.scale.double() * layer.weight.lut().unit
+        plan["bias"] = torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
+    path = plan["path"] if plan["path"] == "auto" or extension().capability() == plan["path"] else "scalar"
+    y = extension().lut_linear_forward(
+        rows,
+        step_rows,
+        layer.input_quant.qmin,
+        layer.input_quant.qmax,
+        plan["weights"],
+        plan["lut_even"],
+        plan["lut_odd"],
+        plan["has_odd"],
+        plan["col_scale"],
+        plan["bias"],
+        path,
+    )
+    return y.reshape(*lead, -1).to(x.dtype)
+
+
 def integer_accumulators_native(layer, x_int: torch.Tensor, plan: dict[str, Any]):
     """Like :func:`asqpost.kernels.reference.integer_accumulators`, through the native kernel (int32)."""
     if layer.kind == "linear":

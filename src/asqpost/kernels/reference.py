@@ -7,11 +7,9 @@ kernels are tested against.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-SQRT1_2 = math.sqrt(0.5)
+from ..export.lut import SQRT1_2
 
 
 def integer_accumulators(layer, x_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
