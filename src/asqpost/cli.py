@@ -74,13 +74,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device)
-    print(
-        json.dumps(result)
-        if args.json
-        else f"{args.data}/{args.split}{' (shifted)' if args.shift else ''}: accuracy {result['accuracy'] * 100:.2f}% "
-        f"over {result['samples']} samples"
-    )
+    _print_accuracy(args, result, "")
     return 0
+
+
+def _print_accuracy(args: argparse.Namespace, result: dict[str, Any], what: str) -> None:
+    if args.json:
+        print(json.dumps(result))
+        return
+    shifted = " (shifted)" if args.shift else ""
+    print(
+        f"{args.data}/{args.split}{shifted}: accuracy {result['accuracy'] * 100:.2f}% "
+        f"over {result['samples']} samples{what}"
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -112,8 +118,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fit(base, float_dir)
     # QAT fine-tunes on a fixed 20k-image subset (one epoch) to keep the whole job under 10 minutes on 2 cores
     qat = base.replace(epochs=max(1, base.epochs // 3), lr=0.01, train_subset=base.train_subset or 20000)
-    print(f"[2/2] QAT from the float model ({qat.epochs} epoch(s) on {qat.train_subset} images each): "
-          "LSQ and ASQ + POST at 4 and 2 bits")
+    print(
+        f"[2/2] QAT from the float model ({qat.epochs} epoch(s) on {qat.train_subset} images each): "
+        "LSQ and ASQ + POST at 4 and 2 bits"
+    )
     records = run_grid(
         qat, str(float_dir / "checkpoint.pt"), out / "compare", ("float", "lsq", "post-asq"), (4, 2), (0,)
     )
@@ -141,12 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .train.run import evaluate_export
 
     result = evaluate_export(args.export, args.data, args.data_root, args.split, args.shift, device=args.device)
-    print(
-        json.dumps(result)
-        if args.json
-        else f"{args.data}/{args.split}{' (shifted)' if args.shift else ''}: accuracy {result['accuracy'] * 100:.2f}% "
-        f"over {result['samples']} samples (packed model)"
-    )
+    _print_accuracy(args, result, " (packed model)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Export: packed b-bit codes + level tables (the LUT), a safetensors file format, and packed modules."""
 
-from .format import ExportError, convert_to_packed, load_packed, read_export, save_packed
+from .format import ExportError, convert_to_packed, load_packed, read_export, read_packed, save_packed
 from .lut import IntegerLUT, integer_lut
 from .modules import PackedConv2d, PackedInput, PackedLayer, PackedLinear, PackedWeight
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -19,6 +19,7 @@ __all__ = [
     "pack_codes",
     "packed_nbytes",
     "read_export",
+    "read_packed",
     "save_packed",
     "unpack_codes",
 ]

@@ -127,6 +127,11 @@ def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a packed model from an export; ``model`` is the float architecture if the file names none."""
+    return read_packed(path, model)[0]
+
+
+def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_packed`, also returning the file's metadata (one read and one checksum)."""
     meta, tensors = read_export(path)
     if model is None:
         spec = meta.get("model")
@@ -159,4 +164,4 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         w = layer.weight
         if w is not None and w.lut() is None and not torch.isfinite(w.table).all():
             raise ExportError(f"{path}: layer {name!r} has a non-finite level table")
-    return model.eval()
+    return model.eval(), meta

@@ -274,12 +274,10 @@ def evaluate_export(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Accuracy of an exported (packed) model, computed from its packed form."""
-    from ..export import load_packed, read_export
+    from ..export import read_packed
 
-    meta, _ = read_export(path)
-    if not meta.get("model"):
-        raise ValueError(f"{path} names no registered model; evaluate it from Python with load_packed(path, model)")
-    model = load_packed(path).to(resolve_device(device))
+    model, meta = read_packed(path)
+    model = model.to(resolve_device(device))
     return _evaluate_model(
         model, meta["model"]["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path
     )
