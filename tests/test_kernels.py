@@ -7,7 +7,7 @@ from torch import nn
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed, integer_lut
 from asqpost.kernels import native, packed_forward
-from asqpost.kernels.reference import integer_accumulators
+from asqpost.kernels.reference import exact_dtype, integer_accumulators
 from asqpost.levels import make_levels
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
@@ -66,14 +66,16 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
     plan = native.prepare(packed)
-    assert plan is not None, "an unsigned-input, <= 4-bit layer must be eligible"
-    x_int, _ = packed.input_quant(x)
-    ref_even, ref_odd = integer_accumulators(packed, x_int)
-    nat_even, nat_odd = native.integer_accumulators_native(packed, x_int, plan)
-    assert torch.equal(nat_even.double(), ref_even)
-    assert (nat_odd is None) == (ref_odd is None)
-    if ref_odd is not None:
-        assert torch.equal(nat_odd.double(), ref_odd)
+    assert (plan is not None) == (kind != "conv"), "unsigned-input <= 4-bit linear layers take the native kernel"
+    if plan is not None:
+        x_int, _ = packed.input_quant(x)
+        rows = x_int.reshape(-1, x_int.shape[-1]).to(torch.uint8)
+        nat_even, nat_odd = native.lut_matmul(rows, plan)
+        ref_even, ref_odd = integer_accumulators(packed, x_int)
+        assert torch.equal(nat_even.double(), ref_even.reshape(rows.shape[0], -1).double())
+        assert (nat_odd is None) == (ref_odd is None)
+        if ref_odd is not None:
+            assert torch.equal(nat_odd.double(), ref_odd.reshape(rows.shape[0], -1).double())
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
     with torch.no_grad():
         ref = packed_forward(packed, x)
@@ -81,6 +83,19 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     with torch.no_grad():
         out = packed_forward(packed, x)
     assert torch.equal(out, ref)
+
+
+def test_reference_sums_are_exact_in_either_float_format():
+    layer, x = _layer("conv")
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-asq", 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    assert exact_dtype(packed) == torch.float32
+    x_int, _ = packed.input_quant(x)
+    acc32, _ = integer_accumulators(packed, x_int)
+    even, _, _ = packed.weight.integer_weights()
+    acc64 = packed.apply_op(x_int.double(), even.double())
+    assert torch.equal(acc32.double(), acc64)
 
 
 def test_ineligible_layers_fall_back():

@@ -69,6 +69,10 @@ class PackedWeight(nn.Module):
         self._cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
+    @property
+    def code_count(self) -> int:
+        return math.prod(self.shape)
+
     def code_tensor(self) -> torch.Tensor:
         """Unpacked codes, int64, shaped like the weight (decoded on each call: kernels cache their own form)."""
         return unpack_codes(self.codes.cpu(), self.bits, math.prod(self.shape)).reshape(self.shape)

@@ -12,11 +12,12 @@ import os
 import torch
 
 from . import native
-from .reference import SQRT1_2, combine, integer_accumulators, integer_forward_reference
+from .reference import integer_accumulators, integer_forward_reference
 
 
 def kernel_choice() -> str:
-    """``auto`` (default), ``native`` or ``reference``, from ``ASQPOST_KERNEL``."""
+    """``auto`` (default), ``native`` (fail if the extension cannot be built) or ``reference``, from
+    ``ASQPOST_KERNEL``. Layers the native kernel cannot take run the reference path in every mode."""
     choice = os.environ.get("ASQPOST_KERNEL", "auto")
     if choice not in ("auto", "native", "reference"):
         raise ValueError(f"ASQPOST_KERNEL must be auto, native or reference, got {choice!r}")
@@ -27,19 +28,14 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.input_quant is None or layer.weight is None or layer.weight.lut() is None:
         return layer.float_forward(x)
     choice = kernel_choice()
+    if choice == "native" and not native.available():
+        raise RuntimeError("ASQPOST_KERNEL=native but the native LUT kernel could not be built here")
     plan = None
     if choice != "reference" and x.device.type == "cpu" and native.available():
         plan = native.prepare(layer)
-    if plan is None:
-        if choice == "native":
-            raise RuntimeError(f"ASQPOST_KERNEL=native but this layer cannot use it ({native.capability()})")
+    if plan is None:  # not eligible (convolution, signed input, > 4-bit codes...): the exact reference path
         return integer_forward_reference(layer, x)
-    if layer.kind == "linear":
-        return native.linear_forward(layer, x, plan)
-    x_int, step = layer.input_quant(x)
-    acc_even, acc_odd = native.integer_accumulators_native(layer, x_int, plan)
-    acc = acc_even.double() if acc_odd is None else acc_even.double() + acc_odd.double() * SQRT1_2
-    return combine(layer, acc, step, layer.weight.lut().unit).to(x.dtype)
+    return native.linear_forward(layer, x, plan)
 
 
 __all__ = ["integer_accumulators", "integer_forward_reference", "kernel_choice", "packed_forward"]

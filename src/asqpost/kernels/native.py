@@ -4,9 +4,10 @@ The extension is compiled with torch's C++ extension tooling into the per-user t
 pip's isolated build never has to fetch its own torch); if that fails (no compiler, no ninja), the reference
 path runs and one log line says so. ``ASQPOST_KERNEL=reference`` forces the reference path.
 
-Eligible layers: integer activations in ``[0, 255]`` (ASQ/LSQ after ReLU), weight codes of at most 4 bits,
-LUT integers in int8, and a fan-in small enough that int32 sums cannot overflow; convolutions need
-``groups == 1`` (run as im2col + the linear kernel).
+Eligible layers: linear layers with integer activations in ``[0, 255]`` (ASQ/LSQ after ReLU), weight codes
+of at most 4 bits, LUT integers in int8, and a fan-in small enough that int32 sums cannot overflow.
+Convolutions take the reference's exact float32 path instead: oneDNN's direct convolution on integer-valued
+tensors beats an im2col + LUT GEMM on these CPUs (measured: ``benchmarks/resnet_latency.py``).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _plan(layer) -> dict[str, Any] | None:
     w, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
     if lut is None or w.bits > 4 or inp.qmin < 0 or inp.qmax > 255:
         return None
-    if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
+    if layer.kind != "linear":
         return None
     biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
     codes = w.code_tensor().reshape(w.shape[0], -1)
@@ -153,28 +154,3 @@ def linear_forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor
         path,
     )
     return y.reshape(*lead, -1).to(x.dtype)
-
-
-def integer_accumulators_native(layer, x_int: torch.Tensor, plan: dict[str, Any]):
-    """Like :func:`asqpost.kernels.reference.integer_accumulators`, through the native kernel (int32)."""
-    if layer.kind == "linear":
-        lead = x_int.shape[:-1]
-        rows = x_int.reshape(-1, x_int.shape[-1]).to(torch.uint8)
-        acc_even, acc_odd = lut_matmul(rows, plan)
-        out_shape = (*lead, acc_even.shape[-1])
-        return acc_even.reshape(out_shape), None if acc_odd is None else acc_odd.reshape(out_shape)
-    g = layer.geometry
-    n, _, h, w = x_int.shape
-    kh, kw = g["kernel_size"]
-    cols = F.unfold(
-        x_int, (kh, kw), dilation=tuple(g["dilation"]), padding=tuple(g["padding"]), stride=tuple(g["stride"])
-    )  # (N, C*kh*kw, L)
-    out_h = (h + 2 * g["padding"][0] - g["dilation"][0] * (kh - 1) - 1) // g["stride"][0] + 1
-    out_w = (w + 2 * g["padding"][1] - g["dilation"][1] * (kw - 1) - 1) // g["stride"][1] + 1
-    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.uint8)
-    acc_even, acc_odd = lut_matmul(rows, plan)
-
-    def to_map(acc: torch.Tensor) -> torch.Tensor:
-        return acc.reshape(n, out_h * out_w, -1).transpose(1, 2).reshape(n, -1, out_h, out_w)
-
-    return to_map(acc_even), None if acc_odd is None else to_map(acc_odd)
