@@ -1,0 +1,1 @@
+"""Training: one epoch and evaluation (engine), checkpoints, multi-process setup, whole runs (run)."""
