@@ -138,3 +138,29 @@ def test_crop_flip_and_shift():
     assert torch.equal(s1, s2)
     ratio = (s1 - s1.mean(dim=(1, 2, 3), keepdim=True)).std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
     assert ratio.min() >= 0.2 and ratio.max() <= 4.2 and ratio.max() / ratio.min() > 1.5
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+                Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(
+                    tmp_path / split / name / f"{i}.png"
+                )
+    from asqpost.data import imagefolder
+
+    train = imagefolder(tmp_path, "train", size=16)
+    test = load_dataset("imagefolder", "test", tmp_path)
+    assert train.num_classes == 2 and len(train) == 6 and test.input_shape == (3, 224, 224)
+    sub = train.subset(4)
+    assert len(sub) == 4
+    batches = TensorBatches(sub, 3, Normalizer.fit(train), shuffle=True, augment="crop+flip")
+    shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in batches]
+    assert shapes == [((3, 3, 16, 16), (3,)), ((1, 3, 16, 16), (1,))]
+    with pytest.raises(DataNotFoundError, match="class folders"):
+        imagefolder(tmp_path / "train" / "cat", "train")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .data import DataNotFoundError
+from .data import DATASETS, DataNotFoundError
 from .quantizers import NotCalibratedError
 from .train.engine import TrainingDivergedError
 
@@ -154,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset name (fashion-mnist, mnist, digits, mnist1d, cifar10...)")
+    p.add_argument("--data", required=True, help=f"dataset name: {', '.join(sorted(DATASETS))}")
     p.add_argument("--data-root", help="folder with the dataset's files")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--shift", action="store_true", help="scale each image by a random gain (0.25x..4x) plus offset")

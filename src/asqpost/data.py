@@ -2,7 +2,7 @@
 
 In-memory sets (Fashion-MNIST, MNIST, digits, MNIST-1D, CIFAR-10, synthetic) are held as uint8/float
 tensors and batched by :class:`TensorBatches` (a seeded permutation per epoch, sharded across ranks).
-ImageNet-style folders stream from disk through a ``torch.utils.data.DataLoader``.
+ImageNet-style folders (``imagefolder``) are decoded batch by batch from disk.
 Augmentation (random crop with padding, horizontal flip) and the distribution shift used by
 ``asqpost eval --shift`` are batched tensor ops written once here.
 """
@@ -54,7 +54,8 @@ class ImageSet:
         if count is None or count >= len(self):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
-        return ImageSet(self.images[idx], self.labels[idx], self.num_classes)
+        images = self.images.select(idx) if isinstance(self.images, FolderImages) else self.images[idx]
+        return ImageSet(images, self.labels[idx], self.num_classes)
 
     def as_float(self, idx: torch.Tensor | slice) -> torch.Tensor:
         x = self.images[idx]
@@ -201,6 +202,69 @@ def cifar10(root: str | Path | None, split: str) -> ImageSet:
     return ImageSet(x, y, 10)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
+
+
+class FolderImages:
+    """Images of an ImageNet-style folder, decoded on access: ``self[idx]`` is uint8 ``(len(idx), 3, S, S)``.
+
+    Each image is resized so its shorter side is ``S * 8 / 7`` and center-cropped to ``S`` (the usual eval
+    transform; training adds the batched random crop and flip of :func:`random_crop_flip`). Decoding runs in a
+    thread pool (PIL releases the GIL while decoding).
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, paths: list[Path], size: int = 224, threads: int = 8):
+        self.paths, self.size, self.threads = paths, size, threads
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            scale = self.size * 8 / 7 / min(img.size)
+            img = img.resize((max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))))
+            left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        picked = self.paths[idx] if isinstance(idx, slice) else [self.paths[int(i)] for i in idx]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return torch.stack(list(pool.map(self._decode, picked)))
+
+    def select(self, idx: torch.Tensor) -> FolderImages:
+        return FolderImages([self.paths[int(i)] for i in idx], self.size, self.threads)
+
+
+def imagefolder(root: str | Path | None, split: str, size: int = 224) -> ImageSet:
+    """``ROOT/{train,val}/<class>/<image>`` (``test`` reads ``val`` when there is no ``test`` folder)."""
+    if root is None:
+        raise DataNotFoundError("imagefolder: pass --data-root DIR holding train/ and val/ class folders")
+    base = Path(root)
+    folder = base / split
+    if split == "test" and not folder.is_dir():
+        folder = base / "val"
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    if not classes:
+        raise DataNotFoundError(f"imagefolder: no class folders under {folder} (expected {folder}/<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise DataNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_SUFFIXES[:5])}) under {folder}")
+    return ImageSet(FolderImages(paths, size), torch.tensor(labels), len(classes))  # type: ignore[arg-type]
+
+
 def synthetic(root: str | Path | None, split: str, size: int = 16, classes: int = 4) -> ImageSet:
     """Generated images: class prototypes plus noise (for tests and smoke runs; no files)."""
     count = 512 if split == "train" else 256
@@ -219,6 +283,7 @@ DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet]] = {
     "mnist1d": mnist1d,
     "cifar10": cifar10,
     "synthetic": synthetic,
+    "imagefolder": imagefolder,
 }
 
 
@@ -227,7 +292,7 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Image
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} (or imagefolder)")
+        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
     if root is not None and not Path(root).exists():
         raise DataNotFoundError(f"{name}: data root {root} does not exist")
     return DATASETS[name](root, split)
@@ -253,7 +318,8 @@ class Normalizer:
 
     @classmethod
     def fit(cls, data: ImageSet) -> Normalizer:
-        x = data.as_float(slice(0, min(len(data), 20000)))
+        limit = 20000 if isinstance(data.images, torch.Tensor) else 512  # decoded folders: a sample suffices
+        x = data.as_float(slice(0, min(len(data), limit)))
         dims = [0, *range(2, x.dim())]
         return cls(tuple(x.mean(dim=dims).tolist()), tuple(x.std(dim=dims).clamp_min(1e-6).tolist()))
 

@@ -98,8 +98,3 @@ def fake_quantize_reference(
     """Plain-autograd version of :func:`fake_quantize` (slower, used as the test oracle)."""
     v = torch.clamp(x / step, lo, hi)
     return ((rounder(v) - v).detach() + v) * step
-
-
-def quantize_codes(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes ``clamp(round(x / step), qmin, qmax)`` (no gradient), as float."""
-    return torch.clamp(torch.round(x / step), qmin, qmax)

@@ -49,11 +49,6 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     return input_shape  # type: ignore[return-value]
 
 
-def available_models() -> list[str]:
-    _register_vision()
-    return sorted(MODELS)
-
-
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
