@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ from .checkpoint import (
     qat_json,
     save_checkpoint,
 )
-from .engine import evaluate, train_one_epoch
+from .engine import EpochStats, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 SHIFT_SEED = 2504
@@ -159,6 +160,7 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
         optimizer.load_state_dict(resume_payload["optimizer"])
         scheduler.load_state_dict(resume_payload["scheduler"])
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
+    test = None
     for epoch in range(start_epoch, last_epoch):
         train_batches.epoch = epoch
         stats = train_one_epoch(trained, train_batches, optimizer, scheduler, device, epoch, config.progress)
@@ -180,21 +182,18 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
         distributed.barrier()
     if last_epoch < config.epochs:
         return {"stopped_after_epoch": last_epoch, "history": history}
-    final = {**final_metrics(model, config, prep, device), "history": history}
+    final = {**final_metrics(model, test_batches, device, test), "history": history}
     if dist_info.is_main:
         atomic_write_bytes(out / "final.json", json.dumps(final, indent=2).encode())
     return final
 
 
-def final_metrics(model: nn.Module, config: RunConfig, prep: Prepared, device: torch.device) -> dict[str, Any]:
-    """Clean and shifted test accuracy and the packed model size."""
-    dist_info = distributed.DistInfo(
-        torch.distributed.get_rank() if distributed.active() else 0,
-        torch.distributed.get_world_size() if distributed.active() else 1,
-    )
-    clean = evaluate(model, _batches(config, prep, dist_info, train=False), device)
-    shifted_batches = _batches(config, prep, dist_info, train=False)
-    shifted_batches.shift_seed = SHIFT_SEED
+def final_metrics(
+    model: nn.Module, test_batches: TensorBatches, device: torch.device, clean: EpochStats | None = None
+) -> dict[str, Any]:
+    """Clean (``clean`` if the last epoch just measured it) and shifted test accuracy, and the model size."""
+    clean = clean or evaluate(model, test_batches, device)
+    shifted_batches = dataclasses.replace(test_batches, shift_seed=SHIFT_SEED)
     shifted = evaluate(model, shifted_batches, device)
     return {
         "test_acc": clean.accuracy,
