@@ -2,12 +2,14 @@
 
 Each cell is a QAT run (or a float fine-tune for ``float``) written to ``OUT/cells/<method>-w<bits>-s<seed>/``
 as soon as it finishes; a cell with a ``final.json`` is skipped when the command runs again, so a grid can be
-completed over several sessions. ``OUT/results.md`` (mean and spread over seeds of clean and shifted accuracy,
-and model size) and ``OUT/accuracy.png`` are rewritten after every cell.
+completed over several sessions, or by several processes sharing one ``OUT`` (every write is atomic).
+``OUT/results.md`` (mean and spread over seeds of clean and shifted accuracy, and model size) and
+``OUT/accuracy.png`` are rewritten after every cell.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import statistics
@@ -151,8 +153,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())
