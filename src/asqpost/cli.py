@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .compare import DEFAULT_METHODS
 from .data import DATASETS, DataNotFoundError
 from .quantizers import NotCalibratedError
 from .train.engine import TrainingDivergedError
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="float checkpoint every cell starts from")
     p.add_argument("--out", required=True)
     p.add_argument(
-        "--methods", nargs="+", default=["float", "lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq"]
+        "--methods", nargs="+", default=list(DEFAULT_METHODS)
     )
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
