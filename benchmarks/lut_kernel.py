@@ -82,18 +82,20 @@ def build_paths(n: int, k: int, batch: int) -> dict[str, Rotating]:
         q = prepare_qat(nn.Sequential(base), QATConfig.recipe(recipe, 4, first=None, last=None)).eval()
         calibrate(q, [x])
         layers[recipe] = convert_to_packed(q)
-    plan = native.prepare(layers["post-lsq"][0])  # kernel layout, built once at load as a served model would
-    streams = [plan["weights"].clone() for _ in range(copies(plan["weights"].numel()))]
+    weights = native.prepare(layers["post-lsq"][0])["weights"]  # kernel layout, built once at load
 
-    def run_native(weights, recipe):
+    def streams():  # each path its own copies: a copy another path just read would still be in cache
+        return [weights.clone() for _ in range(copies(weights.numel()))]
+
+    def run_native(copy, recipe):
         layer = layers[recipe][0]
-        native.prepare(layer)["weights"] = weights  # same codes, another copy in memory: streamed from DRAM
+        native.prepare(layer)["weights"] = copy  # same codes, another copy in memory: streamed from DRAM
         return run(layers[recipe], "native")
 
-    paths["asqpost native (POST 4-bit, LSQ act)"] = Rotating(streams, lambda w: run_native(w, "post-lsq"))
-    paths["asqpost native (POST 4-bit, ASQ act)"] = Rotating(streams, lambda w: run_native(w, "post-asq"))
+    paths["asqpost native (POST 4-bit, LSQ act)"] = Rotating(streams(), lambda w: run_native(w, "post-lsq"))
+    paths["asqpost native (POST 4-bit, ASQ act)"] = Rotating(streams(), lambda w: run_native(w, "post-asq"))
     paths["asqpost reference (float64)"] = Rotating([layers["post-lsq"]], lambda m: run(m, "reference"))
-    paths["memory floor (read 4-bit codes)"] = Rotating([w.view(torch.int64) for w in streams], torch.sum)
+    paths["memory floor (read 4-bit codes)"] = Rotating([w.view(torch.int64) for w in streams()], torch.sum)
     return paths
 
 

@@ -22,7 +22,10 @@ def _paths():
 @needs_native
 @pytest.mark.parametrize("grid", ["post", "pot", "apot", "uniform"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 1, 1), (1, 5, 3), (3, 127, 5), (5, 129, 17), (64, 300, 33)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(1, 1, 1), (1, 5, 3), (1, 300, 80), (2, 9, 16), (3, 127, 5), (5, 129, 17), (7, 8, 31), (9, 64, 48), (64, 300, 33)],
+)
 def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
     levels = make_levels(grid, bits)
     lut = integer_lut(levels.table(dtype=torch.float64))
@@ -38,6 +41,7 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
         "lut_odd": table_odd,
         "has_odd": True,
         "k": k,
+        "n": n,
         "path": "auto",
     }
     x = torch.randint(0, 256, (m, k)).to(torch.uint8)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-BLOCK = 128
+TILE = 16  # weight rows per tile (one int32 lane each)
+GROUP = 8  # k values per 64-byte block of a tile
 _STATE: dict[str, Any] = {}
 
 
@@ -38,7 +39,9 @@ def extension() -> Any | None:
             module = load(
                 name="asqpost_lut_kernel",
                 sources=[str(source)],
-                extra_cflags=["-O3", "-fopenmp"],  # ATen's parallel_for is serial without OpenMP
+                # OpenMP: ATen's parallel_for is serial without it; no FMA contraction: the rescale must round
+                # each float64 operation as the reference does
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -60,17 +63,20 @@ def capability() -> str:
 
 
 def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
-    """Reorder 2-D codes ``(N, K)`` (values < 16) into the kernel's nibble layout ``(N, Kp / 2)`` uint8.
+    """Reorder 2-D codes ``(N, K)`` (values < 16) into the kernel's tile layout ``(ceil(N / 16), Kp * 8)`` uint8.
 
-    K is padded to a multiple of 128 with ``zero_code`` (a level equal to 0). In block ``b`` byte ``j`` holds
-    ``code[128 b + j]`` (low nibble) and ``code[128 b + 64 + j]`` (high nibble).
+    N is padded to a multiple of 16 and K to a multiple of 8 with ``zero_code`` (a level equal to 0). Tile ``t``
+    is ``Kp / 8`` blocks of 64 bytes; in block ``b`` byte ``4 r + i`` holds ``code[16 t + r, 8 b + i]`` in its low
+    nibble and ``code[16 t + r, 8 b + 4 + i]`` in its high nibble.
     """
     n, k = codes.shape
-    kp = -(-k // BLOCK) * BLOCK
-    padded = torch.full((n, kp), zero_code, dtype=torch.int64)
-    padded[:, :k] = codes
-    blocks = padded.reshape(n, kp // BLOCK, 2, 64)
-    return (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, kp // 2).to(torch.uint8).contiguous()
+    tiles, kp = -(-n // TILE), -(-k // GROUP) * GROUP
+    padded = torch.full((tiles * TILE, kp), zero_code, dtype=torch.int64)
+    padded[:n, :k] = codes
+    # (tile, row, block, nibble, i) -> (tile, block, row, i, nibble)
+    grouped = padded.reshape(tiles, TILE, kp // GROUP, 2, GROUP // 2).permute(0, 2, 1, 4, 3)
+    packed = grouped[..., 0] | (grouped[..., 1] << 4)
+    return packed.reshape(tiles, kp * TILE // 2).to(torch.uint8).contiguous()
 
 
 def prepare(layer) -> dict[str, Any] | None:
@@ -106,6 +112,7 @@ def _plan(layer) -> dict[str, Any] | None:
         "lut_odd": table_odd,
         "has_odd": lut.has_odd,
         "k": codes.shape[1],
+        "n": codes.shape[0],
         "path": "auto" if 2 * 255 * biggest <= 32767 else "avx512_vnni",
     }
 
@@ -118,14 +125,14 @@ def lut_matmul(
     if module is None:
         raise RuntimeError("the native LUT kernel is not available")
     k = x_u8.shape[1]
-    kp = plan["weights"].shape[1] * 2
+    kp = plan["weights"].shape[1] * 2 // TILE
     if k != kp:
         x_u8 = F.pad(x_u8, (0, kp - k))
     chosen = path or plan["path"]
     if chosen == "avx512_vnni" and module.capability() != "avx512_vnni":
         chosen = "scalar"  # int16 pairs could saturate on AVX2 for such large tables
     acc_even, acc_odd = module.lut_linear(
-        x_u8.contiguous(), plan["weights"], plan["lut_even"], plan["lut_odd"], plan["has_odd"], chosen
+        x_u8.contiguous(), plan["weights"], plan["n"], plan["lut_even"], plan["lut_odd"], plan["has_odd"], chosen
     )
     return acc_even, (acc_odd if plan["has_odd"] else None)
 
@@ -135,7 +142,9 @@ def linear_forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor
     lead = x.shape[:-1]
     step = layer.input_quant.step_of(x)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    step_rows = step.expand(*lead, 1).reshape(-1).float().contiguous()
+    if step.numel() != 1:  # ASQ's s * beta: one per sample or token, broadcast to one per row
+        step = step.expand(*lead, 1)
+    step_rows = step.reshape(-1).float().contiguous()
     if "col_scale" not in plan:
         plan["col_scale"] = layer.weight.scale.double() * layer.weight.lut().unit
         plan["bias"] = torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
