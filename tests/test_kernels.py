@@ -70,8 +70,8 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
     plan = native.prepare(packed)
-    assert (plan is not None) == (kind != "conv"), "unsigned-input <= 4-bit linear layers take the native kernel"
-    if plan is not None:
+    assert plan is not None, "unsigned-input <= 4-bit linear and conv layers take the native kernel"
+    if kind != "conv":
         x_int, _ = packed.input_quant(x)
         rows = x_int.reshape(-1, x_int.shape[-1]).to(torch.uint8)
         nat_even, nat_odd = native.lut_matmul(rows, plan)
@@ -84,9 +84,11 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     with torch.no_grad():
         ref = packed_forward(packed, x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    with torch.no_grad():
-        out = packed_forward(packed, x)
-    assert torch.equal(out, ref)
+    for path in _paths():  # every CPU path, quantize and rescale included
+        monkeypatch.setitem(plan, "path", path)
+        with torch.no_grad():
+            out = packed_forward(packed, x)
+        assert torch.equal(out, ref), path
 
 
 def test_reference_sums_are_exact_in_either_float_format():
@@ -138,3 +140,70 @@ def test_native_linear_propagates_nan_rows_like_the_reference(monkeypatch):
     for out in outs.values():
         assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
     assert torch.equal(outs["native"][[0, 2, 3]], outs["reference"][[0, 2, 3]])
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding", "dilation", "size"),
+    [
+        (5, 3, 1, 1, 1, (9, 11)),
+        (16, 3, 2, 1, 1, (8, 8)),
+        (3, (3, 2), (2, 1), (0, 2), (2, 1), (10, 7)),
+        (24, 1, 1, 0, 1, (4, 5)),
+        (9, 5, 3, 2, 1, (6, 6)),
+    ],
+)
+@pytest.mark.parametrize("recipe", ["post-asq", "lsq-lsq"])
+def test_native_conv_equals_reference(channels, kernel, stride, padding, dilation, size, recipe, monkeypatch):
+    layer = nn.Conv2d(channels, 19, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.rand(3, channels, *size) * 2
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    with torch.no_grad():
+        assert native.forward(packed, x, native.prepare(packed)) is not None, "the native conv ran"
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    with torch.no_grad():
+        ref = packed(x)
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+    for path in _paths():
+        monkeypatch.setitem(native.prepare(packed), "path", path)
+        with torch.no_grad():
+            out = packed(x)
+            channels_last = packed(x.contiguous(memory_format=torch.channels_last))
+        assert out.shape == ref.shape
+        assert torch.equal(out, ref), path
+        assert torch.equal(channels_last, ref), path
+
+
+@needs_native
+def test_native_conv_with_nan_input_matches_reference(monkeypatch):
+    layer = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.rand(2, 4, 7, 7)
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    x[1, 2, 3, 3] = float("nan")
+    with torch.no_grad():
+        assert native.forward(packed, x, native.prepare(packed)) is None, "non-finite input: reference path"
+    outs = {}
+    for kernel_choice in ("reference", "native"):
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel_choice)
+        with torch.no_grad():
+            outs[kernel_choice] = packed(x)
+    nan = torch.isnan(outs["reference"])
+    assert nan[1, :, 2:5, 2:5].all() and not nan[0].any(), "NaN reaches exactly the outputs that see it"
+    assert torch.equal(torch.isnan(outs["native"]), nan)
+    assert torch.equal(outs["native"][~nan], outs["reference"][~nan])
+
+
+@needs_native
+def test_grouped_conv_takes_the_reference_path():
+    layer = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-asq", 4, first=None, last=None)).eval()
+    x = torch.rand(2, 8, 5, 5)
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    assert native.prepare(packed) is None
+    with torch.no_grad():
+        assert torch.allclose(packed(x), q(x), rtol=1e-4, atol=1e-5)

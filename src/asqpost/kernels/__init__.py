@@ -33,9 +33,10 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     plan = None
     if choice != "reference" and x.device.type == "cpu" and native.available():
         plan = native.prepare(layer)
-    if plan is None:  # not eligible (convolution, signed input, > 4-bit codes...): the exact reference path
+    y = None if plan is None else native.forward(layer, x, plan)
+    if y is None:  # not eligible (grouped conv, signed input, > 4-bit codes...): the exact reference path
         return integer_forward_reference(layer, x)
-    return native.linear_forward(layer, x, plan)
+    return y
 
 
 __all__ = ["integer_accumulators", "integer_forward_reference", "kernel_choice", "packed_forward"]

@@ -8,37 +8,86 @@
 // code[16 t + r, 8 b + i] in its low nibble and code[16 t + r, 8 b + 4 + i] in its high nibble (r < 16, i < 4).
 // So one decoded 64-byte vector is 16 rows x 4 k: VNNI's vpdpbusd against x[m, 8b .. 8b+3] broadcast to every
 // lane adds each row's 4 products into that row's own int32 lane. No horizontal sums are needed, a tile's 16
-// outputs are stored at once, and one decoded block serves up to 8 activation rows (batched inputs).
+// outputs are stored at once, and one decoded tile serves any number of activation rows (batched inputs).
+//
+// Activations are reached through row pointers, one per (row, tap): k = tap * Cp + c reads rows[m][tap][c]. A
+// linear layer has one tap (the row itself); a convolution reads NHWC codes, one tap per kernel position, with
+// padding taps pointing at a zero row (indirect convolution: no im2col copy).
 // The path (AVX-512 VNNI, AVX2, scalar) is chosen at run time from the CPU, not at build time.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kTile = 16;   // weight rows per tile: one int32 lane each
 constexpr int64_t kGroup = 8;   // k values per 64-byte block: 4 in the low nibbles, 4 in the high ones
-constexpr int kMaxRows = 8;     // activation rows sharing one decoded block
+constexpr int kMaxRows = 8;     // activation rows sharing one decoded block in registers
+constexpr int64_t kRowBlock = 512;  // rows per parallel work unit of a batched product
+
+constexpr double kSqrt1_2 = 0.70710678118654757;  // == math.sqrt(0.5)
+
+// Optional fused rescale: y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m / rows_per_step] +
+// bias[n], in float64 then float32, each operation rounded on its own (no FMA: built with -ffp-contract=off),
+// exactly as the Python reference computes it.
+struct Rescale {
+  float* y = nullptr;  // (M, N); nullptr: store the int32 sums instead
+  const double* col_scale = nullptr;
+  const double* bias = nullptr;       // or nullptr
+  const double* row_step = nullptr;   // (M,) step of each row, or nullptr: step0 for all
+  double step0 = 1.0;
+
+  double step(int64_t m) const { return row_step ? row_step[m] : step0; }
+};
 
 struct Args {
-  const uint8_t* x;
-  int64_t M, Kp, N;
+  const uint8_t* x;          // activation codes
+  const int64_t* offsets;    // (M, taps) byte offsets into x of each row's Cp codes per tap; nullptr: row m at m * Kp
+  int64_t M, taps, Cp, N;
   const uint8_t* w;
   const int8_t* lut_even;
   const int8_t* lut_odd;
   bool has_odd;
-  int32_t* out_even;
+  int32_t* out_even;  // (M, N) when not rescaling
   int32_t* out_odd;
+  Rescale rescale;
 
-  int64_t blocks() const { return Kp / kGroup; }
+  int64_t Kp() const { return taps * Cp; }
+  int64_t blocks() const { return Kp() / kGroup; }
   const uint8_t* tile(int64_t t) const { return w + t * blocks() * 64; }
+  const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
 };
+
+void rescale_row_scalar(const int32_t* ae, const int32_t* ao, const double* cs, const double* bias, double s,
+                        int64_t N, float* y) {
+  for (int64_t n = 0; n < N; ++n) {
+    double acc = static_cast<double>(ae[n]);
+    if (ao) acc = acc + static_cast<double>(ao[n]) * kSqrt1_2;
+    double v = acc * cs[n] * s;
+    if (bias) v = v + bias[n];
+    y[n] = static_cast<float>(v);
+  }
+}
+
+// count sums of row m starting at column n: stored as int32, or rescaled into y.
+void store_sums(const Args& a, int64_t m, int64_t n, const int32_t* even, const int32_t* odd, int64_t count) {
+  const Rescale& r = a.rescale;
+  if (r.y) {
+    rescale_row_scalar(even, a.has_odd ? odd : nullptr, r.col_scale + n, r.bias ? r.bias + n : nullptr,
+                       r.step(m), count, r.y + m * a.N + n);
+    return;
+  }
+  std::memcpy(a.out_even + m * a.N + n, even, count * sizeof(int32_t));
+  if (a.has_odd) std::memcpy(a.out_odd + m * a.N + n, odd, count * sizeof(int32_t));
+}
 
 inline int32_t load_i32(const uint8_t* p) {
   int32_t v;
@@ -46,24 +95,27 @@ inline int32_t load_i32(const uint8_t* p) {
   return v;
 }
 
-void tiles_scalar(const Args& a, int64_t t0, int64_t t1) {
+// rows [m0, m1) x tiles [t0, t1)
+void scalar_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = a.tile(t);
-    for (int64_t m = 0; m < a.M; ++m) {
-      const uint8_t* xr = a.x + m * a.Kp;
+    for (int64_t m = m0; m < m1; ++m) {
       for (int64_t r = 0; r < kTile && t * kTile + r < a.N; ++r) {
-        int64_t se = 0, so = 0;
-        for (int64_t b = 0; b < a.blocks(); ++b) {
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t byte = wt[b * 64 + 4 * r + i];
-            const int lo = byte & 15, hi = byte >> 4;
-            const int32_t xl = xr[b * kGroup + i], xh = xr[b * kGroup + 4 + i];
-            se += xl * a.lut_even[lo] + xh * a.lut_even[hi];
-            so += xl * a.lut_odd[lo] + xh * a.lut_odd[hi];
+        int64_t se = 0, so = 0, b = 0;
+        for (int64_t tap = 0; tap < a.taps; ++tap) {
+          const uint8_t* xr = a.row(m, tap);
+          for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t byte = wt[b * 64 + 4 * r + i];
+              const int lo = byte & 15, hi = byte >> 4;
+              const int32_t xl = xr[c + i], xh = xr[c + 4 + i];
+              se += xl * a.lut_even[lo] + xh * a.lut_even[hi];
+              so += xl * a.lut_odd[lo] + xh * a.lut_odd[hi];
+            }
           }
         }
-        a.out_even[m * a.N + t * kTile + r] = static_cast<int32_t>(se);
-        if (a.has_odd) a.out_odd[m * a.N + t * kTile + r] = static_cast<int32_t>(so);
+        const int32_t even = static_cast<int32_t>(se), odd = static_cast<int32_t>(so);
+        store_sums(a, m, t * kTile + r, &even, &odd, 1);
       }
     }
   }
@@ -72,7 +124,41 @@ void tiles_scalar(const Args& a, int64_t t0, int64_t t1) {
 #define ASQPOST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define ASQPOST_AVX2 __attribute__((target("avx2,fma")))
 
-// MR activation rows x NT tiles (16 weight rows each) over the whole K: MR * NT * (1 + ODD) zmm sums.
+ASQPOST_AVX512 inline __mmask16 tile_lanes(const Args& a, int64_t t) {
+  const int64_t left = a.N - t * kTile;
+  return left >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// 8 lanes (one half of a tile) rescaled into y: the float64 steps of rescale_row_scalar, 8 at a time.
+ASQPOST_AVX512 inline void rescale_half(const Args& a, int64_t m, int64_t n, __m256i even, __m256i odd, bool with_odd,
+                                        __mmask8 lanes, __m512d step) {
+  if (!lanes) return;
+  const Rescale& r = a.rescale;
+  __m512d acc = _mm512_cvtepi32_pd(even);
+  if (with_odd) acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_cvtepi32_pd(odd), _mm512_set1_pd(kSqrt1_2)));
+  __m512d v = _mm512_mul_pd(_mm512_mul_pd(acc, _mm512_maskz_loadu_pd(lanes, r.col_scale + n)), step);
+  if (r.bias) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(lanes, r.bias + n));
+  _mm512_mask_storeu_ps(r.y + m * a.N + n, lanes, _mm512_castps256_ps512(_mm512_cvtpd_ps(v)));
+}
+
+// The 16 sums of tile t for row m: int32 stores, or the fused rescale.
+template <bool ODD>
+ASQPOST_AVX512 inline void store_tile(const Args& a, int64_t m, int64_t t, __m512i even, __m512i odd) {
+  const __mmask16 lanes = tile_lanes(a, t);
+  const int64_t n = t * kTile;
+  if (!a.rescale.y) {
+    _mm512_mask_storeu_epi32(a.out_even + m * a.N + n, lanes, even);
+    if (ODD) _mm512_mask_storeu_epi32(a.out_odd + m * a.N + n, lanes, odd);
+    return;
+  }
+  const __m512d step = _mm512_set1_pd(a.rescale.step(m));
+  rescale_half(a, m, n, _mm512_castsi512_si256(even), _mm512_castsi512_si256(odd), ODD,
+               static_cast<__mmask8>(lanes & 0xFF), step);
+  rescale_half(a, m, n + 8, _mm512_extracti64x4_epi64(even, 1), _mm512_extracti64x4_epi64(odd, 1), ODD,
+               static_cast<__mmask8>(lanes >> 8), step);
+}
+
+// MR activation rows x NT tiles over the whole K, decoding on the fly: MR * NT * (1 + ODD) zmm sums.
 template <int MR, int NT, bool ODD>
 ASQPOST_AVX512 void tile_avx512(const Args& a, int64_t m0, int64_t t0) {
   const __m512i table_even = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_even)));
@@ -83,42 +169,39 @@ ASQPOST_AVX512 void tile_avx512(const Args& a, int64_t m0, int64_t t0) {
     for (int j = 0; j < NT; ++j) acc_e[i][j] = acc_o[i][j] = _mm512_setzero_si512();
   const uint8_t* wt[NT];
   for (int j = 0; j < NT; ++j) wt[j] = a.tile(t0 + j);
-  const uint8_t* xr = a.x + m0 * a.Kp;
-  const int64_t blocks = a.blocks();
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i e_lo[NT], e_hi[NT], o_lo[NT], o_hi[NT];
-    for (int j = 0; j < NT; ++j) {
-      const __m512i v = _mm512_loadu_si512(wt[j] + b * 64);
-      const __m512i lo = _mm512_and_si512(v, nibble);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-      e_lo[j] = _mm512_shuffle_epi8(table_even, lo);
-      e_hi[j] = _mm512_shuffle_epi8(table_even, hi);
-      if (ODD) {
-        o_lo[j] = _mm512_shuffle_epi8(table_odd, lo);
-        o_hi[j] = _mm512_shuffle_epi8(table_odd, hi);
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      const __m512i x_lo = _mm512_set1_epi32(load_i32(xr + i * a.Kp + b * kGroup));
-      const __m512i x_hi = _mm512_set1_epi32(load_i32(xr + i * a.Kp + b * kGroup + 4));
+  int64_t b = 0;
+  for (int64_t tap = 0; tap < a.taps; ++tap) {
+    const uint8_t* xr[MR];
+    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
+    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
+      __m512i e_lo[NT], e_hi[NT], o_lo[NT], o_hi[NT];
       for (int j = 0; j < NT; ++j) {
-        acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, e_lo[j]), x_hi, e_hi[j]);
-        if (ODD) acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, o_lo[j]), x_hi, o_hi[j]);
+        const __m512i v = _mm512_loadu_si512(wt[j] + b * 64);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        e_lo[j] = _mm512_shuffle_epi8(table_even, lo);
+        e_hi[j] = _mm512_shuffle_epi8(table_even, hi);
+        if (ODD) {
+          o_lo[j] = _mm512_shuffle_epi8(table_odd, lo);
+          o_hi[j] = _mm512_shuffle_epi8(table_odd, hi);
+        }
+      }
+      for (int i = 0; i < MR; ++i) {
+        const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
+        const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
+        for (int j = 0; j < NT; ++j) {
+          acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, e_lo[j]), x_hi, e_hi[j]);
+          if (ODD) acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, o_lo[j]), x_hi, o_hi[j]);
+        }
       }
     }
   }
-  for (int j = 0; j < NT; ++j) {
-    const int64_t n = (t0 + j) * kTile;
-    const __mmask16 lanes = a.N - n >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << (a.N - n)) - 1);
-    for (int i = 0; i < MR; ++i) {
-      _mm512_mask_storeu_epi32(a.out_even + (m0 + i) * a.N + n, lanes, acc_e[i][j]);
-      if (ODD) _mm512_mask_storeu_epi32(a.out_odd + (m0 + i) * a.N + n, lanes, acc_o[i][j]);
-    }
-  }
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MR; ++i) store_tile<ODD>(a, m0 + i, t0 + j, acc_e[i][j], acc_o[i][j]);
 }
 
-// Batched inputs: a tile's weights are decoded once into int8 (even lo / hi, odd lo / hi per block, 256 bytes,
-// Kp * 32 bytes per tile: in L2) and then serve every group of kMaxRows activation rows from there.
+// Batched inputs: a tile is decoded once into int8 (even lo / hi, odd lo / hi: 256 bytes per block, Kp * 32
+// bytes per tile, in L1 / L2) and then serves groups of kMaxRows activation rows from there.
 template <bool ODD>
 ASQPOST_AVX512 void decode_tile_avx512(const Args& a, int64_t t, int8_t* decoded) {
   const __m512i table_even = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_even)));
@@ -142,68 +225,74 @@ template <int MR, bool ODD>
 ASQPOST_AVX512 void rows_decoded_avx512(const Args& a, int64_t m0, int64_t t, const int8_t* decoded) {
   __m512i acc_e[MR], acc_o[MR];
   for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm512_setzero_si512();
-  const uint8_t* xr = a.x + m0 * a.Kp;
-  for (int64_t b = 0; b < a.blocks(); ++b) {
-    const int8_t* d = decoded + 256 * b;
-    const __m512i e_lo = _mm512_loadu_si512(d), e_hi = _mm512_loadu_si512(d + 64);
-    const __m512i o_lo = ODD ? _mm512_loadu_si512(d + 128) : e_lo, o_hi = ODD ? _mm512_loadu_si512(d + 192) : e_hi;
-    for (int i = 0; i < MR; ++i) {
-      const __m512i x_lo = _mm512_set1_epi32(load_i32(xr + i * a.Kp + b * kGroup));
-      const __m512i x_hi = _mm512_set1_epi32(load_i32(xr + i * a.Kp + b * kGroup + 4));
-      acc_e[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i], x_lo, e_lo), x_hi, e_hi);
-      if (ODD) acc_o[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i], x_lo, o_lo), x_hi, o_hi);
+  int64_t b = 0;
+  for (int64_t tap = 0; tap < a.taps; ++tap) {
+    const uint8_t* xr[MR];
+    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
+    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
+      const int8_t* d = decoded + 256 * b;
+      const __m512i e_lo = _mm512_loadu_si512(d), e_hi = _mm512_loadu_si512(d + 64);
+      const __m512i o_lo = ODD ? _mm512_loadu_si512(d + 128) : e_lo;
+      const __m512i o_hi = ODD ? _mm512_loadu_si512(d + 192) : e_hi;
+      for (int i = 0; i < MR; ++i) {
+        const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
+        const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
+        acc_e[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i], x_lo, e_lo), x_hi, e_hi);
+        if (ODD) acc_o[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i], x_lo, o_lo), x_hi, o_hi);
+      }
     }
   }
-  const int64_t n = t * kTile;
-  const __mmask16 lanes = a.N - n >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << (a.N - n)) - 1);
-  for (int i = 0; i < MR; ++i) {
-    _mm512_mask_storeu_epi32(a.out_even + (m0 + i) * a.N + n, lanes, acc_e[i]);
-    if (ODD) _mm512_mask_storeu_epi32(a.out_odd + (m0 + i) * a.N + n, lanes, acc_o[i]);
+  for (int i = 0; i < MR; ++i) store_tile<ODD>(a, m0 + i, t, acc_e[i], acc_o[i]);
+}
+
+template <template <int, bool> class Op, bool ODD, typename... Ts>
+ASQPOST_AVX512 void with_rows(int rows, Ts... args) {  // Op<rows, ODD>::run(args...) for rows in 1 .. kMaxRows
+  switch (rows) {
+    case 1: Op<1, ODD>::run(args...); break;
+    case 2: Op<2, ODD>::run(args...); break;
+    case 3: Op<3, ODD>::run(args...); break;
+    case 4: Op<4, ODD>::run(args...); break;
+    case 5: Op<5, ODD>::run(args...); break;
+    case 6: Op<6, ODD>::run(args...); break;
+    case 7: Op<7, ODD>::run(args...); break;
+    default: Op<8, ODD>::run(args...); break;
   }
 }
 
+template <int MR, bool ODD>
+struct OnTheFly {
+  ASQPOST_AVX512 static void run(const Args& a, int64_t m0, int64_t t) { tile_avx512<MR, 1, ODD>(a, m0, t); }
+};
+
+template <int MR, bool ODD>
+struct FromDecoded {
+  ASQPOST_AVX512 static void run(const Args& a, int64_t m0, int64_t t, const int8_t* d) {
+    rows_decoded_avx512<MR, ODD>(a, m0, t, d);
+  }
+};
+
 template <bool ODD>
-ASQPOST_AVX512 void tiles_avx512_rows(const Args& a, int64_t t0, int64_t t1) {
-  if (a.M < kMaxRows) {  // few rows: decode on the fly; for one row four tiles at once (four memory streams)
+ASQPOST_AVX512 void block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  if (m1 - m0 < kMaxRows) {  // few rows: decode on the fly; one row: four tiles at once, four memory streams
     int64_t t = t0;
-    if (a.M == 1)
-      for (; t + 4 <= t1; t += 4) tile_avx512<1, 4, ODD>(a, 0, t);
-    for (; t < t1; ++t) {
-      switch (a.M) {
-        case 1: tile_avx512<1, 1, ODD>(a, 0, t); break;
-        case 2: tile_avx512<2, 1, ODD>(a, 0, t); break;
-        case 3: tile_avx512<3, 1, ODD>(a, 0, t); break;
-        case 4: tile_avx512<4, 1, ODD>(a, 0, t); break;
-        case 5: tile_avx512<5, 1, ODD>(a, 0, t); break;
-        case 6: tile_avx512<6, 1, ODD>(a, 0, t); break;
-        default: tile_avx512<7, 1, ODD>(a, 0, t); break;
-      }
-    }
+    if (m1 - m0 == 1)
+      for (; t + 4 <= t1; t += 4) tile_avx512<1, 4, ODD>(a, m0, t);
+    for (; t < t1; ++t) with_rows<OnTheFly, ODD>(static_cast<int>(m1 - m0), a, m0, t);
     return;
   }
   std::vector<int8_t> decoded(static_cast<size_t>(256 * a.blocks()));
   for (int64_t t = t0; t < t1; ++t) {
     decode_tile_avx512<ODD>(a, t, decoded.data());
-    int64_t m = 0;
-    for (; m + kMaxRows <= a.M; m += kMaxRows) rows_decoded_avx512<kMaxRows, ODD>(a, m, t, decoded.data());
-    switch (a.M - m) {
-      case 1: rows_decoded_avx512<1, ODD>(a, m, t, decoded.data()); break;
-      case 2: rows_decoded_avx512<2, ODD>(a, m, t, decoded.data()); break;
-      case 3: rows_decoded_avx512<3, ODD>(a, m, t, decoded.data()); break;
-      case 4: rows_decoded_avx512<4, ODD>(a, m, t, decoded.data()); break;
-      case 5: rows_decoded_avx512<5, ODD>(a, m, t, decoded.data()); break;
-      case 6: rows_decoded_avx512<6, ODD>(a, m, t, decoded.data()); break;
-      case 7: rows_decoded_avx512<7, ODD>(a, m, t, decoded.data()); break;
-      default: break;
-    }
+    for (int64_t m = m0; m < m1; m += kMaxRows)
+      with_rows<FromDecoded, ODD>(static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m)), a, m, t, decoded.data());
   }
 }
 
-void tiles_avx512_vnni(const Args& a, int64_t t0, int64_t t1) {
+void avx512_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   if (a.has_odd)
-    tiles_avx512_rows<true>(a, t0, t1);
+    block_avx512<true>(a, m0, m1, t0, t1);
   else
-    tiles_avx512_rows<false>(a, t0, t1);
+    block_avx512<false>(a, m0, m1, t0, t1);
 }
 
 // AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. Python only picks this path
@@ -222,50 +311,186 @@ ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half)
   __m256i acc_e[MR], acc_o[MR];
   for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm256_setzero_si256();
   const uint8_t* wt = a.tile(t) + half * 32;
-  const uint8_t* xr = a.x + m0 * a.Kp;
-  for (int64_t b = 0; b < a.blocks(); ++b) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + b * 64));
-    const __m256i lo = _mm256_and_si256(v, nibble);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    const __m256i e_lo = _mm256_shuffle_epi8(table_even, lo), e_hi = _mm256_shuffle_epi8(table_even, hi);
-    const __m256i o_lo = _mm256_shuffle_epi8(table_odd, lo), o_hi = _mm256_shuffle_epi8(table_odd, hi);
-    for (int i = 0; i < MR; ++i) {
-      const __m256i x_lo = _mm256_set1_epi32(load_i32(xr + i * a.Kp + b * kGroup));
-      const __m256i x_hi = _mm256_set1_epi32(load_i32(xr + i * a.Kp + b * kGroup + 4));
-      acc_e[i] = dot_u8s8(dot_u8s8(acc_e[i], x_lo, e_lo), x_hi, e_hi);
-      if (a.has_odd) acc_o[i] = dot_u8s8(dot_u8s8(acc_o[i], x_lo, o_lo), x_hi, o_hi);
+  int64_t b = 0;
+  for (int64_t tap = 0; tap < a.taps; ++tap) {
+    const uint8_t* xr[MR];
+    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
+    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + b * 64));
+      const __m256i lo = _mm256_and_si256(v, nibble);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const __m256i e_lo = _mm256_shuffle_epi8(table_even, lo), e_hi = _mm256_shuffle_epi8(table_even, hi);
+      const __m256i o_lo = _mm256_shuffle_epi8(table_odd, lo), o_hi = _mm256_shuffle_epi8(table_odd, hi);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i x_lo = _mm256_set1_epi32(load_i32(xr[i] + c));
+        const __m256i x_hi = _mm256_set1_epi32(load_i32(xr[i] + c + 4));
+        acc_e[i] = dot_u8s8(dot_u8s8(acc_e[i], x_lo, e_lo), x_hi, e_hi);
+        if (a.has_odd) acc_o[i] = dot_u8s8(dot_u8s8(acc_o[i], x_lo, o_lo), x_hi, o_hi);
+      }
     }
   }
   const int64_t n = t * kTile + half * 8;
   const int64_t count = std::min<int64_t>(8, a.N - n);
   for (int i = 0; i < MR; ++i) {
-    int32_t sums[8];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), acc_e[i]);
-    std::memcpy(a.out_even + (m0 + i) * a.N + n, sums, count * sizeof(int32_t));
-    if (a.has_odd) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), acc_o[i]);
-      std::memcpy(a.out_odd + (m0 + i) * a.N + n, sums, count * sizeof(int32_t));
-    }
+    int32_t even[8], odd[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(even), acc_e[i]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd), acc_o[i]);
+    store_sums(a, m0 + i, n, even, odd, count);
   }
 }
 
-void tiles_avx2(const Args& a, int64_t t0, int64_t t1) {
+void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int half = 0; half < 2 && t * kTile + half * 8 < a.N; ++half) {
-      int64_t m = 0;
-      for (; m + 2 <= a.M; m += 2) half_tile_avx2<2>(a, m, t, half);
-      if (m < a.M) half_tile_avx2<1>(a, m, t, half);
+      int64_t m = m0;
+      for (; m + 2 <= m1; m += 2) half_tile_avx2<2>(a, m, t, half);
+      if (m < m1) half_tile_avx2<1>(a, m, t, half);
     }
   }
 }
 
-std::string best_path() {
+std::string detect_path() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
     return "avx512_vnni";
   if (__builtin_cpu_supports("avx2")) return "avx2";
   return "scalar";
+}
+
+const std::string& best_path() {
+  static const std::string path = detect_path();
+  return path;
+}
+
+// "auto" resolved to this CPU's best path; a path the CPU cannot run is refused.
+std::string resolve_path(const std::string& path) {
+  const std::string& best = best_path();
+  if (path == "auto") return best;
+  TORCH_CHECK(path == "scalar" || path == best || (path == "avx2" && best == "avx512_vnni"), "path ", path,
+              " is not supported on this CPU");
+  return path;
+}
+
+void check_luts(const torch::Tensor& lut_even, const torch::Tensor& lut_odd) {
+  TORCH_CHECK(lut_even.dtype() == torch::kInt8 && lut_even.numel() == 16 && lut_odd.dtype() == torch::kInt8 &&
+                  lut_odd.numel() == 16 && lut_even.is_contiguous() && lut_odd.is_contiguous(),
+              "luts must be int8 (16,)");
+}
+
+// Runs the kernel over all rows and tiles of a (filled-in) Args, in parallel.
+void run_kernel(const Args& a, const torch::Tensor& w, const torch::Tensor& lut_even, const torch::Tensor& lut_odd,
+                const std::string& path) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 tiles");
+  TORCH_CHECK(a.Cp % kGroup == 0 && w.size(1) == a.Kp() * kTile / 2, "K must be a multiple of 8 matching w");
+  TORCH_CHECK(a.N > 0 && w.size(0) == (a.N + kTile - 1) / kTile, "w must hold ceil(N / 16) tiles");
+  check_luts(lut_even, lut_odd);
+  const std::string chosen = resolve_path(path);
+  if (a.M == 0) return;
+  auto run = chosen == "avx512_vnni" ? avx512_block : chosen == "avx2" ? avx2_block : scalar_block;
+  // work units: (tile, block of kRowBlock rows), tile-major; enough per unit to pay for waking a thread
+  const int64_t tiles = w.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
+  const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, unit_work));
+  at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1;) {
+      const int64_t t = u / row_blocks, rb = u % row_blocks;
+      if (row_blocks == 1) {  // whole tiles: hand the run of them to the kernel at once
+        run(a, 0, a.M, t, u1);
+        u = u1;
+      } else {
+        run(a, rb * kRowBlock, std::min(a.M, (rb + 1) * kRowBlock), t, t + 1);
+        ++u;
+      }
+    }
+  });
+}
+
+Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps, int64_t Cp, const torch::Tensor& w,
+               int64_t N, const torch::Tensor& lut_even, const torch::Tensor& lut_odd, bool has_odd) {
+  return Args{x,    offsets, M, taps, Cp, N, w.data_ptr<uint8_t>(), lut_even.data_ptr<int8_t>(), lut_odd.data_ptr<int8_t>(),
+              has_odd, nullptr, nullptr, Rescale{}};
+}
+
+// The fused rescale into y (M, N); row m uses step[m / rows_per_step] (kept in row_steps, float64).
+Rescale make_rescale(torch::Tensor& y, const torch::Tensor& col_scale, const torch::Tensor& bias,
+                     const torch::Tensor& step, int64_t rows_per_step, std::vector<double>& row_steps) {
+  TORCH_CHECK(col_scale.dtype() == torch::kFloat64 && col_scale.dim() == 1 && col_scale.is_contiguous(),
+              "col_scale must be float64 (N,)");
+  TORCH_CHECK(bias.dtype() == torch::kFloat64 && bias.is_contiguous() &&
+                  (bias.numel() == 0 || bias.numel() == col_scale.numel()),
+              "bias must be float64 (N,) or empty");
+  Rescale r{y.data_ptr<float>(), col_scale.data_ptr<double>(), bias.numel() ? bias.data_ptr<double>() : nullptr};
+  const float* sp = step.data_ptr<float>();
+  if (step.numel() == 1) {
+    r.step0 = static_cast<double>(sp[0]);
+    return r;
+  }
+  row_steps.resize(y.size(0));
+  for (int64_t i = 0; i < step.numel(); ++i)
+    std::fill_n(row_steps.begin() + i * rows_per_step, rows_per_step, static_cast<double>(sp[i]));
+  r.row_step = row_steps.data();
+  return r;
+}
+
+// Activation codes of rows [m0, m1) of K values: code = clamp(round_half_even(x / step), qmin, qmax) in float32,
+// as the reference computes it; step index m / rows_per_step. Returns false when a NaN or inf appeared (its
+// row is flagged in bad[m]).
+void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_step, int64_t K, int64_t Kp, int qmin,
+                          int qmax, uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float s = step[m / rows_per_step];
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::nearbyint(x[m * K + k] / s);
+      if (!std::isfinite(v)) bad[m] = 1;
+      codes[m * Kp + k] = std::isfinite(v) ? static_cast<uint8_t>(std::min<float>(std::max<float>(v, qmin), qmax)) : 0;
+    }
+    std::memset(codes + m * Kp + K, 0, Kp - K);
+  }
+}
+
+ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int64_t rows_per_step, int64_t K,
+                                         int64_t Kp, int qmin, int qmax, uint8_t* codes, char* bad, int64_t m0,
+                                         int64_t m1) {
+  const __m512 lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(static_cast<float>(qmax));
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t m = m0; m < m1; ++m) {
+    const __m512 s = _mm512_set1_ps(step[m / rows_per_step]);
+    __mmask16 finite = 0xFFFF;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 lanes = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + m * K + k), s),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(q, q), zero, _CMP_EQ_OQ) | static_cast<__mmask16>(~lanes);
+      const __m512i c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
+      _mm512_mask_cvtepi32_storeu_epi8(codes + m * Kp + k, lanes, c);
+    }
+    std::memset(codes + m * Kp + K, 0, Kp - K);
+    if (finite != 0xFFFF) bad[m] = 1;
+  }
+}
+
+// (M, K) float32 rows -> (M + zero_rows, Kp) uint8 codes, the last zero_rows all 0; bad[m] set for rows
+// holding a NaN or inf.
+torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_t rows_per_step, int64_t qmin,
+                       int64_t qmax, int64_t Kp, std::vector<char>& bad, const std::string& path,
+                       int64_t zero_rows = 0) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 rows");
+  TORCH_CHECK(step.dtype() == torch::kFloat32 && step.is_contiguous(), "step must be contiguous float32");
+  TORCH_CHECK(qmin >= 0 && qmax <= 255 && qmin <= qmax, "activation codes must fit uint8");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K <= Kp, "x has more features than the weight");
+  TORCH_CHECK(step.numel() == 1 || step.numel() * rows_per_step == M, "step must hold one value or one per sample");
+  if (step.numel() == 1) rows_per_step = std::max<int64_t>(M, 1);
+  auto codes = torch::empty({M + zero_rows, Kp}, torch::dtype(torch::kUInt8));
+  std::memset(codes.data_ptr<uint8_t>() + M * Kp, 0, zero_rows * Kp);
+  bad.assign(M, 0);
+  auto fn = resolve_path(path) == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
+    fn(x.data_ptr<float>(), step.data_ptr<float>(), rows_per_step, K, Kp, static_cast<int>(qmin),
+       static_cast<int>(qmax), codes.data_ptr<uint8_t>(), bad.data(), m0, m1);
+  });
+  return codes;
 }
 
 }  // namespace
@@ -277,84 +502,14 @@ std::string capability() { return best_path(); }
 std::vector<torch::Tensor> lut_linear(torch::Tensor x, torch::Tensor w, int64_t N, torch::Tensor lut_even,
                                       torch::Tensor lut_odd, bool has_odd, std::string path) {
   TORCH_CHECK(x.dtype() == torch::kUInt8 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous uint8 (M, Kp)");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 tiles");
-  TORCH_CHECK(x.size(1) % kGroup == 0 && w.size(1) == x.size(1) * kTile / 2, "Kp must be a multiple of 8 matching w");
-  TORCH_CHECK(N > 0 && w.size(0) == (N + kTile - 1) / kTile, "w must hold ceil(N / 16) tiles");
-  TORCH_CHECK(lut_even.dtype() == torch::kInt8 && lut_even.numel() == 16 && lut_odd.dtype() == torch::kInt8 &&
-                  lut_odd.numel() == 16,
-              "luts must be int8 (16,)");
-  if (path == "auto") path = best_path();
-  TORCH_CHECK(path == "scalar" || path == best_path() || (path == "avx2" && best_path() == "avx512_vnni"),
-              "path ", path, " is not supported on this CPU");
   const int64_t M = x.size(0), Kp = x.size(1);
   auto out_even = torch::empty({M, N}, torch::dtype(torch::kInt32));
   auto out_odd = has_odd ? torch::empty({M, N}, torch::dtype(torch::kInt32)) : torch::zeros({0}, torch::kInt32);
-  if (M == 0) return {out_even, out_odd};
-  Args a{x.data_ptr<uint8_t>(), M, Kp, N, w.data_ptr<uint8_t>(), lut_even.data_ptr<int8_t>(),
-         lut_odd.data_ptr<int8_t>(), has_odd, out_even.data_ptr<int32_t>(),
-         has_odd ? out_odd.data_ptr<int32_t>() : nullptr};
-  auto run = path == "avx512_vnni" ? tiles_avx512_vnni : path == "avx2" ? tiles_avx2 : tiles_scalar;
-  const int64_t tile_work = Kp * kTile * M;  // multiply-adds per tile
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, tile_work));
-  at::parallel_for(0, w.size(0), grain, [&](int64_t t0, int64_t t1) { run(a, t0, t1); });
+  Args a = make_args(x.data_ptr<uint8_t>(), nullptr, M, 1, Kp, w, N, lut_even, lut_odd, has_odd);
+  a.out_even = out_even.data_ptr<int32_t>();
+  a.out_odd = has_odd ? out_odd.data_ptr<int32_t>() : nullptr;
+  run_kernel(a, w, lut_even, lut_odd, path);
   return {out_even, out_odd};
-}
-
-// Activation codes of rows [m0, m1): code = clamp(round_half_even(x / step), qmin, qmax) in float32, as the
-// reference computes it. A row holding a NaN or inf (after division) is flagged in bad[m].
-void quantize_rows_scalar(const float* x, const float* step, bool per_row, int64_t K, int64_t Kp, int qmin, int qmax,
-                          uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const float s = step[per_row ? m : 0];
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = std::nearbyint(x[m * K + k] / s);
-      if (!std::isfinite(v)) bad[m] = 1;
-      codes[m * Kp + k] = std::isfinite(v) ? static_cast<uint8_t>(std::min<float>(std::max<float>(v, qmin), qmax)) : 0;
-    }
-  }
-}
-
-ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, bool per_row, int64_t K, int64_t Kp,
-                                         int qmin, int qmax, uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
-  const __m512 lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(static_cast<float>(qmax));
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t m = m0; m < m1; ++m) {
-    const __m512 s = _mm512_set1_ps(step[per_row ? m : 0]);
-    __mmask16 finite = 0xFFFF;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 lanes = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-      const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + m * K + k), s),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(q, q), zero, _CMP_EQ_OQ) | static_cast<__mmask16>(~lanes);
-      const __m512i c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
-      _mm512_mask_cvtepi32_storeu_epi8(codes + m * Kp + k, lanes, c);
-    }
-    if (finite != 0xFFFF) bad[m] = 1;
-  }
-}
-
-// y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m] + bias[n], in float64 then float32, each
-// operation rounded on its own (the extension is built with -ffp-contract=off), as the reference does it.
-void rescale_rows(const int32_t* ae, const int32_t* ao, const double* col_scale, const double* bias,
-                  const float* step, bool per_row, const char* bad, int64_t N, float* y, int64_t m0, int64_t m1) {
-  const double kSqrt1_2 = 0.70710678118654757;  // == math.sqrt(0.5)
-  for (int64_t m = m0; m < m1; ++m) {
-    float* yr = y + m * N;
-    if (bad[m]) {
-      std::fill(yr, yr + N, std::numeric_limits<float>::quiet_NaN());
-      continue;
-    }
-    const double s = static_cast<double>(step[per_row ? m : 0]);
-    const int32_t* er = ae + m * N;
-    const int32_t* odd = ao ? ao + m * N : nullptr;
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = static_cast<double>(er[n]);
-      if (odd) acc = acc + static_cast<double>(odd[n]) * kSqrt1_2;
-      double v = acc * col_scale[n] * s;
-      if (bias) v = v + bias[n];
-      yr[n] = static_cast<float>(v);
-    }
-  }
 }
 
 // The whole packed linear layer in one call, same maths and float64 operation order as the Python reference:
@@ -365,37 +520,83 @@ void rescale_rows(const int32_t* ae, const int32_t* ao, const double* col_scale,
 torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
                                  torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
                                  torch::Tensor bias, std::string path) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
-  TORCH_CHECK(step.dtype() == torch::kFloat32 && step.is_contiguous() && (step.numel() == 1 || step.numel() == x.size(0)),
-              "step must be float32 with one value or one per row");
-  TORCH_CHECK(col_scale.dtype() == torch::kFloat64 && col_scale.dim() == 1, "col_scale must be float64 (N,)");
-  TORCH_CHECK(bias.dtype() == torch::kFloat64 && (bias.numel() == 0 || bias.numel() == col_scale.numel()),
-              "bias must be float64 (N,) or empty");
-  TORCH_CHECK(qmin >= 0 && qmax <= 255 && qmin <= qmax, "activation codes must fit uint8");
-  const int64_t M = x.size(0), K = x.size(1), Kp = w.size(1) / (kTile / 2), N = col_scale.numel();
-  TORCH_CHECK(K <= Kp, "x has more features than the weight");
-  const bool per_row = step.numel() != 1;
-  auto x_u8 = torch::empty({M, Kp}, torch::dtype(torch::kUInt8));
-  if (Kp > K) x_u8.narrow(1, K, Kp - K).zero_();
-  std::vector<char> bad(M, 0);
-  const float* sp = step.data_ptr<float>();
-  auto quantize = best_path() == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
-    quantize(x.data_ptr<float>(), sp, per_row, K, Kp, static_cast<int>(qmin), static_cast<int>(qmax),
-             x_u8.data_ptr<uint8_t>(), bad.data(), m0, m1);
-  });
-  auto accs = lut_linear(x_u8, w, N, lut_even, lut_odd, has_odd, path);
+  const int64_t Kp = w.size(1) * 2 / kTile, M = x.size(0), N = col_scale.numel();
+  std::vector<char> bad;
+  auto codes = quantize(x, step, 1, qmin, qmax, Kp, bad, path);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)), [&](int64_t m0, int64_t m1) {
-    rescale_rows(accs[0].data_ptr<int32_t>(), has_odd ? accs[1].data_ptr<int32_t>() : nullptr,
-                 col_scale.data_ptr<double>(), bias.numel() ? bias.data_ptr<double>() : nullptr, sp, per_row,
-                 bad.data(), N, y.data_ptr<float>(), m0, m1);
+  Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, w, N, lut_even, lut_odd, has_odd);
+  std::vector<double> row_steps;
+  a.rescale = make_rescale(y, col_scale, bias, step, 1, row_steps);
+  run_kernel(a, w, lut_even, lut_odd, path);
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    if (bad[m]) std::fill(yp + m * N, yp + (m + 1) * N, std::numeric_limits<float>::quiet_NaN());
+  return y;
+}
+
+// Byte offsets (B * OH * OW, kh * kw) int64 of each output pixel's input codes per kernel tap in NHWC codes of
+// (B * H * W + 1) rows of Cp bytes; taps in the zero padding point at the last row (zeros). Depends only on
+// the shapes, so callers cache it per input size.
+torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vector<int64_t> kernel,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "kernel, stride, padding and dilation take two values");
+  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(B >= 0 && OH > 0 && OW > 0, "input too small for the kernel");
+  const int64_t taps = kernel[0] * kernel[1], zero_row = B * H * W * Cp;
+  auto offsets = torch::empty({B * OH * OW, taps}, torch::dtype(torch::kInt64));
+  int64_t* out = offsets.data_ptr<int64_t>();
+  at::parallel_for(0, B * OH, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / OH, oh = r % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        int64_t* o = out + (r * OW + ow) * taps;
+        for (int64_t i = 0; i < kernel[0]; ++i) {
+          const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
+          for (int64_t j = 0; j < kernel[1]; ++j) {
+            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
+            const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+            o[i * kernel[1] + j] = inside ? ((b * H + ih) * W + iw) * Cp : zero_row;
+          }
+        }
+      }
+    }
   });
+  return offsets;
+}
+
+// A packed Conv2d (groups = 1) as an indirect LUT convolution over NHWC codes, same maths as lut_linear_forward.
+// x: float32 (B, H, W, C) contiguous (NHWC); step: one value or one per sample; w: tiles of the weight codes
+// reordered to (Cout, kh, kw, Cp), Cp = C padded to a multiple of 8; offsets: conv_offsets for this input.
+// Returns y (B * OH * OW, Cout) float32 (NHWC rows), or an empty tensor when the input holds a NaN or inf (the
+// caller then runs the reference path, whose NaNs reach exactly the outputs that see them).
+torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
+                                 torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
+                                 torch::Tensor bias, torch::Tensor offsets, std::string path) {
+  TORCH_CHECK(x.dim() == 4, "x must be NHWC (B, H, W, C)");
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 2 && offsets.is_contiguous(),
+              "offsets must be int64 (M, taps)");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t Cp = (C + kGroup - 1) / kGroup * kGroup, taps = offsets.size(1), M = offsets.size(0);
+  TORCH_CHECK(M > 0 && M % std::max<int64_t>(B, 1) == 0, "offsets do not match the batch");
+  std::vector<char> bad;
+  auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, Cp, bad, path, 1);  // + the zero row
+  if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) return torch::empty({0});
+  const int64_t N = col_scale.numel();
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, w, N, lut_even, lut_odd,
+                     has_odd);
+  std::vector<double> row_steps;
+  a.rescale = make_rescale(y, col_scale, bias, step, M / std::max<int64_t>(B, 1), row_steps);
+  run_kernel(a, w, lut_even, lut_odd, path);
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators");
   m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale");
+  m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)");
+  m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale");
   m.def("capability", &capability, "the fastest kernel path this CPU supports");
 }

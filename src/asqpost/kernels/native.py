@@ -4,10 +4,10 @@ The extension is compiled with torch's C++ extension tooling into the per-user t
 pip's isolated build never has to fetch its own torch); if that fails (no compiler, no ninja), the reference
 path runs and one log line says so. ``ASQPOST_KERNEL=reference`` forces the reference path.
 
-Eligible layers: linear layers with integer activations in ``[0, 255]`` (ASQ/LSQ after ReLU), weight codes
-of at most 4 bits, LUT integers in int8, and a fan-in small enough that int32 sums cannot overflow.
-Convolutions take the reference's exact float32 path instead: oneDNN's direct convolution on integer-valued
-tensors beats an im2col + LUT GEMM on these CPUs (measured: ``benchmarks/resnet_latency.py``).
+Eligible layers: linear layers and convolutions (groups = 1) with integer activations in ``[0, 255]``
+(ASQ/LSQ after ReLU), weight codes of at most 4 bits, LUT integers in int8, and a fan-in small enough that int32
+sums cannot overflow. Convolutions run as indirect convolutions over NHWC codes (one row pointer per output
+pixel and kernel tap, no im2col copy) and return channels_last outputs. Other layers take the reference path.
 """
 
 from __future__ import annotations
@@ -93,34 +93,52 @@ def _plan(layer) -> dict[str, Any] | None:
     w, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
     if lut is None or w.bits > 4 or inp.qmin < 0 or inp.qmax > 255:
         return None
-    if layer.kind != "linear":
+    if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
         return None
     biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
-    codes = w.code_tensor().reshape(w.shape[0], -1)
-    if biggest > 127 or 255 * biggest * codes.shape[1] >= 2**31:
-        return None
     zero = (lut.even == 0) & (lut.odd == 0)
-    if not zero.any():
+    if biggest > 127 or 255 * biggest * (w.code_count // w.shape[0]) >= 2**31 or not zero.any():
         return None
     table_even = torch.zeros(16, dtype=torch.int8)
     table_odd = torch.zeros(16, dtype=torch.int8)
     table_even[: lut.even.numel()] = lut.even.to(torch.int8)
     table_odd[: lut.odd.numel()] = lut.odd.to(torch.int8)
+    zero_code = int(zero.nonzero()[0])
     return {
-        "weights": kernel_weights(codes, int(zero.nonzero()[0])),
+        "weights": kernel_weights(_codes_2d(layer, zero_code), zero_code),
         "lut_even": table_even,
         "lut_odd": table_odd,
         "has_odd": lut.has_odd,
-        "k": codes.shape[1],
-        "n": codes.shape[0],
+        "n": w.shape[0],
+        "col_scale": w.scale.detach().double().contiguous() * lut.unit,
+        "bias": torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double(),
         "path": "auto" if 2 * 255 * biggest <= 32767 else "avx512_vnni",
     }
+
+
+def _codes_2d(layer, zero_code: int) -> torch.Tensor:
+    """Codes as ``(N, K)`` in the order the kernel reads activations: a linear weight as it is; a conv weight
+    ``(Cout, C, kh, kw)`` as ``(Cout, kh, kw, Cp)`` (NHWC taps, channels padded to a multiple of 8)."""
+    codes = layer.weight.code_tensor()
+    if layer.kind != "conv2d":
+        return codes.reshape(codes.shape[0], -1)
+    cout, c, kh, kw = codes.shape
+    per_tap = torch.full((cout, kh, kw, -(-c // GROUP) * GROUP), zero_code, dtype=codes.dtype)
+    per_tap[..., :c] = codes.permute(0, 2, 3, 1)
+    return per_tap.reshape(cout, -1)
+
+
+def _path(plan: dict[str, Any], path: str | None = None) -> str:
+    chosen = path or plan["path"]
+    if chosen == "avx512_vnni" and extension().capability() != "avx512_vnni":
+        return "scalar"  # int16 pairs could saturate on AVX2 for such large tables
+    return chosen
 
 
 def lut_matmul(
     x_u8: torch.Tensor, plan: dict[str, Any], path: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a prepared weight."""
+    """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a prepared linear weight."""
     module = extension()
     if module is None:
         raise RuntimeError("the native LUT kernel is not available")
@@ -128,38 +146,64 @@ def lut_matmul(
     kp = plan["weights"].shape[1] * 2 // TILE
     if k != kp:
         x_u8 = F.pad(x_u8, (0, kp - k))
-    chosen = path or plan["path"]
-    if chosen == "avx512_vnni" and module.capability() != "avx512_vnni":
-        chosen = "scalar"  # int16 pairs could saturate on AVX2 for such large tables
     acc_even, acc_odd = module.lut_linear(
-        x_u8.contiguous(), plan["weights"], plan["n"], plan["lut_even"], plan["lut_odd"], plan["has_odd"], chosen
+        x_u8.contiguous(),
+        plan["weights"],
+        plan["n"],
+        plan["lut_even"],
+        plan["lut_odd"],
+        plan["has_odd"],
+        _path(plan, path),
     )
     return acc_even, (acc_odd if plan["has_odd"] else None)
 
 
-def linear_forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor:
-    """A packed linear layer in one native call (quantize, accumulate, rescale); equals the reference path."""
-    lead = x.shape[:-1]
+def _table_args(plan: dict[str, Any]) -> tuple:
+    return plan["weights"], plan["lut_even"], plan["lut_odd"], plan["has_odd"], plan["col_scale"], plan["bias"]
+
+
+def forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor | None:
+    """A packed layer in one native call (quantize, accumulate, rescale), equal to the reference path; ``None``
+    when this input must take the reference path (a conv input holding NaN or inf)."""
     step = layer.input_quant.step_of(x)
+    qrange = (layer.input_quant.qmin, layer.input_quant.qmax)
+    if layer.kind == "conv2d":
+        return _conv_forward(layer, x, step, qrange, plan)
+    lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     if step.numel() != 1:  # ASQ's s * beta: one per sample or token, broadcast to one per row
         step = step.expand(*lead, 1)
     step_rows = step.reshape(-1).float().contiguous()
-    if "col_scale" not in plan:
-        plan["col_scale"] = layer.weight.scale.double() * layer.weight.lut().unit
-        plan["bias"] = torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
-    path = plan["path"] if plan["path"] == "auto" or extension().capability() == plan["path"] else "scalar"
-    y = extension().lut_linear_forward(
-        rows,
-        step_rows,
-        layer.input_quant.qmin,
-        layer.input_quant.qmax,
-        plan["weights"],
-        plan["lut_even"],
-        plan["lut_odd"],
-        plan["has_odd"],
-        plan["col_scale"],
-        plan["bias"],
-        path,
-    )
+    y = extension().lut_linear_forward(rows, step_rows, *qrange, *_table_args(plan), _path(plan))
     return y.reshape(*lead, -1).to(x.dtype)
+
+
+def _conv_forward(layer, x: torch.Tensor, step: torch.Tensor, qrange: tuple[int, int], plan) -> torch.Tensor | None:
+    nhwc = x.float().permute(0, 2, 3, 1).contiguous()  # free when x is already channels_last
+    step_rows = step.reshape(-1).float().contiguous()  # one value, or one per sample (ASQ)
+    offsets, height, width = _conv_offsets(layer, plan, tuple(nhwc.shape))
+    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, *_table_args(plan), offsets, _path(plan))
+    if y.numel() == 0:
+        return None
+    # NHWC rows viewed as (B, Cout, OH, OW): a channels_last tensor, which the next conv reads without a copy
+    return y.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2).to(x.dtype)
+
+
+def _conv_offsets(layer, plan: dict[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
+    """The indirection offsets for an NHWC input shape, built once per shape (a few shapes kept)."""
+    cache = plan.setdefault("offsets", {})
+    if shape not in cache:
+        g = layer.geometry
+        batch, height, width, channels = shape
+        cp = -(-channels // GROUP) * GROUP
+        offsets = extension().conv_offsets(
+            batch, height, width, cp, g["kernel_size"], g["stride"], g["padding"], g["dilation"]
+        )
+        out_h, out_w = (
+            (size + 2 * g["padding"][i] - g["dilation"][i] * (g["kernel_size"][i] - 1) - 1) // g["stride"][i] + 1
+            for i, size in enumerate((height, width))
+        )
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[shape] = (offsets, out_h, out_w)
+    return cache[shape]
