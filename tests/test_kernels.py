@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,15 @@ from asqpost.levels import make_levels
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
 PATHS = ["scalar", "avx2", "avx512_vnni"]
+
+
+def test_native_kernel_builds_where_a_compiler_exists():
+    """Native tests skip when the extension is unavailable; this one makes a broken build fail the suite."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja: the reference path is the expected fallback")
+    if os.environ.get("ASQPOST_KERNEL") == "reference":
+        pytest.skip("native kernel switched off")
+    assert native.available(), "the native LUT kernel failed to build (its error is in the log)"
 
 
 def _paths():
