@@ -24,14 +24,22 @@ def machine() -> str:
     )
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so drifting load hits all alike."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, lead_in: bool = False
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so drifting load hits all alike.
+
+    ``lead_in``: each timed call follows one untimed call of the same function, so every path starts with its
+    worker threads awake, as inside a model (on a VM, waking idle threads alone can cost a few hundred us).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if lead_in:
+                fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

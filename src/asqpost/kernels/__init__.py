@@ -25,14 +25,17 @@ def kernel_choice() -> str:
 
 
 def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    if layer.input_quant is None or layer.weight is None or layer.weight.lut() is None:
+    weight = layer.weight
+    if layer.input_quant is None or weight is None or weight.lut() is None:
         return layer.float_forward(x)
     choice = kernel_choice()
-    if choice == "native" and not native.available():
-        raise RuntimeError("ASQPOST_KERNEL=native but the native LUT kernel could not be built here")
     plan = None
-    if choice != "reference" and x.device.type == "cpu" and native.available():
-        plan = native.prepare(layer)
+    if choice != "reference" and x.is_cpu:
+        if not native.available():
+            if choice == "native":
+                raise RuntimeError("ASQPOST_KERNEL=native but the native LUT kernel could not be built here")
+        else:
+            plan = weight._cache["native"] if "native" in weight._cache else native.prepare(layer)
     y = None if plan is None else native.forward(layer, x, plan)
     if y is None:  # not eligible (grouped conv, signed input, > 4-bit codes...): the exact reference path
         return integer_forward_reference(layer, x)

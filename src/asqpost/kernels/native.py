@@ -58,8 +58,10 @@ def available() -> bool:
 
 
 def capability() -> str:
-    module = extension()
-    return "reference" if module is None else module.capability()
+    if "capability" not in _STATE:
+        module = extension()
+        _STATE["capability"] = "reference" if module is None else module.capability()
+    return _STATE["capability"]
 
 
 def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
@@ -130,7 +132,7 @@ def _codes_2d(layer, zero_code: int) -> torch.Tensor:
 
 def _path(plan: dict[str, Any], path: str | None = None) -> str:
     chosen = path or plan["path"]
-    if chosen == "avx512_vnni" and extension().capability() != "avx512_vnni":
+    if chosen == "avx512_vnni" and capability() != "avx512_vnni":
         return "scalar"  # int16 pairs could saturate on AVX2 for such large tables
     return chosen
 
@@ -169,13 +171,14 @@ def forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor | None
     qrange = (layer.input_quant.qmin, layer.input_quant.qmax)
     if layer.kind == "conv2d":
         return _conv_forward(layer, x, step, qrange, plan)
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    flat = x.dim() == 2 and x.dtype == torch.float32  # the common case: no reshapes (they cost us at batch 1)
+    rows = x.contiguous() if flat else x.reshape(-1, x.shape[-1]).float().contiguous()
     if step.numel() != 1:  # ASQ's s * beta: one per sample or token, broadcast to one per row
-        step = step.expand(*lead, 1)
-    step_rows = step.reshape(-1).float().contiguous()
-    y = extension().lut_linear_forward(rows, step_rows, *qrange, *_table_args(plan), _path(plan))
-    return y.reshape(*lead, -1).to(x.dtype)
+        step = step.expand(*x.shape[:-1], 1)
+    if step.dtype != torch.float32 or step.numel() != 1:
+        step = step.reshape(-1).float().contiguous()
+    y = extension().lut_linear_forward(rows, step, *qrange, *_table_args(plan), _path(plan))
+    return y if flat else y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def _conv_forward(layer, x: torch.Tensor, step: torch.Tensor, qrange: tuple[int, int], plan) -> torch.Tensor | None:
