@@ -20,7 +20,7 @@ from common import interleaved_medians, machine, table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipe", default="post-asq")
     args = parser.parse_args()
