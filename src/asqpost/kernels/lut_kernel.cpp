@@ -434,8 +434,7 @@ Rescale make_rescale(torch::Tensor& y, const torch::Tensor& col_scale, const tor
 }
 
 // Activation codes of rows [m0, m1) of K values: code = clamp(round_half_even(x / step), qmin, qmax) in float32,
-// as the reference computes it; step index m / rows_per_step. Returns false when a NaN or inf appeared (its
-// row is flagged in bad[m]).
+// as the reference computes it; step index m / rows_per_step. A NaN or inf flags its row in bad[m].
 void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_step, int64_t K, int64_t Kp, int qmin,
                           int qmax, uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
