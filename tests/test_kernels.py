@@ -8,7 +8,7 @@ from torch import nn
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed, integer_lut
 from asqpost.kernels import native, packed_forward
-from asqpost.kernels.reference import exact_dtype, integer_accumulators
+from asqpost.kernels.reference import exact_dtype, integer_accumulators, integer_forward_reference
 from asqpost.levels import make_levels
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
@@ -217,3 +217,33 @@ def test_grouped_conv_takes_the_reference_path():
     assert native.prepare(packed) is None
     with torch.no_grad():
         assert torch.allclose(packed(x), q(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("layer", "shape", "recipe", "bits"),
+    [
+        (nn.Conv2d(1, 8, 3, padding=1), (3, 1, 6, 6), "lsq-lsq", 8),  # a first layer: signed input, 8-bit codes
+        (nn.Conv2d(8, 8, 3, padding=1, groups=4), (2, 8, 5, 5), "post-asq", 4),  # grouped
+        (nn.Linear(12, 5), (4, 12), "lsq-lsq", 8),  # a last layer
+        (nn.Linear(12, 5), (2, 3, 12), "post-asq", 4),  # tokens, signed input, per-sample steps
+    ],
+)
+def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, recipe, bits, monkeypatch):
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, bits, first=None, last=None)).eval()
+    x = torch.randn(*shape)
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    assert native.prepare(packed) is None
+    x[0].view(-1)[1] = float("nan")
+    with torch.no_grad():
+        ref = integer_forward_reference(packed, x)
+        out = native.forward_torch_sums(packed, x)
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+        auto = packed(x)
+    nan = torch.isnan(ref)
+    assert nan.any() and not nan.all()
+    for y in (out, auto):
+        assert y.shape == ref.shape
+        assert torch.equal(torch.isnan(y), nan)
+        assert torch.equal(y[~nan], ref[~nan])

@@ -1,8 +1,9 @@
 """Kernels for packed layers: the float64 reference (the oracle and the fallback) and the native CPU kernel.
 
 :func:`packed_forward` picks the path for a layer: the native LUT kernel when it is built and the layer is
-eligible (see :mod:`asqpost.kernels.native`), else the reference integer path when the input is quantized
-and the table has a small-integer form, else the decoded-float path.
+eligible (see :mod:`asqpost.kernels.native`); else, for a quantized input and a table with a small-integer
+form, the reference's exact sums with the rescale in native code (or all in torch: the reference path);
+else the decoded-float path.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         else:
             plan = weight._cache["native"] if "native" in weight._cache else native.prepare(layer)
     y = None if plan is None else native.forward(layer, x, plan)
-    if y is None:  # not eligible (grouped conv, signed input, > 4-bit codes...): the exact reference path
-        return integer_forward_reference(layer, x)
-    return y
+    if y is not None:
+        return y
+    if choice != "reference" and x.is_cpu and native.available():
+        return native.forward_torch_sums(layer, x)  # not eligible: torch's exact sums, native rescale
+    return integer_forward_reference(layer, x)
 
 
 __all__ = ["integer_accumulators", "integer_forward_reference", "kernel_choice", "packed_forward"]

@@ -592,10 +592,63 @@ torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   return y;
 }
 
+// The rescale alone, for sums computed elsewhere (layers the kernel does not take: signed inputs, 8-bit codes,
+// grouped convs; torch computes their exact sums). acc_even / acc_odd: float32 or float64 integer sums shaped
+// (R, C, S), contiguous (conv: R = batch, S = H * W; linear: R = rows, S = 1); acc_odd may be empty; step: one
+// value or one per R. Same operation order as the reference, so the result is the reference's, bit for bit.
+template <typename T>
+void rescale_sums_rows(const T* even, const T* odd, const double* col_scale, const double* bias, const float* step,
+                       bool per_row, int64_t C, int64_t S, float* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {  // i = r * C + c
+    const int64_t r = i / C, c = i % C;
+    const double s = static_cast<double>(step[per_row ? r : 0]), scale = col_scale[c];
+    for (int64_t j = i * S; j < (i + 1) * S; ++j) {
+      double acc = static_cast<double>(even[j]);
+      if (odd) acc = acc + static_cast<double>(odd[j]) * kSqrt1_2;
+      double v = acc * scale * s;
+      if (bias) v = v + bias[c];
+      y[j] = static_cast<float>(v);
+    }
+  }
+}
+
+torch::Tensor rescale_sums(torch::Tensor acc_even, torch::Tensor acc_odd, torch::Tensor col_scale, torch::Tensor bias,
+                           torch::Tensor step) {
+  TORCH_CHECK(acc_even.dim() == 3 && acc_even.is_contiguous(), "sums must be contiguous (R, C, S)");
+  TORCH_CHECK(acc_even.dtype() == torch::kFloat32 || acc_even.dtype() == torch::kFloat64, "sums must be float");
+  TORCH_CHECK(acc_odd.numel() == 0 || (acc_odd.sizes() == acc_even.sizes() && acc_odd.dtype() == acc_even.dtype() &&
+                                       acc_odd.is_contiguous()),
+              "odd sums must match the even ones");
+  TORCH_CHECK(col_scale.dtype() == torch::kFloat64 && col_scale.is_contiguous() && col_scale.numel() == acc_even.size(1),
+              "col_scale must be float64 (C,)");
+  TORCH_CHECK(bias.dtype() == torch::kFloat64 && bias.is_contiguous() &&
+                  (bias.numel() == 0 || bias.numel() == col_scale.numel()),
+              "bias must be float64 (C,) or empty");
+  TORCH_CHECK(step.dtype() == torch::kFloat32 && step.is_contiguous() &&
+                  (step.numel() == 1 || step.numel() == acc_even.size(0)),
+              "step must be float32, one value or one per row");
+  const int64_t R = acc_even.size(0), C = acc_even.size(1), S = acc_even.size(2);
+  auto y = torch::empty({R, C, S}, torch::dtype(torch::kFloat32));
+  const double* bp = bias.numel() ? bias.data_ptr<double>() : nullptr;
+  const bool per_row = step.numel() != 1;
+  at::parallel_for(0, R * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t i0, int64_t i1) {
+    if (acc_even.dtype() == torch::kFloat32)
+      rescale_sums_rows<float>(acc_even.data_ptr<float>(), acc_odd.numel() ? acc_odd.data_ptr<float>() : nullptr,
+                               col_scale.data_ptr<double>(), bp, step.data_ptr<float>(), per_row, C, S,
+                               y.data_ptr<float>(), i0, i1);
+    else
+      rescale_sums_rows<double>(acc_even.data_ptr<double>(), acc_odd.numel() ? acc_odd.data_ptr<double>() : nullptr,
+                                col_scale.data_ptr<double>(), bp, step.data_ptr<float>(), per_row, C, S,
+                                y.data_ptr<float>(), i0, i1);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators");
   m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale");
   m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)");
   m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale");
+  m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere");
   m.def("capability", &capability, "the fastest kernel path this CPU supports");
 }
