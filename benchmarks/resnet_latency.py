@@ -1,7 +1,8 @@
 """End-to-end latency of an exported (packed) ResNet-20 against its float and fake-quant versions.
 
 POST 4-bit weights with ASQ activations (first and last layer 8-bit), 28x28 single-channel inputs, batch 1
-and 64, medians of interleaved runs. Usage: ``python benchmarks/resnet_latency.py [--repeats 20]``
+and 64, medians of interleaved runs, each timed call after an untimed one of the same model (threads awake).
+Usage: ``python benchmarks/resnet_latency.py [--repeats 30]``
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
                 "packed, reference": lambda: run(packed, "reference"),
             },
             args.repeats,
+            lead_in=True,
         )
         for name, t in medians.items():
             rows.append([batch, name, f"{t * 1e3:.2f}", f"{t / medians['float']:.2f}x"])
