@@ -247,3 +247,21 @@ def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, rec
         assert y.shape == ref.shape
         assert torch.equal(torch.isnan(y), nan)
         assert torch.equal(y[~nan], ref[~nan])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_non_float32_inputs_match_the_reference_exactly(dtype, kind, monkeypatch):
+    """Native code rounds y to float32 once; other dtypes take the reference so no double rounding creeps in."""
+    layer, x = _layer(kind)
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    x = x.to(dtype)
+    with torch.no_grad():
+        ref = integer_forward_reference(packed, x)
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+        out = packed(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref)

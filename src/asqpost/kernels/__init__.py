@@ -30,8 +30,10 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.input_quant is None or weight is None or weight.lut() is None:
         return layer.float_forward(x)
     choice = kernel_choice()
+    if x.dtype != torch.float32 or not x.is_cpu:  # native code rounds y to float32 once, as float32 models do
+        choice = "reference"
     plan = None
-    if choice != "reference" and x.is_cpu:
+    if choice != "reference":
         if not native.available():
             if choice == "native":
                 raise RuntimeError("ASQPOST_KERNEL=native but the native LUT kernel could not be built here")
@@ -40,7 +42,7 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     y = None if plan is None else native.forward(layer, x, plan)
     if y is not None:
         return y
-    if choice != "reference" and x.is_cpu and native.available():
+    if choice != "reference" and native.available():
         return native.forward_torch_sums(layer, x)  # not eligible: torch's exact sums, native rescale
     return integer_forward_reference(layer, x)
 
