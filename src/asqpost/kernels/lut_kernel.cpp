@@ -66,14 +66,20 @@ struct Args {
   const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
 };
 
+// (even + odd * SQRT1_2) * scale * step + bias in float64, in the reference's order; odd / bias may be absent.
+inline float rescale_value(double even, const double* odd, double scale, double step, const double* bias) {
+  double acc = even;
+  if (odd) acc = acc + *odd * kSqrt1_2;
+  double v = acc * scale * step;
+  if (bias) v = v + *bias;
+  return static_cast<float>(v);
+}
+
 void rescale_row_scalar(const int32_t* ae, const int32_t* ao, const double* cs, const double* bias, double s,
                         int64_t N, float* y) {
   for (int64_t n = 0; n < N; ++n) {
-    double acc = static_cast<double>(ae[n]);
-    if (ao) acc = acc + static_cast<double>(ao[n]) * kSqrt1_2;
-    double v = acc * cs[n] * s;
-    if (bias) v = v + bias[n];
-    y[n] = static_cast<float>(v);
+    const double odd = ao ? static_cast<double>(ao[n]) : 0.0;
+    y[n] = rescale_value(static_cast<double>(ae[n]), ao ? &odd : nullptr, cs[n], s, bias ? bias + n : nullptr);
   }
 }
 
@@ -158,12 +164,33 @@ ASQPOST_AVX512 inline void store_tile(const Args& a, int64_t m, int64_t t, __m51
                static_cast<__mmask8>(lanes >> 8), step);
 }
 
+ASQPOST_AVX512 inline __m512i load_table(const int8_t* lut) {  // 16 entries, repeated in each 128-bit lane
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
+}
+
+struct Decoded {
+  __m512i e_lo, e_hi, o_lo, o_hi;  // 16 rows x 4 k each: even / odd table values of the low / high nibbles
+};
+
+// One 64-byte block of a tile through the two tables (the odd lookups only when the grid has odd levels).
+template <bool ODD>
+ASQPOST_AVX512 inline Decoded decode_block(const uint8_t* block, __m512i table_even, __m512i table_odd) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i v = _mm512_loadu_si512(block);
+  const __m512i lo = _mm512_and_si512(v, nibble);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  Decoded d;
+  d.e_lo = _mm512_shuffle_epi8(table_even, lo);
+  d.e_hi = _mm512_shuffle_epi8(table_even, hi);
+  d.o_lo = ODD ? _mm512_shuffle_epi8(table_odd, lo) : d.e_lo;
+  d.o_hi = ODD ? _mm512_shuffle_epi8(table_odd, hi) : d.e_hi;
+  return d;
+}
+
 // MR activation rows x NT tiles over the whole K, decoding on the fly: MR * NT * (1 + ODD) zmm sums.
 template <int MR, int NT, bool ODD>
 ASQPOST_AVX512 void tile_avx512(const Args& a, int64_t m0, int64_t t0) {
-  const __m512i table_even = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_even)));
-  const __m512i table_odd = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_odd)));
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i table_even = load_table(a.lut_even), table_odd = load_table(a.lut_odd);
   __m512i acc_e[MR][NT], acc_o[MR][NT];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NT; ++j) acc_e[i][j] = acc_o[i][j] = _mm512_setzero_si512();
@@ -174,24 +201,15 @@ ASQPOST_AVX512 void tile_avx512(const Args& a, int64_t m0, int64_t t0) {
     const uint8_t* xr[MR];
     for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
     for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
-      __m512i e_lo[NT], e_hi[NT], o_lo[NT], o_hi[NT];
-      for (int j = 0; j < NT; ++j) {
-        const __m512i v = _mm512_loadu_si512(wt[j] + b * 64);
-        const __m512i lo = _mm512_and_si512(v, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        e_lo[j] = _mm512_shuffle_epi8(table_even, lo);
-        e_hi[j] = _mm512_shuffle_epi8(table_even, hi);
-        if (ODD) {
-          o_lo[j] = _mm512_shuffle_epi8(table_odd, lo);
-          o_hi[j] = _mm512_shuffle_epi8(table_odd, hi);
-        }
-      }
+      Decoded d[NT];
+      for (int j = 0; j < NT; ++j) d[j] = decode_block<ODD>(wt[j] + b * 64, table_even, table_odd);
       for (int i = 0; i < MR; ++i) {
         const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
         const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
         for (int j = 0; j < NT; ++j) {
-          acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, e_lo[j]), x_hi, e_hi[j]);
-          if (ODD) acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, o_lo[j]), x_hi, o_hi[j]);
+          acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, d[j].e_lo), x_hi, d[j].e_hi);
+          if (ODD)
+            acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, d[j].o_lo), x_hi, d[j].o_hi);
         }
       }
     }
@@ -204,19 +222,15 @@ ASQPOST_AVX512 void tile_avx512(const Args& a, int64_t m0, int64_t t0) {
 // bytes per tile, in L1 / L2) and then serves groups of kMaxRows activation rows from there.
 template <bool ODD>
 ASQPOST_AVX512 void decode_tile_avx512(const Args& a, int64_t t, int8_t* decoded) {
-  const __m512i table_even = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_even)));
-  const __m512i table_odd = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_odd)));
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i table_even = load_table(a.lut_even), table_odd = load_table(a.lut_odd);
   const uint8_t* wt = a.tile(t);
   for (int64_t b = 0; b < a.blocks(); ++b) {
-    const __m512i v = _mm512_loadu_si512(wt + b * 64);
-    const __m512i lo = _mm512_and_si512(v, nibble);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    _mm512_storeu_si512(decoded + 256 * b, _mm512_shuffle_epi8(table_even, lo));
-    _mm512_storeu_si512(decoded + 256 * b + 64, _mm512_shuffle_epi8(table_even, hi));
+    const Decoded d = decode_block<ODD>(wt + b * 64, table_even, table_odd);
+    _mm512_storeu_si512(decoded + 256 * b, d.e_lo);
+    _mm512_storeu_si512(decoded + 256 * b + 64, d.e_hi);
     if (ODD) {
-      _mm512_storeu_si512(decoded + 256 * b + 128, _mm512_shuffle_epi8(table_odd, lo));
-      _mm512_storeu_si512(decoded + 256 * b + 192, _mm512_shuffle_epi8(table_odd, hi));
+      _mm512_storeu_si512(decoded + 256 * b + 128, d.o_lo);
+      _mm512_storeu_si512(decoded + 256 * b + 192, d.o_hi);
     }
   }
 }
@@ -603,11 +617,8 @@ void rescale_sums_rows(const T* even, const T* odd, const double* col_scale, con
     const int64_t r = i / C, c = i % C;
     const double s = static_cast<double>(step[per_row ? r : 0]), scale = col_scale[c];
     for (int64_t j = i * S; j < (i + 1) * S; ++j) {
-      double acc = static_cast<double>(even[j]);
-      if (odd) acc = acc + static_cast<double>(odd[j]) * kSqrt1_2;
-      double v = acc * scale * s;
-      if (bias) v = v + bias[c];
-      y[j] = static_cast<float>(v);
+      const double odd_j = odd ? static_cast<double>(odd[j]) : 0.0;
+      y[j] = rescale_value(static_cast<double>(even[j]), odd ? &odd_j : nullptr, scale, s, bias ? bias + c : nullptr);
     }
   }
 }
