@@ -108,16 +108,23 @@ def _plan(layer) -> dict[str, Any] | None:
     table_even[: lut.even.numel()] = lut.even.to(torch.int8)
     table_odd[: lut.odd.numel()] = lut.odd.to(torch.int8)
     zero_code = int(zero.nonzero()[0])
+    col_scale, bias = _rescale_tensors(layer)
     return {
         "weights": kernel_weights(_codes_2d(layer, zero_code), zero_code),
         "lut_even": table_even,
         "lut_odd": table_odd,
         "has_odd": lut.has_odd,
         "n": w.shape[0],
-        "col_scale": w.scale.detach().double().contiguous() * lut.unit,
-        "bias": torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double(),
+        "col_scale": col_scale,
+        "bias": bias,
         "path": "auto" if 2 * 255 * biggest <= 32767 else "avx512_vnni",
     }
+
+
+def _rescale_tensors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale * unit, bias)`` in float64 as the rescale reads them (bias empty when the layer has none)."""
+    bias = torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double().contiguous()
+    return layer.weight.scale.detach().double().contiguous() * layer.weight.lut().unit, bias
 
 
 def _codes_2d(layer, zero_code: int) -> torch.Tensor:
@@ -222,8 +229,7 @@ def forward_torch_sums(layer, x: torch.Tensor) -> torch.Tensor:
     acc_even, acc_odd = integer_accumulators(layer, x_int)
     cache = layer.weight._cache
     if "rescale" not in cache:
-        bias = torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
-        cache["rescale"] = (layer.weight.scale.detach().double().contiguous() * layer.weight.lut().unit, bias)
+        cache["rescale"] = _rescale_tensors(layer)
     col_scale, bias = cache["rescale"]
     if layer.kind == "conv2d":  # (B, C, H, W) -> (B, C, H * W), one step per sample
         shape = (acc_even.shape[0], acc_even.shape[1], -1)
