@@ -252,10 +252,11 @@ def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, rec
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_non_float32_inputs_match_the_reference_exactly(dtype, kind, monkeypatch):
+@pytest.mark.parametrize("recipe", ["post-lsq", "post-asq"])
+def test_non_float32_inputs_match_the_reference_exactly(dtype, kind, recipe, monkeypatch):
     """Native code rounds y to float32 once; other dtypes take the reference so no double rounding creeps in."""
     layer, x = _layer(kind)
-    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 4, first=None, last=None)).eval()
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, 4, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
     x = x.to(dtype)

@@ -76,7 +76,7 @@ class StepAdapter(nn.Module):
                 f"StepAdapter({self.channels}) expects (N, C, H, W), (N, C) or (N, T, C) with C = "
                 f"{self.channels}, got shape {tuple(x.shape)}"
             )
-        z = self.statistics(x)
+        z = self.statistics(x).to(self.out.weight.dtype)  # a float64 or half input into a float32 adapter
         if self.hidden is not None:
             z = F.relu(self.hidden(z))
         beta = _positive(self.out(z), self.positive)  # (N, 1) or (N, T, 1)
