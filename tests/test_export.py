@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from asqpost.export import (
     save_packed,
     unpack_codes,
 )
+from asqpost.export.format import VERSION, _digest
 from asqpost.kernels.reference import integer_accumulators
 from asqpost.levels import GRIDS, make_levels
 from asqpost.models import create_model
@@ -149,12 +151,15 @@ def export_file(tmp_path):
     return path
 
 
-def _rewrite_meta(path, change):
+def _rewrite_meta(path, change, reseal=True):
+    """Edit the metadata; ``reseal`` recomputes the checksum (a consistent file that another check must catch)."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["asqpost"])
     change(meta)
+    if reseal:
+        meta["sha256"] = _digest(safetensors.torch.load(raw), meta)
     header["__metadata__"]["asqpost"] = json.dumps(meta)
     body = json.dumps(header).encode()
     body += b" " * ((-len(body)) % 8)
@@ -178,11 +183,31 @@ def test_corrupt_exports_are_refused(export_file, tmp_path):
         load_packed(tmp_path / "missing.safetensors")
 
 
+def test_metadata_edits_are_refused(export_file):
+    def edit(meta):
+        name = next(iter(meta["layers"]))
+        meta["layers"][name]["input"]["qmax"] -= 1
+
+    _rewrite_meta(export_file, edit, reseal=False)
+    with pytest.raises(ExportError, match="checksum"):
+        read_export(export_file)
+
+
+def test_geometry_that_does_not_fit_the_model_is_refused(export_file):
+    def edit(meta):
+        geometry = next(m["geometry"] for m in meta["layers"].values() if m["kind"] == "conv2d")
+        geometry["stride"] = [2, 2]
+
+    _rewrite_meta(export_file, edit)
+    with pytest.raises(ExportError, match=r"fit the model.*stride"):
+        load_packed(export_file)
+
+
 def test_bad_version_and_mismatched_model(export_file):
     _rewrite_meta(export_file, lambda m: m.update(version=99))
     with pytest.raises(ExportError, match="version 99"):
         read_export(export_file)
-    _rewrite_meta(export_file, lambda m: m.update(version=1, model={**m["model"], "kwargs": {"width": 16}}))
+    _rewrite_meta(export_file, lambda m: m.update(version=VERSION, model={**m["model"], "kwargs": {"width": 16}}))
     with pytest.raises(ExportError, match="tensor"):
         load_packed(export_file)
     with pytest.raises(ExportError, match="fit the model"):

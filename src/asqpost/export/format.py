@@ -2,11 +2,12 @@
 
 Metadata key ``asqpost`` holds JSON::
 
-    {"format": "asqpost-packed", "version": 1,
+    {"format": "asqpost-packed", "version": 2,
      "model": {"name", "num_classes", "input_shape", "kwargs"} | null,   registry spec to rebuild the float net
      "qat": QATConfig JSON, "normalizer": {"mean", "std"} | null,
      "layers": {name: PackedLayer.meta()},                            geometry, bits, table size, act range
-     "sha256": hex digest over every tensor (sorted names, raw bytes)}
+     "sha256": hex digest over the rest of this metadata (canonical JSON) and every tensor (sorted names,
+               raw bytes): an edit anywhere in the file is caught}
 
 Tensors: each packed layer's ``weight.codes`` (uint8, densely packed), ``weight.table`` (float64 levels),
 ``weight.scale`` (float32 per output channel), ``input_quant.step`` and ``input_quant.adapter.*`` (ASQ),
@@ -33,7 +34,7 @@ from ..train.checkpoint import atomic_write_bytes
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer
 
 FORMAT = "asqpost-packed"
-VERSION = 1
+VERSION = 2  # 2: the checksum covers the metadata too (version 1 covered the tensors only)
 
 
 class ExportError(ValueError):
@@ -64,8 +65,9 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedLayer)}
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode())
@@ -94,8 +96,8 @@ def save_packed(
         "qat": None if config is None else config.to_json(),
         "normalizer": normalizer,
         "layers": {name: layer.meta() for name, layer in layers.items()},
-        "sha256": _digest(tensors),
     }
+    meta["sha256"] = _digest(tensors, meta)
     data = st_save(tensors, metadata={"asqpost": json.dumps(meta)})
     atomic_write_bytes(path, data)
     return len(data)
@@ -118,8 +120,8 @@ def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise ExportError(f"{path} is not an asqpost packed export (format tag {FORMAT!r} missing)")
     if meta.get("version") != VERSION:
         raise ExportError(f"{path} has export version {meta.get('version')!r}; this asqpost reads {VERSION}")
-    if meta.get("sha256") != _digest(tensors):
-        raise ExportError(f"{path}: tensor data do not match the recorded checksum (file edited or corrupt)")
+    if meta.get("sha256") != _digest(tensors, meta):
+        raise ExportError(f"{path}: metadata or tensor data do not match the recorded checksum (edited or corrupt)")
     if not isinstance(meta.get("layers"), dict) or not meta["layers"]:
         raise ExportError(f"{path}: metadata lists no packed layers")
     return meta, tensors
@@ -143,8 +145,11 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
             raise ExportError(f"{path}: cannot rebuild model {spec!r}: {err}") from err
     try:
         for name, layer_meta in meta["layers"].items():
-            model.get_submodule(name)
-            _set_submodule(model, name, PACKED_LAYERS[layer_meta["kind"]](layer_meta))
+            kind = PACKED_LAYERS[layer_meta["kind"]]
+            geometry = kind.geometry_of(model.get_submodule(name))
+            if geometry != layer_meta["geometry"]:
+                raise ValueError(f"layer {name!r} is {geometry} in the model, {layer_meta['geometry']} in the file")
+            _set_submodule(model, name, kind(layer_meta))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise ExportError(f"{path}: layer metadata does not fit the model: {err!r}") from err
     expected = model.state_dict()
