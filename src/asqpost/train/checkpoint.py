@@ -84,8 +84,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} holds objects that are not plain data (refused: loading them could run code): {err}"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from err
+    except Exception as err:  # random bytes surface as IndexError, KeyError, ... from the unpickler
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an asqpost checkpoint (no format tag {FORMAT!r})")
     if payload.get("version") != VERSION:
