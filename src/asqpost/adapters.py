@@ -76,8 +76,13 @@ class StepAdapter(nn.Module):
                 f"StepAdapter({self.channels}) expects (N, C, H, W), (N, C) or (N, T, C) with C = "
                 f"{self.channels}, got shape {tuple(x.shape)}"
             )
-        z = self.statistics(x).to(self.out.weight.dtype)  # a float64 or half input into a float32 adapter
+        out = self.out
+        z = self.statistics(x)
+        if z.dtype != out.weight.dtype:  # a float64 or half input into a float32 adapter
+            z = z.to(out.weight.dtype)
+        # F.linear on the layers' parameters: the same maths as calling them, without the module-call overhead
+        # that dominates these tiny layers at batch 1
         if self.hidden is not None:
-            z = F.relu(self.hidden(z))
-        beta = _positive(self.out(z), self.positive)  # (N, 1) or (N, T, 1)
+            z = F.relu(F.linear(z, self.hidden.weight, self.hidden.bias))
+        beta = _positive(F.linear(z, out.weight, out.bias), self.positive)  # (N, 1) or (N, T, 1)
         return beta.reshape(beta.shape + (1,) * (x.dim() - beta.dim()))
