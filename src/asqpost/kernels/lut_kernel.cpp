@@ -547,7 +547,7 @@ torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   return y;
 }
 
-// Byte offsets (B * OH * OW, kh * kw) int64 of each output pixel's input codes per kernel tap in NHWC codes of
+// Byte offsets (B, OH, OW, kh * kw) int64 of each output pixel's input codes per kernel tap in NHWC codes of
 // (B * H * W + 1) rows of Cp bytes; taps in the zero padding point at the last row (zeros). Depends only on
 // the shapes, so callers cache it per input size.
 torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vector<int64_t> kernel,
@@ -558,7 +558,7 @@ torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vec
   const int64_t OW = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(B >= 0 && OH > 0 && OW > 0, "input too small for the kernel");
   const int64_t taps = kernel[0] * kernel[1], zero_row = B * H * W * Cp;
-  auto offsets = torch::empty({B * OH * OW, taps}, torch::dtype(torch::kInt64));
+  auto offsets = torch::empty({B, OH, OW, taps}, torch::dtype(torch::kInt64));
   int64_t* out = offsets.data_ptr<int64_t>();
   at::parallel_for(0, B * OH, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -588,11 +588,13 @@ torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qm
                                  torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
                                  torch::Tensor bias, torch::Tensor offsets, std::string path) {
   TORCH_CHECK(x.dim() == 4, "x must be NHWC (B, H, W, C)");
-  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 2 && offsets.is_contiguous(),
-              "offsets must be int64 (M, taps)");
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 4 && offsets.is_contiguous() &&
+                  offsets.size(0) == x.size(0),
+              "offsets must be conv_offsets for this input: int64 (B, OH, OW, taps)");
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  const int64_t Cp = (C + kGroup - 1) / kGroup * kGroup, taps = offsets.size(1), M = offsets.size(0);
-  TORCH_CHECK(M > 0 && M % std::max<int64_t>(B, 1) == 0, "offsets do not match the batch");
+  const int64_t Cp = (C + kGroup - 1) / kGroup * kGroup, taps = offsets.size(3);
+  const int64_t M = B * offsets.size(1) * offsets.size(2);
+  TORCH_CHECK(M > 0, "empty input");
   std::vector<char> bad;
   auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, Cp, bad, path, 1);  // + the zero row
   if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) return torch::empty({0});

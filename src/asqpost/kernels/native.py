@@ -193,31 +193,26 @@ def forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor | None
 def _conv_forward(layer, x: torch.Tensor, step: torch.Tensor, qrange: tuple[int, int], plan) -> torch.Tensor | None:
     nhwc = x.float().permute(0, 2, 3, 1).contiguous()  # free when x is already channels_last
     step_rows = step.reshape(-1).float().contiguous()  # one value, or one per sample (ASQ)
-    offsets, height, width = _conv_offsets(layer, plan, tuple(nhwc.shape))
+    offsets = _conv_offsets(layer, plan, tuple(nhwc.shape))
     y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, *_table_args(plan), offsets, _path(plan))
     if y.numel() == 0:
         return None
     # NHWC rows viewed as (B, Cout, OH, OW): a channels_last tensor, which the next conv reads without a copy
-    return y.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2).to(x.dtype)
+    return y.view(*offsets.shape[:3], -1).permute(0, 3, 1, 2).to(x.dtype)
 
 
-def _conv_offsets(layer, plan: dict[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
-    """The indirection offsets for an NHWC input shape, built once per shape (a few shapes kept)."""
+def _conv_offsets(layer, plan: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+    """The indirection offsets ``(B, OH, OW, taps)`` for an NHWC input shape, built once per shape (a few kept)."""
     cache = plan.setdefault("offsets", {})
     if shape not in cache:
         g = layer.geometry
         batch, height, width, channels = shape
         cp = -(-channels // GROUP) * GROUP
-        offsets = extension().conv_offsets(
-            batch, height, width, cp, g["kernel_size"], g["stride"], g["padding"], g["dilation"]
-        )
-        out_h, out_w = (
-            (size + 2 * g["padding"][i] - g["dilation"][i] * (g["kernel_size"][i] - 1) - 1) // g["stride"][i] + 1
-            for i, size in enumerate((height, width))
-        )
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
-        cache[shape] = (offsets, out_h, out_w)
+        cache[shape] = extension().conv_offsets(
+            batch, height, width, cp, g["kernel_size"], g["stride"], g["padding"], g["dilation"]
+        )
     return cache[shape]
 
 
