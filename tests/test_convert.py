@@ -16,9 +16,10 @@ from asqpost import (
     quantized_state,
     resolve_layer_specs,
 )
+from asqpost.config import recipe_names
 from asqpost.models import create_model
 
-RECIPES = ["lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq", "uniform-asq"]
+RECIPES = ["lsq", *recipe_names()]  # the one-name form, and every registered weight x activation method
 
 
 def _resnet():

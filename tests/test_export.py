@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost.config import recipe_names
 from asqpost.export import (
     ExportError,
     PackedConv2d,
@@ -26,7 +27,7 @@ from asqpost.kernels.reference import integer_accumulators
 from asqpost.levels import GRIDS, make_levels
 from asqpost.models import create_model
 
-RECIPES = ["post-asq", "post-lsq", "lsq-lsq", "lsq-asq", "pot-lsq", "apot-asq", "uniform-lsq"]
+RECIPES = recipe_names()  # every registered weight method with every registered activation method
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

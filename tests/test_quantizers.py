@@ -5,7 +5,9 @@ from hypothesis import strategies as st
 
 from asqpost import NotCalibratedError, QuantizerConfig, StepAdapter, build_quantizer
 from asqpost.functional import sum_to_shape
+from asqpost.levels import GRIDS
 from asqpost.quantizers import ASQQuantizer, LevelSetQuantizer, LSQQuantizer
+from asqpost.registry import methods_for
 
 
 def _act(method="lsq", bits=4, channels=8, **kw):
@@ -129,7 +131,7 @@ def test_softplus_adapter_cannot_die_but_relu_can():
         assert (adapter.out.bias.grad.abs() > 0).item() is alive
 
 
-@pytest.mark.parametrize("grid", ["uniform", "pot", "post", "apot"])
+@pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("init", ["mse", "percentile"])
 def test_level_set_weights_on_grid(grid, init):
     w = torch.randn(16, 8, 3, 3) * 0.1
@@ -205,7 +207,7 @@ def test_calibration_rejects_bad_data():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    method=st.sampled_from(["lsq", "asq"]),
+    method=st.sampled_from(methods_for("act")),
     bits=st.integers(2, 8),
     shape=st.sampled_from([(3, 8), (2, 8, 3, 3), (2, 5, 8)]),
     scale=st.floats(1e-3, 1e3),

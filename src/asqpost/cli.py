@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .compare import DEFAULT_METHODS
+from .config import recipe_names
 from .data import DATASETS, DataNotFoundError
 from .quantizers import NotCalibratedError
 from .train.engine import TrainingDivergedError
@@ -192,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--init", required=True, help="float checkpoint every cell starts from")
     p.add_argument("--out", required=True)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help=f"'float' and/or <weight>-<act> recipes: {', '.join(recipe_names())}",
+    )
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.set_defaults(func=cmd_compare)

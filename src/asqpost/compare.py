@@ -17,28 +17,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import QATConfig
+from .config import split_recipe
+from .registry import FLOAT, get_method
 from .runconfig import RunConfig
 from .train.checkpoint import atomic_write_bytes
 from .train.run import fit
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("float", "lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq")
-LABELS = {
-    "float": "float (same fine-tune budget)",
-    "lsq": "LSQ (W) + LSQ (A)",
-    "lsq-asq": "LSQ (W) + ASQ (A)",
-    "post-lsq": "POST (W) + LSQ (A)",
-    "post-asq": "POST (W) + ASQ (A)",
-    "pot-lsq": "POT (W) + LSQ (A)",
-    "apot-lsq": "APoT (W) + LSQ (A)",
-    "uniform-lsq": "uniform (W) + LSQ (A)",
-}
+# the default grid: a choice of recipes (any of config.recipe_names() can be asked for)
+DEFAULT_METHODS = (FLOAT, "lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq")
+FLOAT_LABEL = "float (same fine-tune budget)"
+
+
+def method_label(method: str) -> str:
+    """The report's name for a grid method: ``POST (W) + ASQ (A)`` from the registered methods' labels."""
+    if method == FLOAT:
+        return FLOAT_LABEL
+    weight, act = split_recipe(method)
+    return f"{get_method(weight).label} (W) + {get_method(act).label} (A)"
 
 
 def cell_name(method: str, bits: int | None, seed: int) -> str:
-    return f"{method}-s{seed}" if method == "float" else f"{method}-w{bits}-s{seed}"
+    return f"{method}-s{seed}" if method == FLOAT else f"{method}-w{bits}-s{seed}"
 
 
 def run_grid(
@@ -52,16 +53,12 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every cell; returns one record per cell."""
     for method in methods:
-        if method != "float":
-            QATConfig.recipe(method, 4)  # fail fast on an unknown method name
+        if method != FLOAT:
+            split_recipe(method)  # fail fast on an unknown method name
     out = Path(out_dir)
     # seed-major: a complete table for the first seed comes first if the grid is stopped part-way
     cells = [
-        (m, None if m == "float" else b, s)
-        for s in seeds
-        for b in bits
-        for m in methods
-        if m != "float" or b == bits[0]
+        (m, None if m == FLOAT else b, s) for s in seeds for b in bits for m in methods if m != FLOAT or b == bits[0]
     ]
     records = []
     for method, b, seed in cells:
@@ -69,7 +66,7 @@ def run_grid(
         final_path = cell_dir / "final.json"
         if not final_path.is_file():
             policy = {k: v for k, v in (base.quant or {}).items() if k in ("first", "last", "overrides")}
-            quant = None if method == "float" else {**policy, "recipe": method, "bits": b}
+            quant = None if method == FLOAT else {**policy, "recipe": method, "bits": b}
             log.info("compare: running %s", cell_dir.name)
             fit(base.replace(quant=quant, init=init, seed=seed, stop_after=None), cell_dir)
         final = json.loads(final_path.read_text())
@@ -115,7 +112,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     ]
     for row in summarize(records):
         bits = "32" if row["bits"] is None else f"{row['bits']}/{row['bits']}"
-        label = LABELS.get(row["method"], row["method"])
+        label = method_label(row["method"])
         lines.append(f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} | {row['size_kib']:.1f} |")
     return "\n".join(lines)
 
@@ -144,10 +141,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["bits"], r["test_mean"] * 100) for r in rows if r["method"] == method)
-        if method == "float":
-            ax.axhline(pts[0][1], color="black", linestyle="--", label=LABELS["float"])
+        if method == FLOAT:
+            ax.axhline(pts[0][1], color="black", linestyle="--", label=FLOAT_LABEL)
         else:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(method, method))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method_label(method))
     ax.set_xlabel("bits (weights = activations)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)

@@ -13,13 +13,33 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .adapters import POSITIVE_MAPS
-from .levels import GRIDS, check_bits
+from .levels import check_bits
+from .registry import FLOAT, get_method, methods_for
 
 CONFIG_VERSION = 1
-WEIGHT_METHODS = ("lsq", *GRIDS)  # lsq, uniform, pot, post, apot
-ACT_METHODS = ("lsq", "asq")
-FLOAT = "float"
 INITS = ("lsq", "mse", "percentile")
+DEFAULT_INIT = {"weight": "mse", "act": "lsq"}
+
+
+def split_recipe(name: str) -> tuple[str, str]:
+    """``(weight method, act method)`` of a recipe name: ``post-asq``, ``lsq-lsq``, or ``lsq`` (= ``lsq-lsq``).
+
+    A single name means that method for weights and LSQ for activations. Method names never hold a ``-``
+    (the registry refuses them), so the split is unambiguous.
+    """
+    weight_method, _, act_method = name.partition("-")
+    act_method = act_method or "lsq"
+    if weight_method not in methods_for("weight") or act_method not in methods_for("act"):
+        raise ValueError(
+            f"unknown recipe {name!r}: use '<weight>-<act>' with weight in {methods_for('weight')} "
+            f"and act in {methods_for('act')}"
+        )
+    return weight_method, act_method
+
+
+def recipe_names() -> tuple[str, ...]:
+    """Every ``<weight>-<act>`` recipe the registered methods make."""
+    return tuple(f"{w}-{a}" for w in methods_for("weight") for a in methods_for("act"))
 
 
 def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
@@ -33,15 +53,17 @@ def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
 class QuantizerConfig:
     """One quantizer.
 
-    method: ``lsq`` or ``asq`` for activations; ``lsq``, ``uniform``, ``pot``, ``post`` or ``apot`` for
-        weights (the last four are level-set grids with a learned per-channel scale).
+    method: a registered quantization method (:mod:`asqpost.registry`): built in, ``lsq`` or ``asq`` for
+        activations; ``lsq``, ``uniform``, ``pot``, ``post`` or ``apot`` for weights (the last four are
+        level-set grids with a learned per-channel scale).
     bits: 2..8, sign included when signed.
     signed: activations only; ``None`` decides at calibration (signed if any calibration input is negative).
     adapter: ASQ only: the adapter's positive map (``softplus``, ``exp`` or the paper's ``relu``).
     per_token: ASQ on ``(N, T, C)`` inputs: one beta per token instead of per sample.
     init: scale initialisation: ``lsq`` (LSQ's ``2 mean|x| / sqrt(qmax)``; uniform grids only), ``mse``
         (search for the least squared error) or ``percentile`` (99th percentile of |x| on the top level, as
-        the public POST code). ``None``: ``mse`` for weights, ``lsq`` for activations (the paper's rule).
+        the public POST code), among those the method implements. ``None``: ``mse`` for weights, ``lsq`` for
+        activations (the paper's rule), or the method's first init if it lacks that one.
     """
 
     method: str
@@ -52,8 +74,7 @@ class QuantizerConfig:
     init: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in (*WEIGHT_METHODS, "asq"):
-            raise ValueError(f"unknown quantization method {self.method!r}; choose one of {[*WEIGHT_METHODS, 'asq']}")
+        method = get_method(self.method)
         check_bits(self.bits)
         if self.signed is not None and not isinstance(self.signed, bool):
             raise ValueError(f"signed must be true, false or null, got {self.signed!r}")
@@ -61,14 +82,16 @@ class QuantizerConfig:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {POSITIVE_MAPS}")
         if self.init not in (None, *INITS):
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
-        if self.init == "lsq" and self.method not in ("lsq", "asq"):
-            raise ValueError(f"init 'lsq' is LSQ's rule for uniform steps; {self.method!r} takes 'mse' or 'percentile'")
+        if self.init is not None and self.init not in method.inits:
+            raise ValueError(f"init {self.init!r} does not apply to {self.method!r}; it takes {method.inits}")
 
     def init_for(self, role: str) -> str:
-        return self.init or ("mse" if role == "weight" else "lsq")
+        """The scale initialisation this quantizer uses in ``role``."""
+        inits = get_method(self.method).inits
+        return self.init or (DEFAULT_INIT[role] if DEFAULT_INIT[role] in inits else inits[0])
 
     def check_role(self, role: str) -> None:
-        allowed = WEIGHT_METHODS if role == "weight" else ACT_METHODS
+        allowed = methods_for(role)
         if self.method not in allowed:
             raise ValueError(f"method {self.method!r} cannot quantize {role}s; choose one of {allowed}")
 
@@ -186,17 +209,8 @@ class QATConfig:
 
     @classmethod
     def recipe(cls, name: str, bits: int, **kwargs: Any) -> QATConfig:
-        """A config from a ``<weight method>-<activation method>`` name, e.g. ``post-asq``, ``lsq-lsq``.
-
-        A single name (``lsq``) means that method for weights and LSQ for activations.
-        """
-        weight_method, _, act_method = name.partition("-")
-        act_method = act_method or "lsq"
-        if weight_method not in WEIGHT_METHODS or act_method not in ACT_METHODS:
-            raise ValueError(
-                f"unknown recipe {name!r}: use '<weight>-<act>' with weight in {WEIGHT_METHODS} "
-                f"and act in {ACT_METHODS}"
-            )
+        """A config from a ``<weight method>-<activation method>`` name (:func:`split_recipe`)."""
+        weight_method, act_method = split_recipe(name)
         return cls(QuantizerConfig(weight_method, bits), QuantizerConfig(act_method, bits), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,8 +26,7 @@ import torch
 
 MIN_BITS = 2
 MAX_BITS = 8
-SQRT2 = math.sqrt(2.0)
-SQRT1_2 = math.sqrt(0.5)
+SQRT1_2 = math.sqrt(0.5)  # 1 / sqrt 2: POST's odd powers, and the LUT's second accumulator
 
 
 def check_bits(bits: object, what: str = "bits") -> int:
@@ -156,16 +155,25 @@ def apot(bits: int, signed: bool = True) -> LevelSet:
     return _normalised("apot", bits, signed, sums)
 
 
-GRIDS: dict[str, Callable[[int, bool], LevelSet]] = {
-    "uniform": uniform,
-    "pot": pot,
-    "post": post,
-    "apot": apot,
+@dataclass(frozen=True)
+class Grid:
+    """A named family of level sets: ``build(bits, signed)`` and the ``label`` reports show."""
+
+    label: str
+    build: Callable[[int, bool], LevelSet]
+
+
+# One entry per grid: each is also a weight quantization method (asqpost.quantizers.levelset registers them all)
+GRIDS: dict[str, Grid] = {
+    "uniform": Grid("uniform", uniform),
+    "pot": Grid("POT", pot),
+    "post": Grid("POST", post),
+    "apot": Grid("APoT", apot),
 }
 
 
 def make_levels(grid: str, bits: int, signed: bool = True) -> LevelSet:
-    """Build a level set by grid name (``uniform``, ``pot``, ``post``, ``apot``)."""
+    """Build a level set by grid name (a key of :data:`GRIDS`)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
-    return GRIDS[grid](bits, signed)
+    return GRIDS[grid].build(bits, signed)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-SQRT1_2 = math.sqrt(0.5)
+from ..levels import SQRT1_2
+
 MAX_INT = 2**15  # keeps |x_int * level| * K inside int32 for K up to 2^8 at 8-bit x; int64/float64 otherwise
 
 

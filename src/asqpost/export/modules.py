@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import StepAdapter
+from ..kernels import packed_forward
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
-from ..quantizers import ASQQuantizer, LevelSetQuantizer, LSQQuantizer, Quantizer
+from ..quantizers import Quantizer
 from .lut import IntegerLUT, integer_lut
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -49,20 +50,11 @@ class PackedWeight(nn.Module):
     @classmethod
     def from_quantizer(cls, weight: torch.Tensor, quantizer: Quantizer) -> PackedWeight:
         with torch.no_grad():
-            if isinstance(quantizer, LevelSetQuantizer):
-                codes = quantizer.codes(weight)
-                table = quantizer.levels.table(dtype=torch.float64)
-            elif isinstance(quantizer, LSQQuantizer):
-                qmin, qmax = quantizer.qrange
-                q = torch.clamp(torch.round(weight / quantizer.step), qmin, qmax)
-                codes = (q - qmin).long()
-                table = torch.arange(qmin, qmax + 1, dtype=torch.float64)
-            else:
-                raise ValueError(f"cannot pack weights of {type(quantizer).__name__}")
-            packed = cls(tuple(weight.shape), quantizer.bits, table.numel())
-            packed.codes.copy_(pack_codes(codes, quantizer.bits))
-            packed.table.copy_(table)
-            packed.scale.copy_(quantizer.scale.detach().reshape(-1).float())
+            export = quantizer.export_weight(weight)
+            packed = cls(tuple(weight.shape), quantizer.bits, export.table.numel())
+            packed.codes.copy_(pack_codes(export.codes, quantizer.bits))
+            packed.table.copy_(export.table)
+            packed.scale.copy_(export.scale.reshape(-1).float())
         return packed
 
     def _load_from_state_dict(self, *args, **kwargs):  # decoded caches follow the loaded codes
@@ -100,6 +92,13 @@ class PackedWeight(nn.Module):
         return lut.even[codes], lut.odd[codes], lut.unit
 
 
+def _adapter_meta(adapter: StepAdapter | None) -> dict | None:
+    """The constructor arguments that rebuild ``adapter`` (its weights travel as tensors)."""
+    if adapter is None:
+        return None
+    return {"channels": adapter.channels, "positive": adapter.positive, "per_token": adapter.per_token}
+
+
 class PackedInput(nn.Module):
     """Activation quantization of a packed layer: ``x_int`` and the per-sample step ``s_a`` (LSQ or ASQ)."""
 
@@ -111,26 +110,16 @@ class PackedInput(nn.Module):
 
     @classmethod
     def from_quantizer(cls, quantizer: Quantizer) -> PackedInput:
-        if not isinstance(quantizer, LSQQuantizer):
-            raise ValueError(f"cannot pack activations of {type(quantizer).__name__}")
-        qmin, qmax = quantizer.qrange
-        adapter = None
-        if isinstance(quantizer, ASQQuantizer):
-            a = quantizer.adapter
-            adapter = {"channels": a.channels, "positive": a.positive, "per_token": a.per_token}
-        packed = cls(qmin, qmax, adapter).to(quantizer.raw_scale.device)
+        export = quantizer.export_act()
+        packed = cls(export.qmin, export.qmax, _adapter_meta(export.adapter)).to(export.step.device)
         with torch.no_grad():
-            packed.step.copy_(quantizer.step.detach())
-            if packed.adapter is not None:
-                packed.adapter.load_state_dict(quantizer.adapter.state_dict())
+            packed.step.copy_(export.step)
+            if export.adapter is not None:
+                packed.adapter.load_state_dict(export.adapter.state_dict())
         return packed
 
     def meta(self) -> dict:
-        adapter = None
-        if self.adapter is not None:
-            a = self.adapter
-            adapter = {"channels": a.channels, "positive": a.positive, "per_token": a.per_token}
-        return {"qmin": self.qmin, "qmax": self.qmax, "adapter": adapter}
+        return {"qmin": self.qmin, "qmax": self.qmax, "adapter": _adapter_meta(self.adapter)}
 
     def step_of(self, x: torch.Tensor) -> torch.Tensor:
         """``s_a = s * beta(x)``: broadcasts against ``x`` (a scalar, or one per sample/token with ASQ)."""
@@ -169,12 +158,13 @@ class PackedLayer(nn.Module):
     def from_quant(cls, layer: QuantConv2d | QuantLinear) -> PackedLayer:
         wq, aq = layer.weight_quantizer, layer.input_quantizer
         weight = None if wq is None else PackedWeight.from_quantizer(layer.weight.detach(), wq)
+        packed_input = None if aq is None else PackedInput.from_quantizer(aq)
         meta = {
             "kind": cls.kind,
             "geometry": cls.geometry_of(layer),
             "weight_shape": list(layer.weight.shape),
             "weight": None if weight is None else {"bits": weight.bits, "table_size": weight.table.numel()},
-            "input": None if aq is None else PackedInput.from_quantizer(aq).meta(),
+            "input": None if packed_input is None else packed_input.meta(),
             "bias": layer.bias is not None,
         }
         packed = cls(meta).to(layer.weight.device)
@@ -183,8 +173,8 @@ class PackedLayer(nn.Module):
                 packed.weight.load_state_dict(weight.state_dict())
             else:
                 packed.float_weight.copy_(layer.weight)
-            if aq is not None:
-                packed.input_quant.load_state_dict(PackedInput.from_quantizer(aq).state_dict())
+            if packed_input is not None:
+                packed.input_quant.load_state_dict(packed_input.state_dict())
             if layer.bias is not None:
                 packed.bias.copy_(layer.bias)
         return packed
@@ -217,8 +207,6 @@ class PackedLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import packed_forward
-
         self.check_input(x)
         return packed_forward(self, x)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..export.lut import SQRT1_2
+from ..levels import SQRT1_2
 
 
 def exact_dtype(layer) -> torch.dtype:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..adapters import StepAdapter
 from ..config import QuantizerConfig
 from ..functional import fake_quantize
-from .base import register_quantizer
+from ..registry import register_quantizer
+from .base import ActExport
 from .lsq import LSQQuantizer
 
 
@@ -21,6 +24,7 @@ class ASQQuantizer(LSQQuantizer):
     """
 
     roles = ("act",)
+    label = "ASQ"
 
     def __init__(self, config: QuantizerConfig, role: str, *, channels: int | None = None, **_: object):
         super().__init__(config, role, channels=channels)
@@ -35,7 +39,5 @@ class ASQQuantizer(LSQQuantizer):
         step_a = self.scaled_step(x) * self.beta(x)  # s_a = s * beta, one per sample
         return fake_quantize(x, step_a, qmin, qmax)
 
-    def export_params(self) -> dict[str, torch.Tensor]:
-        params = super().export_params()
-        params.update({f"adapter.{k}": v.detach() for k, v in self.adapter.state_dict().items()})
-        return params
+    def export_act(self) -> ActExport:
+        return dataclasses.replace(super().export_act(), adapter=self.adapter)

@@ -1,4 +1,4 @@
-"""The quantizer interface and its registry.
+"""The quantizer interface.
 
 A :class:`Quantizer` is an ``nn.Module`` whose ``forward(x)`` returns the fake-quantized ``x_hat``:
 
@@ -8,17 +8,24 @@ with a learned, positive ``scale`` (LSQ's step, or a level set's per-channel sca
 the grid. It is built complete by its constructor (parameters have their final shapes) and initialised from
 data by an explicit :meth:`Quantizer.calibrate_` (or :func:`asqpost.calibrate` for a whole model). A forward
 before calibration raises. ``forward`` never writes to parameters.
+
+A new method is one module: a subclass that declares ``roles``, ``inits`` and ``label``, implements
+:meth:`Quantizer.grid`, :meth:`Quantizer.quantize` and the export of its roles (:meth:`Quantizer.export_weight`
+/ :meth:`Quantizer.export_act`), decorated with :func:`asqpost.registry.register_quantizer`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..adapters import StepAdapter
 from ..config import QuantizerConfig
 from ..functional import Rounder
+from ..registry import get_method
 from .init import mse_scale, percentile_scale, subsample
 
 SCALE_FLOOR = 1e-8
@@ -40,15 +47,46 @@ def positive(raw: torch.Tensor) -> torch.Tensor:
     return raw.abs().clamp_min(SCALE_FLOOR)
 
 
+@dataclass(frozen=True)
+class WeightExport:
+    """A quantized weight as a packed export stores it: ``w_hat = table[codes] * scale`` (per output channel).
+
+    codes: int64 shaped like the weight, in ``[0, len(table))``; table: float64 ``(L,)``, ``L <= 2**bits``;
+    scale: ``(C_out,)``.
+    """
+
+    codes: torch.Tensor
+    table: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ActExport:
+    """A quantized activation as a packed export computes it: ``x_int = clamp(round(x / s_a), qmin, qmax)``.
+
+    ``s_a = step * adapter(x)`` (one factor per sample or token), or ``step`` when ``adapter`` is ``None``.
+    """
+
+    qmin: int
+    qmax: int
+    step: torch.Tensor
+    adapter: StepAdapter | None = None
+
+
 class Quantizer(nn.Module):
     """Base class: fake quantization of a weight (``role='weight'``) or an activation (``role='act'``).
 
     Weights get one scale per output channel (dim 0): ``raw_scale`` is ``(C_out, 1, ...)``; activations one
-    scale per tensor: ``raw_scale`` is ``()``. Subclasses define the grid (:meth:`grid`) and
-    :meth:`quantize`.
+    scale per tensor: ``raw_scale`` is ``()``. Subclasses define the grid (:meth:`grid`), :meth:`quantize`,
+    and the export of the roles they declare.
+
+    Class attributes: ``roles`` (``"weight"`` and/or ``"act"``), ``inits`` (the scale initialisations
+    implemented: ``mse`` and ``percentile`` here; ``lsq`` needs an integer grid), ``label`` (reports).
     """
 
     roles: ClassVar[tuple[str, ...]] = ()
+    inits: ClassVar[tuple[str, ...]] = ("mse", "percentile")
+    label: ClassVar[str] = ""
 
     def __init__(self, config: QuantizerConfig, role: str, weight_shape: torch.Size | None = None):
         super().__init__()
@@ -138,9 +176,16 @@ class Quantizer(nn.Module):
         self.finalize_()
         return self
 
-    def export_params(self) -> dict[str, torch.Tensor]:
-        """The tensors an exported (packed) model needs from this quantizer."""
-        raise NotImplementedError
+    def export_weight(self, w: torch.Tensor) -> WeightExport:
+        """Weight quantizers: ``w`` as codes into a level table times per-channel scales (what packing stores).
+
+        ``table[codes] * scale`` equals ``self(w)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not export weights")
+
+    def export_act(self) -> ActExport:
+        """Activation quantizers: the integer range, step and step adapter a packed layer applies."""
+        raise NotImplementedError(f"{type(self).__name__} does not export activations")
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"calibrated": self.calibrated}
@@ -152,20 +197,6 @@ class Quantizer(nn.Module):
         return f"method={self.config.method}, bits={self.bits}, role={self.role}"
 
 
-QUANTIZERS: dict[str, type[Quantizer]] = {}
-
-
-def register_quantizer(*names: str):
-    """Class decorator: make a quantizer buildable by method name."""
-
-    def wrap(cls: type[Quantizer]) -> type[Quantizer]:
-        for name in names:
-            QUANTIZERS[name] = cls
-        return cls
-
-    return wrap
-
-
 def build_quantizer(
     config: QuantizerConfig, role: str, *, channels: int | None = None, weight_shape: torch.Size | None = None
 ) -> Quantizer:
@@ -175,7 +206,7 @@ def build_quantizer(
     layer's input channels, for ASQ's adapter).
     """
     config.check_role(role)
-    cls = QUANTIZERS[config.method]
+    cls = get_method(config.method).cls
     if role == "weight":
         if weight_shape is None:
             raise ValueError("a weight quantizer needs weight_shape")

@@ -1,4 +1,8 @@
-"""Level-set weight quantizers: uniform, POT, APoT and POST grids times a learned per-channel scale."""
+"""Level-set weight quantizers: every grid of :data:`asqpost.levels.GRIDS` times a learned per-channel scale.
+
+Each grid is registered as a weight method of the same name and label, so a new grid is one entry in
+:mod:`asqpost.levels`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ import torch
 
 from ..config import QuantizerConfig
 from ..functional import Rounder, fake_quantize, grad_scale, lsq_grad_scale
-from ..levels import make_levels
-from .base import Quantizer, register_quantizer
+from ..levels import GRIDS, make_levels
+from ..registry import register_quantizer
+from .base import Quantizer, WeightExport
 
 
-@register_quantizer("uniform", "pot", "post", "apot")
 class LevelSetQuantizer(Quantizer):
     """``w_hat = alpha * nearest_level(clamp(w / alpha, -1, 1))`` with one ``alpha`` per output channel.
 
@@ -37,5 +41,14 @@ class LevelSetQuantizer(Quantizer):
         """Level indices (int64) of ``w``: what an export packs."""
         return self.levels.encode((w / self.scale).clamp(self.levels.lo, self.levels.hi))
 
-    def export_params(self) -> dict[str, torch.Tensor]:
-        return {"scale": self.scale.detach(), "levels": self.levels.table(dtype=torch.float64)}
+    @torch.no_grad()
+    def export_weight(self, w: torch.Tensor) -> WeightExport:
+        return WeightExport(self.codes(w), self.levels.table(dtype=torch.float64), self.scale.detach().reshape(-1))
+
+
+def _register_grids() -> None:
+    for name, grid in GRIDS.items():
+        register_quantizer(name, label=grid.label)(LevelSetQuantizer)
+
+
+_register_grids()

@@ -8,7 +8,8 @@ import torch
 
 from ..config import QuantizerConfig
 from ..functional import Rounder, fake_quantize, grad_scale, lsq_grad_scale
-from .base import Quantizer, register_quantizer
+from ..registry import register_quantizer
+from .base import ActExport, Quantizer, WeightExport
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -26,6 +27,8 @@ class LSQQuantizer(Quantizer):
     """
 
     roles = ("weight", "act")
+    inits = ("lsq", "mse", "percentile")
+    label = "LSQ"
 
     def __init__(
         self,
@@ -65,9 +68,17 @@ class LSQQuantizer(Quantizer):
         qmin, qmax = self.qrange
         return fake_quantize(x, self.scaled_step(x), qmin, qmax)
 
-    def export_params(self) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def export_weight(self, w: torch.Tensor) -> WeightExport:
+        """Codes ``q - qmin`` into the table ``qmin .. qmax`` (the integer grid), scaled by the step."""
         qmin, qmax = self.qrange
-        return {"step": self.step.detach(), "qmin": torch.tensor(qmin), "qmax": torch.tensor(qmax)}
+        q = torch.clamp(torch.round(w / self.step), qmin, qmax)
+        table = torch.arange(qmin, qmax + 1, dtype=torch.float64)
+        return WeightExport((q - qmin).long(), table, self.step.detach().reshape(-1))
+
+    def export_act(self) -> ActExport:
+        qmin, qmax = self.qrange
+        return ActExport(qmin, qmax, self.step.detach())
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "signed": self.signed}
