@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import split_recipe
+from .files import atomic_write_bytes
 from .registry import FLOAT, get_method
 from .runconfig import RunConfig
-from .train.checkpoint import atomic_write_bytes
 from .train.run import fit
 
 log = logging.getLogger(__name__)

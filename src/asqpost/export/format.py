@@ -29,8 +29,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..convert import CONFIG_ATTR, quant_layers
+from ..files import atomic_write_bytes
 from ..models import create_model
-from ..train.checkpoint import atomic_write_bytes
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer
 
 FORMAT = "asqpost-packed"

@@ -13,10 +13,8 @@ A checkpoint is a dict of tensors and plain values:
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from torch import nn
 from .. import __version__
 from ..config import QATConfig
 from ..convert import CONFIG_ATTR, load_quantized
+from ..files import atomic_write_bytes
 from ..models import create_model
 
 FORMAT = "asqpost-checkpoint"
@@ -39,27 +38,6 @@ class CheckpointError(ValueError):
 
 def versions() -> dict[str, str]:
     return {"asqpost": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of the new: temp file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

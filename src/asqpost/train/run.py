@@ -25,13 +25,14 @@ from torch import nn
 
 from ..convert import calibrate, prepare_qat
 from ..data import ImageSet, Normalizer, TensorBatches, load_dataset
+from ..export import read_packed
+from ..files import atomic_write_bytes
 from ..models import create_model
 from ..runconfig import RunConfig
 from ..size import model_size_bytes
 from . import distributed
 from .checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     build_from_checkpoint,
     load_checkpoint,
     model_spec,
@@ -273,8 +274,6 @@ def evaluate_export(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Accuracy of an exported (packed) model, computed from its packed form."""
-    from ..export import read_packed
-
     model, meta = read_packed(path)
     model = model.to(resolve_device(device))
     return _evaluate_model(
