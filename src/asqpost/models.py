@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,19 @@ def create_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] 
         return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for model {name!r}: {err}") from err
+
+
+def model_spec(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The plain-data description of a registered model that checkpoints and exports save."""
+    return {"name": name, "num_classes": num_classes, "input_shape": list(input_shape), "kwargs": dict(kwargs)}
+
+
+def model_from_spec(spec: Any) -> nn.Module:
+    """Rebuild the float model a saved :func:`model_spec` names; ``ValueError`` if it is malformed or unknown."""
+    try:
+        return create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed model spec {spec!r}: {type(err).__name__}: {err}") from err
 
 
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from asqpost import NotCalibratedError, QATConfig, QuantizerConfig, calibrate, prepare_qat
 from asqpost.data import DataNotFoundError, load_dataset
-from asqpost.models import create_model
+from asqpost.models import create_model, model_from_spec, model_spec
 from asqpost.runconfig import RunConfig
 
 pytestmark = pytest.mark.reliability("bad input")
@@ -42,6 +42,14 @@ CASES = {
     "unknown model": (lambda: create_model("resnet1000"), ValueError, "unknown model 'resnet1000'"),
     "bad model args": (lambda: create_model("resnet20", 10, (3, 8, 8), depth=7), ValueError, "bad arguments"),
     "model for images given 1-D": (lambda: create_model("resnet20", 10, (1, 40)), ValueError, "takes images"),
+    "model spec without kwargs": (lambda: model_from_spec({"name": "mlp"}), ValueError, "malformed model spec"),
+    "model spec not a mapping": (lambda: model_from_spec(["mlp", 4]), ValueError, "malformed model spec"),
+    "model spec with bad kwargs": (
+        lambda: model_from_spec(model_spec("mlp", 4, (1, 4, 4), {"hiden": 8})),
+        ValueError,
+        "bad arguments",
+    ),
+    "unknown init for the method": (lambda: QuantizerConfig("post", 4, init="lsq"), ValueError, "does not apply"),
     "unknown dataset": (lambda: load_dataset("imagenet21k", "train"), ValueError, "unknown dataset"),
     "unknown config key": (lambda: RunConfig.from_dict({"lr": 0.1, "lrr": 1}), ValueError, "unknown config key"),
     "config wrong type": (lambda: RunConfig.from_dict({"batch_size": "big"}), ValueError, "'batch_size' must be"),

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..convert import CONFIG_ATTR, quant_layers
 from ..files import atomic_write_bytes
-from ..models import create_model
+from ..models import model_from_spec
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer
 
 FORMAT = "asqpost-packed"
@@ -140,9 +140,9 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
         if not spec:
             raise ExportError(f"{path} names no registered model; pass the float architecture as model=")
         try:
-            model = create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ExportError(f"{path}: cannot rebuild model {spec!r}: {err}") from err
+            model = model_from_spec(spec)
+        except ValueError as err:
+            raise ExportError(f"{path}: cannot rebuild its model: {err}") from err
     try:
         for name, layer_meta in meta["layers"].items():
             kind = PACKED_LAYERS[layer_meta["kind"]]

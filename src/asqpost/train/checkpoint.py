@@ -25,7 +25,7 @@ from .. import __version__
 from ..config import QATConfig
 from ..convert import CONFIG_ATTR, load_quantized
 from ..files import atomic_write_bytes
-from ..models import create_model
+from ..models import model_from_spec
 
 FORMAT = "asqpost-checkpoint"
 VERSION = 1
@@ -86,17 +86,13 @@ def check_finite_state(state: dict[str, Any], source: str) -> None:
             raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {key!r}; refusing a poisoned model")
 
 
-def model_spec(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "num_classes": num_classes, "input_shape": list(input_shape), "kwargs": dict(kwargs)}
-
-
 def build_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint describes (architecture, quantization) and load its weights."""
     spec = payload["model"]
     try:
-        model = create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint model spec is malformed: {spec!r}") from err
+        model = model_from_spec(spec)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint cannot rebuild its model: {err}") from err
     if payload["qat"] is None:
         try:
             model.load_state_dict(payload["state_dict"])

@@ -27,7 +27,7 @@ from ..convert import calibrate, prepare_qat
 from ..data import ImageSet, Normalizer, TensorBatches, load_dataset
 from ..export import read_packed
 from ..files import atomic_write_bytes
-from ..models import create_model
+from ..models import model_from_spec, model_spec
 from ..runconfig import RunConfig
 from ..size import model_size_bytes
 from . import distributed
@@ -35,7 +35,6 @@ from .checkpoint import (
     CheckpointError,
     build_from_checkpoint,
     load_checkpoint,
-    model_spec,
     qat_json,
     save_checkpoint,
 )
@@ -67,7 +66,7 @@ class Prepared:
 def _float_model(config: RunConfig, train: ImageSet) -> tuple[nn.Module, dict[str, Any], Normalizer | None]:
     if config.init is None:
         spec = model_spec(config.model, train.num_classes, train.input_shape, config.model_args)
-        return create_model(config.model, train.num_classes, train.input_shape, **config.model_args), spec, None
+        return model_from_spec(spec), spec, None
     payload = load_checkpoint(config.init)
     if payload["qat"] is not None:
         raise CheckpointError(f"--init {config.init} is already quantized; start QAT from a float checkpoint")
