@@ -10,14 +10,13 @@ from .convert import (
     quant_layers,
     quantizable_layers,
     quantized_state,
-    quantizers,
     resolve_layer_specs,
 )
 from .levels import LevelSet, make_levels
 from .nn import QuantConv2d, QuantLinear
 from .quantizers import NotCalibratedError, Quantizer, build_quantizer
-
-__version__ = "0.1.0"
+from .registry import methods_for, register_quantizer
+from .version import __version__
 
 __all__ = [
     "LayerQuant",
@@ -35,10 +34,11 @@ __all__ = [
     "dequantize",
     "load_quantized",
     "make_levels",
+    "methods_for",
     "prepare_qat",
     "quant_layers",
     "quantizable_layers",
     "quantized_state",
-    "quantizers",
+    "register_quantizer",
     "resolve_layer_specs",
 ]

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .compare import DEFAULT_METHODS
 from .config import recipe_names
 from .data import DATASETS, DataNotFoundError
 from .quantizers import NotCalibratedError
 from .train.engine import TrainingDivergedError
+from .version import __version__
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 USER_ERRORS = (ValueError, FileNotFoundError, NotCalibratedError, TrainingDivergedError, DataNotFoundError)

@@ -20,7 +20,6 @@ from torch import nn
 
 from .config import LayerQuant, QATConfig, apply_edge, apply_override
 from .nn import QUANT_LAYERS, QuantConv2d, QuantLinear
-from .quantizers import Quantizer
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "asqpost_config"
@@ -86,12 +85,6 @@ def prepare_qat(model: nn.Module, config: QATConfig, inplace: bool = False) -> n
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:
     for name, m in model.named_modules():
         if isinstance(m, QuantConv2d | QuantLinear):
-            yield name, m
-
-
-def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
-    for name, m in model.named_modules():
-        if isinstance(m, Quantizer):
             yield name, m
 
 

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..config import QATConfig
 from ..convert import CONFIG_ATTR, load_quantized
 from ..files import atomic_write_bytes
 from ..models import model_from_spec
+from ..version import __version__
 
 FORMAT = "asqpost-checkpoint"
 VERSION = 1
