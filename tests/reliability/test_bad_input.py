@@ -1,7 +1,12 @@
 """One row per bad input: each must raise the documented error type with a message naming the problem."""
 
 import gzip
+import io
+import pickle
+import random
+import re
 import struct
+import traceback
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ from asqpost import NotCalibratedError, QATConfig, QuantizerConfig, calibrate, p
 from asqpost.data import DataNotFoundError, load_dataset
 from asqpost.models import create_model, model_from_spec, model_spec
 from asqpost.runconfig import RunConfig
+from asqpost.train.checkpoint import CheckpointError, load_checkpoint
 
 pytestmark = pytest.mark.reliability("bad input")
 
@@ -132,3 +138,48 @@ def test_data_path_with_wrong_files(tmp_path):
         load_dataset("mnist", "train", tmp_path)
     with pytest.raises(ValueError, match="IDX"):
         load_dataset("mnist", "train", _bad_idx(tmp_path))
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _unloadable_checkpoints(tmp_path):
+    """Garbage, truncated and code-running files, each as a (name, path) pair."""
+    marker = str(tmp_path / "pwned")
+    good = io.BytesIO()
+    torch.save({"format": "asqpost-checkpoint", "version": 1, "state_dict": {"w": torch.zeros(64)}}, good)
+    files = {
+        "empty": b"",
+        "truncated": good.getvalue()[: len(good.getvalue()) // 2],
+        "evil torch.save": _saved({"format": "asqpost-checkpoint", "x": _RunsCode(marker)}),
+        "evil pickle": pickle.dumps({"format": "asqpost-checkpoint", "x": _RunsCode(marker)}, protocol=2),
+        **{f"garbage {seed}": random.Random(seed).randbytes(4096) for seed in range(200)},
+    }
+    for name, data in files.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        yield name, path
+
+
+def _saved(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_unloadable_checkpoints_say_so_and_never_advise_unsafe_loading(tmp_path):
+    for name, path in _unloadable_checkpoints(tmp_path):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        shown = "".join(traceback.format_exception(info.value))  # the whole traceback a user could see
+        assert "is not an asqpost checkpoint" in str(info.value), name
+        for advice in ("weights_only", "trust", "safe_globals"):
+            assert advice not in shown, (name, advice, shown)
+        if name.startswith("evil"):
+            assert re.search(r"holds objects that are not plain data \([\w.]*open\)", str(info.value)), name
+    assert not (tmp_path / "pwned").exists()

@@ -13,8 +13,8 @@ A checkpoint is a dict of tensors and plain values:
 from __future__ import annotations
 
 import io
-import pickle
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds objects that are not plain data (refused: loading them could run code): {err}"
-        ) from err
-    except Exception as err:  # random bytes surface as IndexError, KeyError, ... from the unpickler
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {type(err).__name__}: {err}"
-        ) from err
+    except Exception as err:  # random bytes surface as UnpicklingError, IndexError, KeyError, ... from torch
+        raise CheckpointError(_unreadable(path, err)) from None  # no chain: torch's text advises unsafe loading
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an asqpost checkpoint (no format tag {FORMAT!r})")
     if payload.get("version") != VERSION:
@@ -75,6 +69,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} lacks {missing}")
     check_finite_state(payload["state_dict"], str(path))
     return payload
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, without torch's advice to load it unsafely."""
+    text = str(err)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (
+            f"{path} is not an asqpost checkpoint: it holds objects that are not plain data ({refused[1]}); "
+            "refused without loading them, since loading them could run code"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = detail[1].strip() if detail else text
+    if "weights_only" in reason:  # torch's advice, not a reason
+        reason = "not a plain-data pickle"
+    what = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    return f"{path} is not an asqpost checkpoint, or it is truncated or corrupt ({what})"
 
 
 def check_finite_state(state: dict[str, Any], source: str) -> None:
