@@ -115,6 +115,11 @@ def test_builtin_methods_and_labels():
         methods_for("bias")
 
 
+def test_recipes_cover_every_registered_method(ternary):
+    used = {method for recipe in recipe_names() for method in split_recipe(recipe)}
+    assert used == set(method_names())
+
+
 @pytest.mark.parametrize("method", methods_for("weight"))
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_every_weight_method_exports_what_it_computes(method, bits):
