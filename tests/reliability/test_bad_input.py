@@ -7,6 +7,7 @@ import random
 import re
 import struct
 import traceback
+import zipfile
 
 import pytest
 import torch
@@ -140,24 +141,24 @@ def test_data_path_with_wrong_files(tmp_path):
         load_dataset("mnist", "train", _bad_idx(tmp_path))
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
+def _code_running_pickle(marker):
+    """A protocol-0 pickle that calls ``open(marker, "w")`` when an ordinary unpickler loads it."""
+    return b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."
 
 
 def _unloadable_checkpoints(tmp_path):
     """Garbage, truncated and code-running files, each as a (name, path) pair."""
-    marker = str(tmp_path / "pwned")
+    marker = tmp_path / "pwned"
+    evil = _code_running_pickle(marker)
+    pickle.loads(evil).close()  # it really runs code ...
+    marker.unlink()  # ... so after load_checkpoint the marker must still be absent
     good = io.BytesIO()
     torch.save({"format": "asqpost-checkpoint", "version": 1, "state_dict": {"w": torch.zeros(64)}}, good)
     files = {
         "empty": b"",
         "truncated": good.getvalue()[: len(good.getvalue()) // 2],
-        "evil torch.save": _saved({"format": "asqpost-checkpoint", "x": _RunsCode(marker)}),
-        "evil pickle": pickle.dumps({"format": "asqpost-checkpoint", "x": _RunsCode(marker)}, protocol=2),
+        "evil pickle": evil,
+        "evil in a torch zip": _with_data_pkl(good.getvalue(), evil),
         **{f"garbage {seed}": random.Random(seed).randbytes(4096) for seed in range(200)},
     }
     for name, data in files.items():
@@ -166,10 +167,14 @@ def _unloadable_checkpoints(tmp_path):
         yield name, path
 
 
-def _saved(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def _with_data_pkl(torch_file, pickle_bytes):
+    """A torch.save zip whose pickle is replaced by ``pickle_bytes``."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(torch_file)) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = pickle_bytes if item.filename.endswith("/data.pkl") else src.read(item)
+            dst.writestr(item, data)
+    return out.getvalue()
 
 
 def test_unloadable_checkpoints_say_so_and_never_advise_unsafe_loading(tmp_path):
