@@ -45,6 +45,12 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
 
 
+def _sigint_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt in the child, as for a foreground run, even if this pytest was started in
+    the background (a shell's ``cmd &`` ignores SIGINT, children inherit that, and Python then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def start_paused(tmp_path):
     """Start ``asqpost train`` held (by the engine's test-only pause point) right after ``step`` of ``epoch``.
@@ -58,7 +64,12 @@ def start_paused(tmp_path):
         marker = tmp_path / f"{out.name}-paused.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", _test_pause.ENV: f"{epoch}:{step}:{marker}"}
         proc = subprocess.Popen(
-            _cli(out, **overrides), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            _cli(out, **overrides),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_sigint_as_in_a_terminal,
         )
         procs.append(proc)
         deadline = time.monotonic() + 120

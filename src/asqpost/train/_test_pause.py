@@ -34,7 +34,9 @@ class PausePoint:
         partial = self.marker.with_name(self.marker.name + ".partial")
         partial.write_text(json.dumps(record))
         os.replace(partial, self.marker)  # the test never reads half a marker
-        time.sleep(BLOCK_SECONDS)
+        deadline = time.monotonic() + BLOCK_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(0.1)  # short naps: a SIGINT that another thread took is still raised here within 0.1 s
         raise RuntimeError(f"{ENV}: held at epoch {epoch}, step {step} for {BLOCK_SECONDS:.0f} s and never signalled")
 
 
