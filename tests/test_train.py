@@ -10,7 +10,7 @@ import torch
 from asqpost.cli import main
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint
-from asqpost.train.run import fit
+from asqpost.train.run import evaluate_checkpoint, fit
 
 TINY = {
     "data": "synthetic",
@@ -192,3 +192,5 @@ def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
         assert rank["state_dict"].keys() == saved.keys()
         for key, value in saved.items():
             assert torch.equal(rank["state_dict"][key], value), (r, key)
+    # so the accuracy the two ranks measured together is the saved model's, as one process measures it
+    assert evaluate_checkpoint(out / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]
