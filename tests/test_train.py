@@ -165,12 +165,9 @@ def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
     record.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = {
-        "data": "synthetic",
-        "model": "smallcnn",
-        "model_args": {"width": 8},
+        **TINY,
         "epochs": 1,
         "batch_size": 32,
-        "progress": False,
         "init": str(float_ckpt),
         "quant": {"recipe": "post-asq", "bits": 4},
     }
