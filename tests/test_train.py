@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from asqpost.cli import main
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint
-from asqpost.train.run import fit
+from asqpost.train.run import evaluate_checkpoint, fit
 
 TINY = {
     "data": "synthetic",
@@ -160,43 +161,33 @@ def test_cli_reports_user_errors(tmp_path, capsys):
 
 
 def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
-    out = tmp_path / "ddp"
+    out, record = tmp_path / "ddp", tmp_path / "ranks"
+    record.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
-        "-m",
-        "asqpost.cli",
-        "train",
-        "--set",
-        "data=synthetic",
-        "--set",
-        "model=smallcnn",
-        "--set",
-        "model_args={width: 8}",
-        "--set",
-        "epochs=1",
-        "--set",
-        "batch_size=32",
-        "--set",
-        "progress=false",
-        "--set",
-        f"init={float_ckpt}",
-        "--set",
-        "quant={recipe: post-asq, bits: 4}",
-        "--out",
-        str(out),
-    ]
+    settings = {
+        **TINY,
+        "epochs": 1,
+        "batch_size": 32,
+        "init": str(float_ckpt),
+        "quant": {"recipe": "post-asq", "bits": 4},
+    }
+    probe = Path(__file__).with_name("ddp_rank_probe.py")  # the CLI, with each rank saving its steps and weights
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe)]
+    cmd += [str(record), "train", "--out", str(out)]
+    cmd += [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
-    assert final["history"][0]["epoch"] == 1
+    assert [row["epoch"] for row in final["history"]] == [1]
     payload = load_checkpoint(out / "checkpoint.pt")
     assert payload["qat"] is not None
-    # both ranks saw half of the data each: 512 samples / (2 ranks x 32) = 8 steps per rank
-    assert 0.0 <= final["test_acc"] <= 1.0
+    ranks = [torch.load(record / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # each rank trained on its half of the data: 512 samples / (2 ranks x 32) = 8 optimizer steps
+    assert [r["steps_per_epoch"] for r in ranks] == [[8], [8]]
+    saved = {k: v for k, v in payload["state_dict"].items() if isinstance(v, torch.Tensor)}
+    for r, rank in enumerate(ranks):  # both ranks end where rank 0's checkpoint is, bit for bit
+        assert rank["state_dict"].keys() == saved.keys()
+        for key, value in saved.items():
+            assert torch.equal(rank["state_dict"][key], value), (r, key)
+    # so the accuracy the two ranks measured together is the saved model's, as one process measures it
+    assert evaluate_checkpoint(out / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]

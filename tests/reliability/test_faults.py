@@ -14,6 +14,7 @@ import torch
 
 from asqpost import data as data_module
 from asqpost.runconfig import RunConfig
+from asqpost.train import _test_pause
 from asqpost.train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from asqpost.train.engine import TrainingDivergedError
 from asqpost.train.run import fit
@@ -32,11 +33,11 @@ TINY = {
 }
 
 
-def _cli(out, *extra, batch_size=16):
+def _cli(out, **overrides):
     args = [sys.executable, "-m", "asqpost.cli", "train", "--out", str(out)]
-    for key, value in {**TINY, "batch_size": batch_size}.items():
+    for key, value in {**TINY, **overrides}.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
-    return args + list(extra)
+    return args
 
 
 def _same_weights(a, b):
@@ -44,52 +45,77 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
 
 
-def _wait_for_epoch(path, epoch, proc, timeout=120):
-    start = time.time()
-    while time.time() - start < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
-        if path.is_file():
-            try:
-                if load_checkpoint(path)["epoch"] >= epoch:
-                    return
-            except CheckpointError:
-                pass  # never expected: writes are atomic, so a reader sees old or new
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for a checkpoint")
+def _sigint_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt in the child, as for a foreground run, even if this pytest was started in
+    the background (a shell's ``cmd &`` ignores SIGINT, children inherit that, and Python then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(_cli(straight, batch_size=4), env=env, check=True, capture_output=True, timeout=300)
+@pytest.fixture
+def start_paused(tmp_path):
+    """Start ``asqpost train`` held (by the engine's test-only pause point) right after ``step`` of ``epoch``.
+
+    ``start_paused(out, epoch, step, **config)`` returns the process, blocked at that step, and the marker it wrote
+    there; a process still alive when the test ends is killed.
+    """
+    procs = []
+
+    def start(out, epoch, step, **overrides):
+        marker = tmp_path / f"{out.name}-paused.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", _test_pause.ENV: f"{epoch}:{step}:{marker}"}
+        proc = subprocess.Popen(
+            _cli(out, **overrides),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_sigint_as_in_a_terminal,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 120
+        while not marker.is_file():  # polls for the marker only; where the signal lands is fixed by the pause
+            if proc.poll() is not None:
+                raise AssertionError(f"training ended before the pause point: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the run to reach the pause point")
+            time.sleep(0.02)
+        return proc, json.loads(marker.read_text())
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, start_paused):
+    config = RunConfig(**{**TINY, "epochs": 2})
+    fit(config, tmp_path / "straight")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(killed, batch_size=4), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for_epoch(killed / "checkpoint.pt", 1, proc)
-    time.sleep(0.2)  # inside epoch 2 (an epoch is 128 steps)
-    assert proc.poll() is None, "training finished before the kill; make the epochs longer"
+    proc, paused = start_paused(killed, epoch=2, step=9, epochs=2)
+    # mid-epoch by construction: the run is held after 9 of the 32 steps of epoch 2, with epoch 1's checkpoint
+    assert paused == {"epoch": 2, "step": 9, "steps_in_epoch": 32, "pid": proc.pid}
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 1 and proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    survived = load_checkpoint(killed / "checkpoint.pt")  # intact, whatever moment the kill hit
-    assert survived["epoch"] in (1, 2)
-    subprocess.run([*_cli(killed, batch_size=4), "--resume"], env=env, check=True, capture_output=True, timeout=300)
-    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 3
-    assert _same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")
+    survived = load_checkpoint(killed / "checkpoint.pt")
+    assert survived["epoch"] == 1 and len(survived["metrics"]) == 1
+    fit(config, killed, resume=True)
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 2
+    assert _same_weights(tmp_path / "straight" / "checkpoint.pt", killed / "checkpoint.pt")
 
 
-def test_ctrl_c_stops_cleanly(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_ctrl_c_stops_cleanly(tmp_path, start_paused):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch(out / "checkpoint.pt", 1, proc)
+    proc, paused = start_paused(out, epoch=2, step=3)
+    assert paused["epoch"] == 2 and paused["step"] == 3 and proc.poll() is None  # training, not finished
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted" in err and "--resume" in err
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert not (out / "final.json").exists()
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):

@@ -67,6 +67,15 @@ def broadcast_state(model: nn.Module) -> None:
         model.load_state_dict(holder[0])
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers: each rank updates its BatchNorm running statistics from its own batches
+    (DDP syncs parameters, not those), so without this the ranks evaluate slightly different models."""
+    if not active():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

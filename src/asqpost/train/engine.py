@@ -1,9 +1,13 @@
-"""One epoch of training and one evaluation pass; nothing else (no I/O, no config)."""
+"""One epoch of training and one evaluation pass; nothing else (no I/O, no config).
+
+The one exception is a test-only pause point (:mod:`._test_pause`, off unless ``ASQPOST_TEST_PAUSE_AT`` is set)
+that the fault tests use to stop a run at a known step.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
+from . import _test_pause, distributed
 
 
 class TrainingDivergedError(RuntimeError):
@@ -43,6 +47,7 @@ def train_one_epoch(
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
+    pause = _test_pause.requested()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or None, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -63,6 +68,8 @@ def train_one_epoch(
         seen += n
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+        if pause is not None:
+            pause.check(epoch + 1, step + 1, len(batches) if isinstance(batches, Sized) else None)
     totals = distributed.all_sum([total_loss, float(correct), float(seen)], device)
     return EpochStats(
         totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1), int(totals[2]), time.perf_counter() - start

@@ -164,6 +164,7 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
     for epoch in range(start_epoch, last_epoch):
         train_batches.epoch = epoch
         stats = train_one_epoch(trained, train_batches, optimizer, scheduler, device, epoch, config.progress)
+        distributed.broadcast_buffers(model)  # every rank evaluates, and rank 0 saves, the same model
         test = evaluate(model, test_batches, device)
         row = {
             "epoch": epoch + 1,
