@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from asqpost import data as data_module
+from asqpost.files import atomic_write_bytes
 from asqpost.runconfig import RunConfig
 from asqpost.train import _test_pause
-from asqpost.train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from asqpost.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from asqpost.train.engine import TrainingDivergedError
 from asqpost.train.run import fit
 
