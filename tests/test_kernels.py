@@ -1,5 +1,6 @@
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,19 +46,19 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
     zero = int(((lut.even == 0) & (lut.odd == 0)).nonzero()[0])
     table_even, table_odd = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
     table_even[: len(levels)], table_odd[: len(levels)] = lut.even.to(torch.int8), lut.odd.to(torch.int8)
-    plan = {
-        "weights": native.kernel_weights(codes, zero),
-        "lut_even": table_even,
-        "lut_odd": table_odd,
-        "has_odd": True,
-        "k": k,
-        "n": n,
-        "path": "auto",
-    }
+    plan = native.NativePlan(
+        weights=native.kernel_weights(codes, zero),
+        lut_even=table_even,
+        lut_odd=table_odd,
+        has_odd=True,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+    )
     x = torch.randint(0, 256, (m, k)).to(torch.uint8)
     expected_even, expected_odd = x.long() @ lut.even[codes].T, x.long() @ lut.odd[codes].T
     for path in _paths():
-        even, odd = native.lut_matmul(x, plan, path)
+        even, odd = native.lut_matmul(x, replace(plan, path=path))
         assert torch.equal(even.long(), expected_even), path
         assert torch.equal(odd.long(), expected_odd), path
 
@@ -95,9 +96,8 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
         ref = packed_forward(packed, x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
     for path in _paths():  # every CPU path, quantize and rescale included
-        monkeypatch.setitem(plan, "path", path)
         with torch.no_grad():
-            out = packed_forward(packed, x)
+            out = packed_forward(packed, x, replace(plan, path=path))
         assert torch.equal(out, ref), path
 
 
@@ -114,14 +114,19 @@ def test_reference_sums_are_exact_in_either_float_format():
     assert torch.equal(acc32.double(), acc64)
 
 
-def test_ineligible_layers_fall_back():
+@needs_native
+def test_layer_without_integer_table_takes_the_float_path():
     layer, x = _layer("linear")
+    x = x - 1  # signed inputs, 8-bit POST codes (no small-integer table): not for the u8 x 4-bit kernel
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 8, first=None, last=None)).eval()
-    calibrate(q, [x - 1])  # signed inputs and 8-bit codes: not for the u8 x 4-bit kernel
+    calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert native.prepare(packed) is None if native.available() else True
+    assert native.prepare(packed) is None
     with torch.no_grad():
-        assert torch.allclose(packed(x - 1), q(x - 1), rtol=1e-4, atol=1e-5)
+        out = packed(x)
+        assert packed.weight.lut() is None
+        assert torch.equal(out, packed.float_forward(x)), "the decoded-float path runs instead"
+        assert torch.allclose(out, q(x), rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_choice_is_validated(monkeypatch):
@@ -177,10 +182,10 @@ def test_native_conv_equals_reference(channels, kernel, stride, padding, dilatio
         ref = packed(x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
     for path in _paths():
-        monkeypatch.setitem(native.prepare(packed), "path", path)
+        plan = replace(native.prepare(packed), path=path)
         with torch.no_grad():
-            out = packed(x)
-            channels_last = packed(x.contiguous(memory_format=torch.channels_last))
+            out = packed_forward(packed, x, plan)
+            channels_last = packed_forward(packed, x.contiguous(memory_format=torch.channels_last), plan)
         assert out.shape == ref.shape
         assert torch.equal(out, ref), path
         assert torch.equal(channels_last, ref), path
