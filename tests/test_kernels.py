@@ -63,6 +63,32 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
         assert torch.equal(odd.long(), expected_odd), path
 
 
+@needs_native
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lut_even", torch.zeros(16, dtype=torch.int32), "luts must be int8"),
+        ("n", 40, r"ceil\(n / 16\) tiles"),
+        ("col_scale", torch.ones(4, dtype=torch.float64), r"col_scale must be float64 \(n,\)"),
+        ("bias", torch.zeros(3, dtype=torch.float64), "bias must be float64"),
+    ],
+)
+def test_native_refuses_a_malformed_plan(field, value, message):
+    plan = native.NativePlan(
+        weights=native.kernel_weights(torch.zeros(5, 8, dtype=torch.long), 0),
+        lut_even=torch.zeros(16, dtype=torch.int8),
+        lut_odd=torch.zeros(16, dtype=torch.int8),
+        has_odd=False,
+        n=5,
+        col_scale=torch.ones(5, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+    )
+    x = torch.ones(2, 8, dtype=torch.uint8)
+    assert torch.equal(native.lut_matmul(x, plan)[0], torch.zeros(2, 5, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=message):
+        native.lut_matmul(x, replace(plan, **{field: value}))
+
+
 def _layer(kind):
     if kind == "linear":
         return nn.Linear(37, 11), torch.rand(4, 37) * 2

@@ -66,6 +66,39 @@ struct Args {
   const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
 };
 
+// The fields of asqpost.kernels.native.NativePlan, read from it by name and checked once per call.
+struct Plan {
+  torch::Tensor weights;    // uint8 (ceil(n / 16), Kp * 8): the tile layout above
+  torch::Tensor lut_even;   // int8 (16,)
+  torch::Tensor lut_odd;    // int8 (16,)
+  bool has_odd;
+  int64_t n;                // output features
+  torch::Tensor col_scale;  // float64 (n,): scale * unit
+  torch::Tensor bias;       // float64 (n,) or empty
+
+  int64_t Kp() const { return weights.size(1) * 2 / kTile; }
+};
+
+Plan read_plan(const pybind11::handle& p) {
+  Plan plan{p.attr("weights").cast<torch::Tensor>(), p.attr("lut_even").cast<torch::Tensor>(),
+            p.attr("lut_odd").cast<torch::Tensor>(),  p.attr("has_odd").cast<bool>(),
+            p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
+            p.attr("bias").cast<torch::Tensor>()};
+  const torch::Tensor& w = plan.weights;
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous uint8 tiles");
+  TORCH_CHECK(plan.n > 0 && w.size(0) == (plan.n + kTile - 1) / kTile, "weights must hold ceil(n / 16) tiles");
+  TORCH_CHECK(w.size(1) % (kGroup * kTile / 2) == 0, "weights must hold whole 64-byte blocks");
+  for (const torch::Tensor* lut : {&plan.lut_even, &plan.lut_odd})
+    TORCH_CHECK(lut->dtype() == torch::kInt8 && lut->numel() == 16 && lut->is_contiguous(), "luts must be int8 (16,)");
+  TORCH_CHECK(plan.col_scale.dtype() == torch::kFloat64 && plan.col_scale.dim() == 1 &&
+                  plan.col_scale.is_contiguous() && plan.col_scale.numel() == plan.n,
+              "col_scale must be float64 (n,)");
+  TORCH_CHECK(plan.bias.dtype() == torch::kFloat64 && plan.bias.is_contiguous() &&
+                  (plan.bias.numel() == 0 || plan.bias.numel() == plan.n),
+              "bias must be float64 (n,) or empty");
+  return plan;
+}
+
 // (even + odd * SQRT1_2) * scale * step + bias in float64, in the reference's order; odd / bias may be absent.
 inline float rescale_value(double even, const double* odd, double scale, double step, const double* bias) {
   double acc = even;
@@ -386,24 +419,14 @@ std::string resolve_path(const std::string& path) {
   return path;
 }
 
-void check_luts(const torch::Tensor& lut_even, const torch::Tensor& lut_odd) {
-  TORCH_CHECK(lut_even.dtype() == torch::kInt8 && lut_even.numel() == 16 && lut_odd.dtype() == torch::kInt8 &&
-                  lut_odd.numel() == 16 && lut_even.is_contiguous() && lut_odd.is_contiguous(),
-              "luts must be int8 (16,)");
-}
-
 // Runs the kernel over all rows and tiles of a (filled-in) Args, in parallel.
-void run_kernel(const Args& a, const torch::Tensor& w, const torch::Tensor& lut_even, const torch::Tensor& lut_odd,
-                const std::string& path) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 tiles");
-  TORCH_CHECK(a.Cp % kGroup == 0 && w.size(1) == a.Kp() * kTile / 2, "K must be a multiple of 8 matching w");
-  TORCH_CHECK(a.N > 0 && w.size(0) == (a.N + kTile - 1) / kTile, "w must hold ceil(N / 16) tiles");
-  check_luts(lut_even, lut_odd);
+void run_kernel(const Args& a, const Plan& plan, const std::string& path) {
+  TORCH_CHECK(a.Cp % kGroup == 0 && a.Kp() == plan.Kp(), "K must be a multiple of 8 matching the weights");
   const std::string chosen = resolve_path(path);
   if (a.M == 0) return;
   auto run = chosen == "avx512_vnni" ? avx512_block : chosen == "avx2" ? avx2_block : scalar_block;
   // work units: (tile, block of kRowBlock rows), tile-major; enough per unit to pay for waking a thread
-  const int64_t tiles = w.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
+  const int64_t tiles = plan.weights.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
   const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, unit_work));
   at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t u0, int64_t u1) {
@@ -420,21 +443,27 @@ void run_kernel(const Args& a, const torch::Tensor& w, const torch::Tensor& lut_
   });
 }
 
-Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps, int64_t Cp, const torch::Tensor& w,
-               int64_t N, const torch::Tensor& lut_even, const torch::Tensor& lut_odd, bool has_odd) {
-  return Args{x,    offsets, M, taps, Cp, N, w.data_ptr<uint8_t>(), lut_even.data_ptr<int8_t>(), lut_odd.data_ptr<int8_t>(),
-              has_odd, nullptr, nullptr, Rescale{}};
+Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps, int64_t Cp, const Plan& plan) {
+  return Args{x,
+              offsets,
+              M,
+              taps,
+              Cp,
+              plan.n,
+              plan.weights.data_ptr<uint8_t>(),
+              plan.lut_even.data_ptr<int8_t>(),
+              plan.lut_odd.data_ptr<int8_t>(),
+              plan.has_odd,
+              nullptr,
+              nullptr,
+              Rescale{}};
 }
 
 // The fused rescale into y (M, N); row m uses step[m / rows_per_step] (kept in row_steps, float64).
-Rescale make_rescale(torch::Tensor& y, const torch::Tensor& col_scale, const torch::Tensor& bias,
-                     const torch::Tensor& step, int64_t rows_per_step, std::vector<double>& row_steps) {
-  TORCH_CHECK(col_scale.dtype() == torch::kFloat64 && col_scale.dim() == 1 && col_scale.is_contiguous(),
-              "col_scale must be float64 (N,)");
-  TORCH_CHECK(bias.dtype() == torch::kFloat64 && bias.is_contiguous() &&
-                  (bias.numel() == 0 || bias.numel() == col_scale.numel()),
-              "bias must be float64 (N,) or empty");
-  Rescale r{y.data_ptr<float>(), col_scale.data_ptr<double>(), bias.numel() ? bias.data_ptr<double>() : nullptr};
+Rescale make_rescale(torch::Tensor& y, const Plan& plan, const torch::Tensor& step, int64_t rows_per_step,
+                     std::vector<double>& row_steps) {
+  Rescale r{y.data_ptr<float>(), plan.col_scale.data_ptr<double>(),
+            plan.bias.numel() ? plan.bias.data_ptr<double>() : nullptr};
   const float* sp = step.data_ptr<float>();
   if (step.numel() == 1) {
     r.step0 = static_cast<double>(sp[0]);
@@ -510,37 +539,37 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
 
 std::string capability() { return best_path(); }
 
-// x: uint8 (M, Kp), Kp a multiple of 8; w: uint8 (ceil(N / 16), Kp * 8) in the tile layout; luts: int8 (16,).
-// Returns int32 (acc_even, acc_odd), each (M, N).
-std::vector<torch::Tensor> lut_linear(torch::Tensor x, torch::Tensor w, int64_t N, torch::Tensor lut_even,
-                                      torch::Tensor lut_odd, bool has_odd, std::string path) {
+// x: uint8 (M, Kp), Kp a multiple of 8 matching the plan's weights. Returns int32 (acc_even, acc_odd), each (M, n)
+// (acc_odd empty without odd levels).
+std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_object, std::string path) {
   TORCH_CHECK(x.dtype() == torch::kUInt8 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous uint8 (M, Kp)");
-  const int64_t M = x.size(0), Kp = x.size(1);
+  const Plan plan = read_plan(plan_object);
+  const int64_t M = x.size(0), Kp = x.size(1), N = plan.n;
   auto out_even = torch::empty({M, N}, torch::dtype(torch::kInt32));
-  auto out_odd = has_odd ? torch::empty({M, N}, torch::dtype(torch::kInt32)) : torch::zeros({0}, torch::kInt32);
-  Args a = make_args(x.data_ptr<uint8_t>(), nullptr, M, 1, Kp, w, N, lut_even, lut_odd, has_odd);
+  auto out_odd = plan.has_odd ? torch::empty({M, N}, torch::dtype(torch::kInt32)) : torch::zeros({0}, torch::kInt32);
+  Args a = make_args(x.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   a.out_even = out_even.data_ptr<int32_t>();
-  a.out_odd = has_odd ? out_odd.data_ptr<int32_t>() : nullptr;
-  run_kernel(a, w, lut_even, lut_odd, path);
+  a.out_odd = plan.has_odd ? out_odd.data_ptr<int32_t>() : nullptr;
+  run_kernel(a, plan, path);
   return {out_even, out_odd};
 }
 
 // The whole packed linear layer in one call, same maths and float64 operation order as the Python reference:
 //   x_int = clamp(round(x / step[m]), qmin, qmax)              (float32 division, round half to even)
 //   y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m] + bias[n]   (float64, then float32)
-// x: float32 (M, K); w: as lut_linear's; step: float32, one value or one per row; col_scale = scale * unit:
-// float64 (N,); bias: float64 (N,) or empty. A row with a NaN or inf input gives NaN outputs, as the reference.
-torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
-                                 torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
-                                 torch::Tensor bias, std::string path) {
-  const int64_t Kp = w.size(1) * 2 / kTile, M = x.size(0), N = col_scale.numel();
+// x: float32 (M, K); step: float32, one value or one per row; plan: a NativePlan (weights, tables, col_scale =
+// scale * unit, bias). A row with a NaN or inf input gives NaN outputs, as the reference.
+torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax,
+                                 pybind11::handle plan_object, std::string path) {
+  const Plan plan = read_plan(plan_object);
+  const int64_t Kp = plan.Kp(), M = x.size(0), N = plan.n;
   std::vector<char> bad;
   auto codes = quantize(x, step, 1, qmin, qmax, Kp, bad, path);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, w, N, lut_even, lut_odd, has_odd);
+  Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   std::vector<double> row_steps;
-  a.rescale = make_rescale(y, col_scale, bias, step, 1, row_steps);
-  run_kernel(a, w, lut_even, lut_odd, path);
+  a.rescale = make_rescale(y, plan, step, 1, row_steps);
+  run_kernel(a, plan, path);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     if (bad[m]) std::fill(yp + m * N, yp + (m + 1) * N, std::numeric_limits<float>::quiet_NaN());
@@ -580,13 +609,14 @@ torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vec
 }
 
 // A packed Conv2d (groups = 1) as an indirect LUT convolution over NHWC codes, same maths as lut_linear_forward.
-// x: float32 (B, H, W, C) contiguous (NHWC); step: one value or one per sample; w: tiles of the weight codes
-// reordered to (Cout, kh, kw, Cp), Cp = C padded to a multiple of 8; offsets: conv_offsets for this input.
+// x: float32 (B, H, W, C) contiguous (NHWC); step: one value or one per sample; offsets: conv_offsets for this
+// input; plan: a NativePlan whose weights are the codes reordered to (Cout, kh, kw, Cp), Cp = C padded to a
+// multiple of 8.
 // Returns y (B * OH * OW, Cout) float32 (NHWC rows), or an empty tensor when the input holds a NaN or inf (the
 // caller then runs the reference path, whose NaNs reach exactly the outputs that see them).
-torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
-                                 torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
-                                 torch::Tensor bias, torch::Tensor offsets, std::string path) {
+torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor offsets,
+                                 pybind11::handle plan_object, std::string path) {
+  const Plan plan = read_plan(plan_object);
   TORCH_CHECK(x.dim() == 4, "x must be NHWC (B, H, W, C)");
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 4 && offsets.is_contiguous() &&
                   offsets.size(0) == x.size(0),
@@ -598,13 +628,11 @@ torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   std::vector<char> bad;
   auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, Cp, bad, path, 1);  // + the zero row
   if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) return torch::empty({0});
-  const int64_t N = col_scale.numel();
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, w, N, lut_even, lut_odd,
-                     has_odd);
+  auto y = torch::empty({M, plan.n}, torch::dtype(torch::kFloat32));
+  Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, plan);
   std::vector<double> row_steps;
-  a.rescale = make_rescale(y, col_scale, bias, step, M / std::max<int64_t>(B, 1), row_steps);
-  run_kernel(a, w, lut_even, lut_odd, path);
+  a.rescale = make_rescale(y, plan, step, M / std::max<int64_t>(B, 1), row_steps);
+  run_kernel(a, plan, path);
   return y;
 }
 
@@ -658,10 +686,17 @@ torch::Tensor rescale_sums(torch::Tensor acc_even, torch::Tensor acc_odd, torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators");
-  m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale");
-  m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)");
-  m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale");
-  m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere");
+  using pybind11::arg;
+  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"), arg("plan"),
+        arg("path"));
+  m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale",
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("plan"), arg("path"));
+  m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)",
+        arg("batch"), arg("height"), arg("width"), arg("channels"), arg("kernel_size"), arg("stride"), arg("padding"),
+        arg("dilation"));
+  m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale",
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"), arg("path"));
+  m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere", arg("acc_even"),
+        arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
   m.def("capability", &capability, "the fastest kernel path this CPU supports");
 }

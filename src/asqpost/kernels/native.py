@@ -89,7 +89,8 @@ def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class NativePlan:
-    """A packed layer's weights in the form the kernel reads, built once per layer by :func:`prepare`.
+    """A packed layer's weights in the form the kernel reads, built once per layer by :func:`prepare`. The C++
+    entry points take the plan itself and read these fields by name (``read_plan`` in ``lut_kernel.cpp``).
 
     ``path`` asks for one kernel path (``auto``: this CPU's fastest exact one). Tests and benchmarks make
     variants (another path, another copy of the weights) with :func:`dataclasses.replace` and pass them to
@@ -214,14 +215,8 @@ def lut_matmul(x_u8: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torc
     kp = plan.weights.shape[1] * 2 // TILE
     if k != kp:
         x_u8 = F.pad(x_u8, (0, kp - k))
-    acc_even, acc_odd = module.lut_linear(
-        x_u8.contiguous(), plan.weights, plan.n, plan.lut_even, plan.lut_odd, plan.has_odd, _path(plan)
-    )
+    acc_even, acc_odd = module.lut_linear(x_u8.contiguous(), plan, _path(plan))
     return acc_even, (acc_odd if plan.has_odd else None)
-
-
-def _table_args(plan: NativePlan) -> tuple:
-    return plan.weights, plan.lut_even, plan.lut_odd, plan.has_odd, plan.col_scale, plan.bias
 
 
 def forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan) -> torch.Tensor | None:
@@ -238,7 +233,7 @@ def forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan) -> torch.Tens
         step = step.expand(*x.shape[:-1], 1)
     if step.dtype != torch.float32 or step.numel() != 1:
         step = step.reshape(-1).float().contiguous()
-    y = extension().lut_linear_forward(rows, step, *qrange, *_table_args(plan), _path(plan))
+    y = extension().lut_linear_forward(rows, step, *qrange, plan, _path(plan))
     return y if flat else y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -248,7 +243,7 @@ def _conv_forward(
     nhwc = x.float().permute(0, 2, 3, 1).contiguous()  # free when x is already channels_last
     step_rows = step.reshape(-1).float().contiguous()  # one value, or one per sample (ASQ)
     offsets = state(layer).conv_offsets.get(layer.geometry, tuple(nhwc.shape))
-    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, *_table_args(plan), offsets, _path(plan))
+    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, offsets, plan, _path(plan))
     if y.numel() == 0:
         return None
     # NHWC rows viewed as (B, Cout, OH, OW): a channels_last tensor, which the next conv reads without a copy
