@@ -1,10 +1,14 @@
 import os
 import shutil
+import subprocess
+import sysconfig
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.cpp_extension import include_paths
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed, integer_lut
@@ -23,6 +27,24 @@ def test_native_kernel_builds_where_a_compiler_exists():
     if os.environ.get("ASQPOST_KERNEL") == "reference":
         pytest.skip("native kernel switched off")
     assert native.available(), "the native LUT kernel failed to build (its error is in the log)"
+
+
+def test_kernel_source_compiles_for_aarch64():
+    """Off x86 the scalar path alone must build: compile the source with Debian's aarch64 cross-compiler.
+
+    Compile only (-fsyntax-only, no linking), against this machine's torch and Python headers: they are the
+    host's, which is fine here because both targets are LP64 Linux and none of those headers holds x86 code.
+    The flags are those torch's extension build passes (C++20, the extension-name macros)."""
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        pytest.skip("no aarch64 cross-compiler (Debian package g++-aarch64-linux-gnu)")
+    source = Path(native.__file__).with_name("lut_kernel.cpp")
+    includes = [*include_paths(), sysconfig.get_paths()["include"]]
+    command = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror"]
+    command += ["-DTORCH_EXTENSION_NAME=asqpost_lut_kernel", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    command += [f"-isystem{path}" for path in includes] + [str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def _paths():

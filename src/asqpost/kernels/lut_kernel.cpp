@@ -13,10 +13,18 @@
 // Activations are reached through row pointers, one per (row, tap): k = tap * Cp + c reads rows[m][tap][c]. A
 // linear layer has one tap (the row itself); a convolution reads NHWC codes, one tap per kernel position, with
 // padding taps pointing at a zero row (indirect convolution: no im2col copy).
-// The path (AVX-512 VNNI, AVX2, scalar) is chosen at run time from the CPU, not at build time.
+// The path (AVX-512 VNNI, AVX2, scalar) is chosen at run time from the CPU, not at build time. The x86 paths are
+// built only for x86 with GCC or Clang (target attributes, __builtin_cpu_supports); elsewhere (aarch64, ...) the
+// scalar path is the whole kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && defined(__GNUC__)
+#define ASQPOST_X86 1
 #include <immintrin.h>
+#else
+#define ASQPOST_X86 0
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -160,6 +168,7 @@ void scalar_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
   }
 }
 
+#if ASQPOST_X86
 #define ASQPOST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define ASQPOST_AVX2 __attribute__((target("avx2,fma")))
 
@@ -395,13 +404,16 @@ void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
     }
   }
 }
+#endif  // ASQPOST_X86
 
 std::string detect_path() {
+#if ASQPOST_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
     return "avx512_vnni";
   if (__builtin_cpu_supports("avx2")) return "avx2";
+#endif
   return "scalar";
 }
 
@@ -424,7 +436,11 @@ void run_kernel(const Args& a, const Plan& plan, const std::string& path) {
   TORCH_CHECK(a.Cp % kGroup == 0 && a.Kp() == plan.Kp(), "K must be a multiple of 8 matching the weights");
   const std::string chosen = resolve_path(path);
   if (a.M == 0) return;
+#if ASQPOST_X86
   auto run = chosen == "avx512_vnni" ? avx512_block : chosen == "avx2" ? avx2_block : scalar_block;
+#else
+  auto run = scalar_block;
+#endif
   // work units: (tile, block of kRowBlock rows), tile-major; enough per unit to pay for waking a thread
   const int64_t tiles = plan.weights.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
   const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile;
@@ -491,6 +507,7 @@ void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_st
   }
 }
 
+#if ASQPOST_X86
 ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int64_t rows_per_step, int64_t K,
                                          int64_t Kp, int qmin, int qmax, uint8_t* codes, char* bad, int64_t m0,
                                          int64_t m1) {
@@ -511,6 +528,7 @@ ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int6
     if (finite != 0xFFFF) bad[m] = 1;
   }
 }
+#endif  // ASQPOST_X86
 
 // (M, K) float32 rows -> (M + zero_rows, Kp) uint8 codes, the last zero_rows all 0; bad[m] set for rows
 // holding a NaN or inf.
@@ -527,7 +545,11 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
   auto codes = torch::empty({M + zero_rows, Kp}, torch::dtype(torch::kUInt8));
   std::memset(codes.data_ptr<uint8_t>() + M * Kp, 0, zero_rows * Kp);
   bad.assign(M, 0);
+#if ASQPOST_X86
   auto fn = resolve_path(path) == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
+#else
+  auto fn = quantize_rows_scalar;
+#endif
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
     fn(x.data_ptr<float>(), step.data_ptr<float>(), rows_per_step, K, Kp, static_cast<int>(qmin),
        static_cast<int>(qmax), codes.data_ptr<uint8_t>(), bad.data(), m0, m1);
