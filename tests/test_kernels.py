@@ -17,7 +17,6 @@ from asqpost.kernels.reference import exact_dtype, integer_accumulators, integer
 from asqpost.levels import make_levels
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
-PATHS = ["scalar", "avx2", "avx512_vnni"]
 
 
 def test_native_kernel_builds_where_a_compiler_exists():
@@ -47,11 +46,6 @@ def test_kernel_source_compiles_for_aarch64():
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def _paths():
-    best = native.capability()
-    return [p for p in PATHS if p == "scalar" or p == best or (p == "avx2" and best == "avx512_vnni")]
-
-
 @needs_native
 @pytest.mark.parametrize("grid", ["post", "pot", "apot", "uniform"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -79,10 +73,54 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
     )
     x = torch.randint(0, 256, (m, k)).to(torch.uint8)
     expected_even, expected_odd = x.long() @ lut.even[codes].T, x.long() @ lut.odd[codes].T
-    for path in _paths():
+    for path in native.available_paths():
         even, odd = native.lut_matmul(x, replace(plan, path=path))
         assert torch.equal(even.long(), expected_even), path
         assert torch.equal(odd.long(), expected_odd), path
+
+
+def _plan_of(lut_even: torch.Tensor, codes: torch.Tensor, path: str = "auto") -> native.NativePlan:
+    """A plan for ``codes`` (N, K) through a 16-entry even table (no odd levels), unit rescale."""
+    n = codes.shape[0]
+    return native.NativePlan(
+        weights=native.kernel_weights(codes, 0),
+        lut_even=lut_even.to(torch.int8),
+        lut_odd=torch.zeros(16, dtype=torch.int8),
+        has_odd=False,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+        path=path,
+    )
+
+
+@needs_native
+def test_paths_are_reported_once_fastest_first():
+    paths = native.available_paths()
+    assert paths[-1] == "scalar" and set(paths) <= {"avx512_vnni", "avx2", "scalar"}
+    assert native.capability() == paths[0]
+    plan = _plan_of(torch.arange(16), torch.randint(0, 16, (3, 8)))
+    assert native.kernel_path(plan) == paths[0]
+    for path in paths:
+        assert native.kernel_path(replace(plan, path=path)) == path
+    with pytest.raises(RuntimeError, match="not one this CPU runs"):
+        native.lut_matmul(torch.zeros(1, 8, dtype=torch.uint8), replace(plan, path="neon"))
+
+
+@needs_native
+@pytest.mark.parametrize(("biggest", "avx2_runs"), [(64, "avx2"), (65, "scalar"), (127, "scalar"), (-128, "scalar")])
+def test_avx2_runs_scalar_where_its_int16_pairs_could_saturate(biggest, avx2_runs):
+    """AVX2 adds u8 x s8 products in int16 pairs: exact only while 2 * 255 * max|lut| <= 32767."""
+    if "avx2" not in native.available_paths():
+        pytest.skip("this CPU has no AVX2")
+    table = torch.full((16,), biggest)
+    codes = torch.randint(0, 16, (21, 40))
+    x = torch.full((3, 40), 255, dtype=torch.uint8)  # the largest pairs: 2 * 255 * biggest
+    plan = _plan_of(table, codes, "avx2")
+    assert native.kernel_path(plan) == avx2_runs
+    even, odd = native.lut_matmul(x, plan)
+    assert odd is None
+    assert torch.equal(even.long(), x.long() @ table[codes].T)
 
 
 @needs_native
@@ -96,15 +134,7 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
     ],
 )
 def test_native_refuses_a_malformed_plan(field, value, message):
-    plan = native.NativePlan(
-        weights=native.kernel_weights(torch.zeros(5, 8, dtype=torch.long), 0),
-        lut_even=torch.zeros(16, dtype=torch.int8),
-        lut_odd=torch.zeros(16, dtype=torch.int8),
-        has_odd=False,
-        n=5,
-        col_scale=torch.ones(5, dtype=torch.float64),
-        bias=torch.zeros(0, dtype=torch.float64),
-    )
+    plan = _plan_of(torch.zeros(16), torch.zeros(5, 8, dtype=torch.long))
     x = torch.ones(2, 8, dtype=torch.uint8)
     assert torch.equal(native.lut_matmul(x, plan)[0], torch.zeros(2, 5, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=message):
@@ -143,7 +173,7 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     with torch.no_grad():
         ref = packed_forward(packed, x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    for path in _paths():  # every CPU path, quantize and rescale included
+    for path in native.available_paths():  # every CPU path, quantize and rescale included
         with torch.no_grad():
             out = packed_forward(packed, x, replace(plan, path=path))
         assert torch.equal(out, ref), path
@@ -229,7 +259,7 @@ def test_native_conv_equals_reference(channels, kernel, stride, padding, dilatio
     with torch.no_grad():
         ref = packed(x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    for path in _paths():
+    for path in native.available_paths():
         plan = replace(native.prepare(packed), path=path)
         with torch.no_grad():
             out = packed_forward(packed, x, plan)

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -74,7 +75,7 @@ struct Args {
   const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
 };
 
-// The fields of asqpost.kernels.native.NativePlan, read from it by name and checked once per call.
+// The fields of asqpost.kernels.native.NativePlan, read from it by name and checked once per call (read_plan).
 struct Plan {
   torch::Tensor weights;    // uint8 (ceil(n / 16), Kp * 8): the tile layout above
   torch::Tensor lut_even;   // int8 (16,)
@@ -83,29 +84,10 @@ struct Plan {
   int64_t n;                // output features
   torch::Tensor col_scale;  // float64 (n,): scale * unit
   torch::Tensor bias;       // float64 (n,) or empty
+  std::string path;         // the path requested ("auto" or one of available_paths())
 
   int64_t Kp() const { return weights.size(1) * 2 / kTile; }
 };
-
-Plan read_plan(const pybind11::handle& p) {
-  Plan plan{p.attr("weights").cast<torch::Tensor>(), p.attr("lut_even").cast<torch::Tensor>(),
-            p.attr("lut_odd").cast<torch::Tensor>(),  p.attr("has_odd").cast<bool>(),
-            p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
-            p.attr("bias").cast<torch::Tensor>()};
-  const torch::Tensor& w = plan.weights;
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous uint8 tiles");
-  TORCH_CHECK(plan.n > 0 && w.size(0) == (plan.n + kTile - 1) / kTile, "weights must hold ceil(n / 16) tiles");
-  TORCH_CHECK(w.size(1) % (kGroup * kTile / 2) == 0, "weights must hold whole 64-byte blocks");
-  for (const torch::Tensor* lut : {&plan.lut_even, &plan.lut_odd})
-    TORCH_CHECK(lut->dtype() == torch::kInt8 && lut->numel() == 16 && lut->is_contiguous(), "luts must be int8 (16,)");
-  TORCH_CHECK(plan.col_scale.dtype() == torch::kFloat64 && plan.col_scale.dim() == 1 &&
-                  plan.col_scale.is_contiguous() && plan.col_scale.numel() == plan.n,
-              "col_scale must be float64 (n,)");
-  TORCH_CHECK(plan.bias.dtype() == torch::kFloat64 && plan.bias.is_contiguous() &&
-                  (plan.bias.numel() == 0 || plan.bias.numel() == plan.n),
-              "bias must be float64 (n,) or empty");
-  return plan;
-}
 
 // (even + odd * SQRT1_2) * scale * step + bias in float64, in the reference's order; odd / bias may be absent.
 inline float rescale_value(double even, const double* odd, double scale, double step, const double* bias) {
@@ -351,8 +333,8 @@ void avx512_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
     block_avx512<false>(a, m0, m1, t0, t1);
 }
 
-// AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. Python only picks this path
-// when 2 * 255 * max|lut| <= 32767, so the int16 pairs cannot saturate. A 64-byte block is two halves of 8 rows.
+// AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. kernel_path only runs it when
+// 2 * 255 * max|lut| <= 32767, so the int16 pairs cannot saturate. A 64-byte block is two halves of 8 rows.
 ASQPOST_AVX2 static inline __m256i dot_u8s8(__m256i acc, __m256i x, __m256i w) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
 }
@@ -406,35 +388,67 @@ void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
 }
 #endif  // ASQPOST_X86
 
-std::string detect_path() {
+std::vector<std::string> detect_paths() {
+  std::vector<std::string> paths;
 #if ASQPOST_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
-    return "avx512_vnni";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
+    paths.push_back("avx512_vnni");
+  if (__builtin_cpu_supports("avx2")) paths.push_back("avx2");
 #endif
-  return "scalar";
+  paths.push_back("scalar");
+  return paths;
 }
 
-const std::string& best_path() {
-  static const std::string path = detect_path();
-  return path;
+// The kernel paths this CPU runs, fastest first (decided once, from the CPU).
+const std::vector<std::string>& available_paths() {
+  static const std::vector<std::string> paths = detect_paths();
+  return paths;
 }
 
-// "auto" resolved to this CPU's best path; a path the CPU cannot run is refused.
-std::string resolve_path(const std::string& path) {
-  const std::string& best = best_path();
-  if (path == "auto") return best;
-  TORCH_CHECK(path == "scalar" || path == best || (path == "avx2" && best == "avx512_vnni"), "path ", path,
-              " is not supported on this CPU");
-  return path;
+// AVX2 adds u8 x s8 products in int16 pairs (vpmaddubsw), which saturate once 2 * 255 * max|lut| > 32767.
+bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd) {
+  int biggest = 0;
+  for (int i = 0; i < 16; ++i) biggest = std::max({biggest, std::abs(int{lut_even[i]}), std::abs(int{lut_odd[i]})});
+  return 2 * 255 * biggest <= std::numeric_limits<int16_t>::max();
+}
+
+// The path a plan runs: the one it asks for ("auto": this CPU's fastest), except that AVX2 runs scalar for tables
+// whose int16 pairs could saturate (AVX-512 VNNI's vpdpbusd adds in int32 and is exact for any int8 table).
+std::string kernel_path(const Plan& plan) {
+  const std::string chosen = plan.path == "auto" ? available_paths().front() : plan.path;
+  if (chosen == "avx2" && !avx2_exact(plan.lut_even.data_ptr<int8_t>(), plan.lut_odd.data_ptr<int8_t>()))
+    return "scalar";
+  return chosen;
+}
+
+Plan read_plan(const pybind11::handle& p) {
+  Plan plan{p.attr("weights").cast<torch::Tensor>(), p.attr("lut_even").cast<torch::Tensor>(),
+            p.attr("lut_odd").cast<torch::Tensor>(),  p.attr("has_odd").cast<bool>(),
+            p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
+            p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>()};
+  const torch::Tensor& w = plan.weights;
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous uint8 tiles");
+  TORCH_CHECK(plan.n > 0 && w.size(0) == (plan.n + kTile - 1) / kTile, "weights must hold ceil(n / 16) tiles");
+  TORCH_CHECK(w.size(1) % (kGroup * kTile / 2) == 0, "weights must hold whole 64-byte blocks");
+  for (const torch::Tensor* lut : {&plan.lut_even, &plan.lut_odd})
+    TORCH_CHECK(lut->dtype() == torch::kInt8 && lut->numel() == 16 && lut->is_contiguous(), "luts must be int8 (16,)");
+  TORCH_CHECK(plan.col_scale.dtype() == torch::kFloat64 && plan.col_scale.dim() == 1 &&
+                  plan.col_scale.is_contiguous() && plan.col_scale.numel() == plan.n,
+              "col_scale must be float64 (n,)");
+  TORCH_CHECK(plan.bias.dtype() == torch::kFloat64 && plan.bias.is_contiguous() &&
+                  (plan.bias.numel() == 0 || plan.bias.numel() == plan.n),
+              "bias must be float64 (n,) or empty");
+  const std::vector<std::string>& paths = available_paths();
+  TORCH_CHECK(plan.path == "auto" || std::find(paths.begin(), paths.end(), plan.path) != paths.end(), "path ",
+              plan.path, " is not one this CPU runs (", c10::Join(", ", paths), ")");
+  return plan;
 }
 
 // Runs the kernel over all rows and tiles of a (filled-in) Args, in parallel.
-void run_kernel(const Args& a, const Plan& plan, const std::string& path) {
+void run_kernel(const Args& a, const Plan& plan, const std::string& chosen) {
   TORCH_CHECK(a.Cp % kGroup == 0 && a.Kp() == plan.Kp(), "K must be a multiple of 8 matching the weights");
-  const std::string chosen = resolve_path(path);
   if (a.M == 0) return;
 #if ASQPOST_X86
   auto run = chosen == "avx512_vnni" ? avx512_block : chosen == "avx2" ? avx2_block : scalar_block;
@@ -546,7 +560,7 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
   std::memset(codes.data_ptr<uint8_t>() + M * Kp, 0, zero_rows * Kp);
   bad.assign(M, 0);
 #if ASQPOST_X86
-  auto fn = resolve_path(path) == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
+  auto fn = path == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
 #else
   auto fn = quantize_rows_scalar;
 #endif
@@ -559,11 +573,13 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
 
 }  // namespace
 
-std::string capability() { return best_path(); }
+std::string capability() { return available_paths().front(); }
+
+std::string plan_kernel_path(pybind11::handle plan_object) { return kernel_path(read_plan(plan_object)); }
 
 // x: uint8 (M, Kp), Kp a multiple of 8 matching the plan's weights. Returns int32 (acc_even, acc_odd), each (M, n)
 // (acc_odd empty without odd levels).
-std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_object, std::string path) {
+std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_object) {
   TORCH_CHECK(x.dtype() == torch::kUInt8 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous uint8 (M, Kp)");
   const Plan plan = read_plan(plan_object);
   const int64_t M = x.size(0), Kp = x.size(1), N = plan.n;
@@ -572,7 +588,7 @@ std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_obj
   Args a = make_args(x.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   a.out_even = out_even.data_ptr<int32_t>();
   a.out_odd = plan.has_odd ? out_odd.data_ptr<int32_t>() : nullptr;
-  run_kernel(a, plan, path);
+  run_kernel(a, plan, kernel_path(plan));
   return {out_even, out_odd};
 }
 
@@ -582,8 +598,9 @@ std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_obj
 // x: float32 (M, K); step: float32, one value or one per row; plan: a NativePlan (weights, tables, col_scale =
 // scale * unit, bias). A row with a NaN or inf input gives NaN outputs, as the reference.
 torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax,
-                                 pybind11::handle plan_object, std::string path) {
+                                 pybind11::handle plan_object) {
   const Plan plan = read_plan(plan_object);
+  const std::string path = kernel_path(plan);
   const int64_t Kp = plan.Kp(), M = x.size(0), N = plan.n;
   std::vector<char> bad;
   auto codes = quantize(x, step, 1, qmin, qmax, Kp, bad, path);
@@ -637,8 +654,9 @@ torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vec
 // Returns y (B * OH * OW, Cout) float32 (NHWC rows), or an empty tensor when the input holds a NaN or inf (the
 // caller then runs the reference path, whose NaNs reach exactly the outputs that see them).
 torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor offsets,
-                                 pybind11::handle plan_object, std::string path) {
+                                 pybind11::handle plan_object) {
   const Plan plan = read_plan(plan_object);
+  const std::string path = kernel_path(plan);
   TORCH_CHECK(x.dim() == 4, "x must be NHWC (B, H, W, C)");
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 4 && offsets.is_contiguous() &&
                   offsets.size(0) == x.size(0),
@@ -709,16 +727,17 @@ torch::Tensor rescale_sums(torch::Tensor acc_even, torch::Tensor acc_odd, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;
-  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"), arg("plan"),
-        arg("path"));
+  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"), arg("plan"));
   m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale",
-        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("plan"), arg("path"));
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("plan"));
   m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)",
         arg("batch"), arg("height"), arg("width"), arg("channels"), arg("kernel_size"), arg("stride"), arg("padding"),
         arg("dilation"));
   m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale",
-        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"), arg("path"));
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"));
   m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere", arg("acc_even"),
         arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
-  m.def("capability", &capability, "the fastest kernel path this CPU supports");
+  m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
+  m.def("capability", &capability, "the fastest kernel path this CPU runs");
+  m.def("kernel_path", &plan_kernel_path, "the path a NativePlan runs on this CPU (exact for its tables)", arg("plan"));
 }

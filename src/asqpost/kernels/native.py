@@ -63,11 +63,29 @@ def available() -> bool:
     return extension() is not None
 
 
+def _module() -> Any:
+    module = extension()
+    if module is None:
+        raise RuntimeError("the native LUT kernel is not available")
+    return module
+
+
 def capability() -> str:
-    if "capability" not in _STATE:
-        module = extension()
-        _STATE["capability"] = "reference" if module is None else module.capability()
-    return _STATE["capability"]
+    """This CPU's fastest kernel path, or ``reference`` without the extension."""
+    module = extension()
+    return "reference" if module is None else module.capability()
+
+
+def available_paths() -> list[str]:
+    """The kernel paths this CPU runs, fastest first (chosen once, in C++; empty without the extension)."""
+    module = extension()
+    return [] if module is None else module.available_paths()
+
+
+def kernel_path(plan: NativePlan) -> str:
+    """The path ``plan`` runs here: the one it asks for (``auto``: the fastest), except where that path is not
+    exact for its tables (AVX2's int16 pairs could saturate), which runs scalar. Decided in C++."""
+    return _module().kernel_path(plan)
 
 
 def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
@@ -92,9 +110,9 @@ class NativePlan:
     """A packed layer's weights in the form the kernel reads, built once per layer by :func:`prepare`. The C++
     entry points take the plan itself and read these fields by name (``read_plan`` in ``lut_kernel.cpp``).
 
-    ``path`` asks for one kernel path (``auto``: this CPU's fastest exact one). Tests and benchmarks make
-    variants (another path, another copy of the weights) with :func:`dataclasses.replace` and pass them to
-    :func:`forward` or :func:`lut_matmul`.
+    ``path`` asks for one kernel path (``auto``: this CPU's fastest; see :func:`kernel_path`). Tests and
+    benchmarks make variants (another path, another copy of the weights) with :func:`dataclasses.replace` and
+    pass them to :func:`forward` or :func:`lut_matmul`.
     """
 
     weights: torch.Tensor  # uint8 (ceil(n / 16), Kp * 8): the codes in the tile layout of kernel_weights
@@ -178,7 +196,6 @@ def _plan(layer: PackedLayer, col_scale: torch.Tensor, bias: torch.Tensor) -> Na
         n=w.shape[0],
         col_scale=col_scale,
         bias=bias,
-        path="auto" if 2 * 255 * biggest <= 32767 else "avx512_vnni",
     )
 
 
@@ -200,22 +217,14 @@ def _codes_2d(layer: PackedLayer, zero_code: int) -> torch.Tensor:
     return per_tap.reshape(cout, -1)
 
 
-def _path(plan: NativePlan) -> str:
-    if plan.path == "avx512_vnni" and capability() != "avx512_vnni":
-        return "scalar"  # int16 pairs could saturate on AVX2 for such large tables
-    return plan.path
-
-
 def lut_matmul(x_u8: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a linear weight's plan."""
-    module = extension()
-    if module is None:
-        raise RuntimeError("the native LUT kernel is not available")
+    module = _module()
     k = x_u8.shape[1]
     kp = plan.weights.shape[1] * 2 // TILE
     if k != kp:
         x_u8 = F.pad(x_u8, (0, kp - k))
-    acc_even, acc_odd = module.lut_linear(x_u8.contiguous(), plan, _path(plan))
+    acc_even, acc_odd = module.lut_linear(x_u8.contiguous(), plan)
     return acc_even, (acc_odd if plan.has_odd else None)
 
 
@@ -233,7 +242,7 @@ def forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan) -> torch.Tens
         step = step.expand(*x.shape[:-1], 1)
     if step.dtype != torch.float32 or step.numel() != 1:
         step = step.reshape(-1).float().contiguous()
-    y = extension().lut_linear_forward(rows, step, *qrange, plan, _path(plan))
+    y = extension().lut_linear_forward(rows, step, *qrange, plan)
     return y if flat else y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -243,7 +252,7 @@ def _conv_forward(
     nhwc = x.float().permute(0, 2, 3, 1).contiguous()  # free when x is already channels_last
     step_rows = step.reshape(-1).float().contiguous()  # one value, or one per sample (ASQ)
     offsets = state(layer).conv_offsets.get(layer.geometry, tuple(nhwc.shape))
-    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, offsets, plan, _path(plan))
+    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, offsets, plan)
     if y.numel() == 0:
         return None
     # NHWC rows viewed as (B, Cout, OH, OW): a channels_last tensor, which the next conv reads without a copy
