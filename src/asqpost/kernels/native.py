@@ -126,7 +126,8 @@ class NativePlan:
 
 
 class ConvOffsets:
-    """A conv layer's indirection offsets ``(B, OH, OW, taps)`` per NHWC input shape (the newest few kept)."""
+    """A conv layer's indirection offsets ``(B, OH, OW, taps)`` per NHWC input shape (built once per shape; the
+    ``KEEP`` shapes seen last are kept)."""
 
     KEEP = 4
 
@@ -136,12 +137,17 @@ class ConvOffsets:
     def get(self, geometry: dict, shape: tuple[int, ...]) -> torch.Tensor:
         if shape not in self._by_shape:
             batch, height, width, channels = shape
-            cp = -(-channels // GROUP) * GROUP
             if len(self._by_shape) >= self.KEEP:
                 self._by_shape.pop(next(iter(self._by_shape)))
-            g = geometry
             self._by_shape[shape] = extension().conv_offsets(
-                batch, height, width, cp, g["kernel_size"], g["stride"], g["padding"], g["dilation"]
+                batch,
+                height,
+                width,
+                -(-channels // GROUP) * GROUP,
+                geometry["kernel_size"],
+                geometry["stride"],
+                geometry["padding"],
+                geometry["dilation"],
             )
         return self._by_shape[shape]
 
