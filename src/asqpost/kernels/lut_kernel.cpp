@@ -429,7 +429,8 @@ Plan read_plan(const pybind11::handle& p) {
             p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
             p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>()};
   const torch::Tensor& w = plan.weights;
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous uint8 tiles");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
+              "weights must be contiguous uint8 tiles");
   TORCH_CHECK(plan.n > 0 && w.size(0) == (plan.n + kTile - 1) / kTile, "weights must hold ceil(n / 16) tiles");
   TORCH_CHECK(w.size(1) % (kGroup * kTile / 2) == 0, "weights must hold whole 64-byte blocks");
   for (const torch::Tensor* lut : {&plan.lut_even, &plan.lut_odd})
@@ -731,8 +732,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale",
         arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("plan"));
   m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)",
-        arg("batch"), arg("height"), arg("width"), arg("channels"), arg("kernel_size"), arg("stride"), arg("padding"),
-        arg("dilation"));
+        arg("batch"), arg("height"), arg("width"), arg("padded_channels"), arg("kernel_size"), arg("stride"),
+        arg("padding"), arg("dilation"));
   m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale",
         arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"));
   m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere", arg("acc_even"),
