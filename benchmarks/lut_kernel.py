@@ -10,6 +10,7 @@ threads awake, as a layer inside a model does.
 * asqpost reference (``ASQPOST_KERNEL=reference``: float64 exact sums) and native (this package's kernel);
   both run the whole packed layer: u8 activation codes, two accumulators, rescale; the ASQ row adds the
   adapter (GAP -> Linear(C, C/4) -> ReLU -> Linear(C/4, 1) in fp32, which at C = 4096 is 4M MACs);
+  the native rows call ``packed_forward`` with one plan per copy of the weights (``dataclasses.replace``);
 * the 4-bit memory floor: summing the same 8 MiB of codes (a pure stream read of what our layer must read), on
   the native path's own copies (same memory), half a rotation away from where that path reads.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed
-from asqpost.kernels import native
+from asqpost.kernels import native, packed_forward
 from common import interleaved_medians, machine, table
 
 STREAM_BYTES = 512 * 2**20  # total size of the rotated copies per path: far beyond any L3
@@ -84,23 +86,24 @@ def build_paths(n: int, k: int, batch: int) -> dict[str, Rotating]:
     for recipe in ("post-lsq", "post-asq"):
         q = prepare_qat(nn.Sequential(base), QATConfig.recipe(recipe, 4, first=None, last=None)).eval()
         calibrate(q, [x])
-        layers[recipe] = convert_to_packed(q)
-    weights = native.prepare(layers["post-lsq"][0])["weights"]  # kernel layout, built once at load
+        layers[recipe] = convert_to_packed(q)[0]
+    weights = native.prepare(layers["post-lsq"]).weights  # kernel layout, built once at load
 
-    def streams():  # each path its own copies: a copy another path just read would still be in cache
-        return [weights.clone() for _ in range(copies(weights.numel()))]
+    def streams(recipe):  # each path its own copies: a copy another path just read would still be in cache
+        plan = native.prepare(layers[recipe])
+        return [replace(plan, weights=weights.clone()) for _ in range(copies(weights.numel()))]
 
-    def run_native(copy, recipe):
-        layer = layers[recipe][0]
-        native.prepare(layer)["weights"] = copy  # same codes, another copy in memory: streamed from DRAM
-        return run(layers[recipe], "native")
+    def run_native(plan, recipe):  # same codes, another copy in memory: streamed from DRAM
+        os.environ["ASQPOST_KERNEL"] = "native"
+        with torch.no_grad():
+            return packed_forward(layers[recipe], x, plan)
 
-    native_copies = streams()
-    paths["asqpost native (POST 4-bit, LSQ act)"] = Rotating(native_copies, lambda w: run_native(w, "post-lsq"))
-    paths["asqpost native (POST 4-bit, ASQ act)"] = Rotating(streams(), lambda w: run_native(w, "post-asq"))
+    native_plans = streams("post-lsq")
+    paths["asqpost native (POST 4-bit, LSQ act)"] = Rotating(native_plans, lambda p: run_native(p, "post-lsq"))
+    paths["asqpost native (POST 4-bit, ASQ act)"] = Rotating(streams("post-asq"), lambda p: run_native(p, "post-asq"))
     paths["asqpost reference (float64)"] = Rotating([layers["post-lsq"]], lambda m: run(m, "reference"))
     # the floor reads the native path's own copies (same memory), half a rotation away (long evicted)
-    floor_copies = [w.view(torch.int64) for w in native_copies]
+    floor_copies = [p.weights.view(torch.int64) for p in native_plans]
     paths["memory floor (read 4-bit codes)"] = Rotating(floor_copies, torch.sum, start=len(floor_copies) // 2)
     return paths
 

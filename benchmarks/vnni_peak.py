@@ -74,8 +74,16 @@ def main() -> None:
     lut_even = torch.tensor([-8, 0, -4, 0, -2, 0, -1, 0, 1, 0, 2, 0, 4, 0, 8, 0], dtype=torch.int8)
     lut_odd = torch.tensor([0, -8, 0, -4, 0, -2, 0, 0, 0, 2, 0, 4, 0, 8, 0, 0], dtype=torch.int8)
     x = torch.randint(0, 16, (args.batch, k), dtype=torch.uint8)
-    module = native.extension()
-    kernel_s = median_seconds(lambda: module.lut_linear(x, weights, n, lut_even, lut_odd, True, "auto"))
+    plan = native.NativePlan(
+        weights=weights,
+        lut_even=lut_even,
+        lut_odd=lut_odd,
+        has_odd=True,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+    )
+    kernel_s = median_seconds(lambda: native.lut_matmul(x, plan))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         int8 = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(k, n)), {nn.Linear}, torch.qint8)

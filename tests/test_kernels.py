@@ -1,9 +1,14 @@
 import os
 import shutil
+import subprocess
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.cpp_extension import include_paths
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed, integer_lut
@@ -12,7 +17,6 @@ from asqpost.kernels.reference import exact_dtype, integer_accumulators, integer
 from asqpost.levels import make_levels
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
-PATHS = ["scalar", "avx2", "avx512_vnni"]
 
 
 def test_native_kernel_builds_where_a_compiler_exists():
@@ -24,9 +28,22 @@ def test_native_kernel_builds_where_a_compiler_exists():
     assert native.available(), "the native LUT kernel failed to build (its error is in the log)"
 
 
-def _paths():
-    best = native.capability()
-    return [p for p in PATHS if p == "scalar" or p == best or (p == "avx2" and best == "avx512_vnni")]
+def test_kernel_source_compiles_for_aarch64():
+    """Off x86 the scalar path alone must build: compile the source with Debian's aarch64 cross-compiler.
+
+    Compile only (-fsyntax-only, no linking), against this machine's torch and Python headers: they are the
+    host's, which is fine here because both targets are LP64 Linux and none of those headers holds x86 code.
+    The flags are those torch's extension build passes (C++20, the extension-name macros)."""
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        pytest.skip("no aarch64 cross-compiler (Debian package g++-aarch64-linux-gnu)")
+    source = Path(native.__file__).with_name("lut_kernel.cpp")
+    includes = [*include_paths(), sysconfig.get_paths()["include"]]
+    command = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror"]
+    command += ["-DTORCH_EXTENSION_NAME=asqpost_lut_kernel", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    command += [f"-isystem{path}" for path in includes] + [str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @needs_native
@@ -45,21 +62,83 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
     zero = int(((lut.even == 0) & (lut.odd == 0)).nonzero()[0])
     table_even, table_odd = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
     table_even[: len(levels)], table_odd[: len(levels)] = lut.even.to(torch.int8), lut.odd.to(torch.int8)
-    plan = {
-        "weights": native.kernel_weights(codes, zero),
-        "lut_even": table_even,
-        "lut_odd": table_odd,
-        "has_odd": True,
-        "k": k,
-        "n": n,
-        "path": "auto",
-    }
+    plan = native.NativePlan(
+        weights=native.kernel_weights(codes, zero),
+        lut_even=table_even,
+        lut_odd=table_odd,
+        has_odd=True,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+    )
     x = torch.randint(0, 256, (m, k)).to(torch.uint8)
     expected_even, expected_odd = x.long() @ lut.even[codes].T, x.long() @ lut.odd[codes].T
-    for path in _paths():
-        even, odd = native.lut_matmul(x, plan, path)
+    for path in native.available_paths():
+        even, odd = native.lut_matmul(x, replace(plan, path=path))
         assert torch.equal(even.long(), expected_even), path
         assert torch.equal(odd.long(), expected_odd), path
+
+
+def _plan_of(lut_even: torch.Tensor, codes: torch.Tensor, path: str = "auto") -> native.NativePlan:
+    """A plan for ``codes`` (N, K) through a 16-entry even table (no odd levels), unit rescale."""
+    n = codes.shape[0]
+    return native.NativePlan(
+        weights=native.kernel_weights(codes, 0),
+        lut_even=lut_even.to(torch.int8),
+        lut_odd=torch.zeros(16, dtype=torch.int8),
+        has_odd=False,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+        path=path,
+    )
+
+
+@needs_native
+def test_paths_are_reported_once_fastest_first():
+    paths = native.available_paths()
+    assert paths[-1] == "scalar" and set(paths) <= {"avx512_vnni", "avx2", "scalar"}
+    assert native.capability() == paths[0]
+    plan = _plan_of(torch.arange(16), torch.randint(0, 16, (3, 8)))
+    assert native.kernel_path(plan) == paths[0]
+    for path in paths:
+        assert native.kernel_path(replace(plan, path=path)) == path
+    with pytest.raises(RuntimeError, match="not one this CPU runs"):
+        native.lut_matmul(torch.zeros(1, 8, dtype=torch.uint8), replace(plan, path="neon"))
+
+
+@needs_native
+@pytest.mark.parametrize(("biggest", "avx2_runs"), [(64, "avx2"), (65, "scalar"), (127, "scalar"), (-128, "scalar")])
+def test_avx2_runs_scalar_where_its_int16_pairs_could_saturate(biggest, avx2_runs):
+    """AVX2 adds u8 x s8 products in int16 pairs: exact only while 2 * 255 * max|lut| <= 32767."""
+    if "avx2" not in native.available_paths():
+        pytest.skip("this CPU has no AVX2")
+    table = torch.full((16,), biggest)
+    codes = torch.randint(0, 16, (21, 40))
+    x = torch.full((3, 40), 255, dtype=torch.uint8)  # the largest pairs: 2 * 255 * biggest
+    plan = _plan_of(table, codes, "avx2")
+    assert native.kernel_path(plan) == avx2_runs
+    even, odd = native.lut_matmul(x, plan)
+    assert odd is None
+    assert torch.equal(even.long(), x.long() @ table[codes].T)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lut_even", torch.zeros(16, dtype=torch.int32), "luts must be int8"),
+        ("n", 40, r"ceil\(n / 16\) tiles"),
+        ("col_scale", torch.ones(4, dtype=torch.float64), r"col_scale must be float64 \(n,\)"),
+        ("bias", torch.zeros(3, dtype=torch.float64), "bias must be float64"),
+    ],
+)
+def test_native_refuses_a_malformed_plan(field, value, message):
+    plan = _plan_of(torch.zeros(16), torch.zeros(5, 8, dtype=torch.long))
+    x = torch.ones(2, 8, dtype=torch.uint8)
+    assert torch.equal(native.lut_matmul(x, plan)[0], torch.zeros(2, 5, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=message):
+        native.lut_matmul(x, replace(plan, **{field: value}))
 
 
 def _layer(kind):
@@ -94,10 +173,9 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     with torch.no_grad():
         ref = packed_forward(packed, x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    for path in _paths():  # every CPU path, quantize and rescale included
-        monkeypatch.setitem(plan, "path", path)
+    for path in native.available_paths():  # every CPU path, quantize and rescale included
         with torch.no_grad():
-            out = packed_forward(packed, x)
+            out = packed_forward(packed, x, replace(plan, path=path))
         assert torch.equal(out, ref), path
 
 
@@ -114,14 +192,19 @@ def test_reference_sums_are_exact_in_either_float_format():
     assert torch.equal(acc32.double(), acc64)
 
 
-def test_ineligible_layers_fall_back():
+@needs_native
+def test_layer_without_integer_table_takes_the_float_path():
     layer, x = _layer("linear")
+    x = x - 1  # signed inputs, 8-bit POST codes (no small-integer table): not for the u8 x 4-bit kernel
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 8, first=None, last=None)).eval()
-    calibrate(q, [x - 1])  # signed inputs and 8-bit codes: not for the u8 x 4-bit kernel
+    calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert native.prepare(packed) is None if native.available() else True
+    assert native.prepare(packed) is None
     with torch.no_grad():
-        assert torch.allclose(packed(x - 1), q(x - 1), rtol=1e-4, atol=1e-5)
+        out = packed(x)
+        assert packed.weight.lut() is None
+        assert torch.equal(out, packed.float_forward(x)), "the decoded-float path runs instead"
+        assert torch.allclose(out, q(x), rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_choice_is_validated(monkeypatch):
@@ -176,11 +259,11 @@ def test_native_conv_equals_reference(channels, kernel, stride, padding, dilatio
     with torch.no_grad():
         ref = packed(x)
     monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    for path in _paths():
-        monkeypatch.setitem(native.prepare(packed), "path", path)
+    for path in native.available_paths():
+        plan = replace(native.prepare(packed), path=path)
         with torch.no_grad():
-            out = packed(x)
-            channels_last = packed(x.contiguous(memory_format=torch.channels_last))
+            out = packed_forward(packed, x, plan)
+            channels_last = packed_forward(packed, x.contiguous(memory_format=torch.channels_last), plan)
         assert out.shape == ref.shape
         assert torch.equal(out, ref), path
         assert torch.equal(channels_last, ref), path

@@ -15,6 +15,7 @@ no small-integer form, or whose input stays float, runs the same maths with deco
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import Quantizer
 from .lut import IntegerLUT, integer_lut
 from .packing import pack_codes, packed_nbytes, unpack_codes
+
+if TYPE_CHECKING:
+    from ..kernels.native import NativeState
 
 
 class PackedWeight(nn.Module):
@@ -46,6 +50,7 @@ class PackedWeight(nn.Module):
         self.register_buffer("table", torch.zeros(table_size, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(shape[0]))
         self._cache: dict[str, object] = {}
+        self.native_state: NativeState | None = None  # the native kernel's plan and caches, built on first use
 
     @classmethod
     def from_quantizer(cls, weight: torch.Tensor, quantizer: Quantizer) -> PackedWeight:
@@ -59,6 +64,7 @@ class PackedWeight(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):  # decoded caches follow the loaded codes
         self._cache.clear()
+        self.native_state = None
         super()._load_from_state_dict(*args, **kwargs)
 
     @property

@@ -9,11 +9,16 @@ else the decoded-float path.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import native
+from .native import NativePlan
 from .reference import integer_accumulators, integer_forward_reference
+
+if TYPE_CHECKING:
+    from ..export.modules import PackedLayer
 
 
 def kernel_choice() -> str:
@@ -25,21 +30,23 @@ def kernel_choice() -> str:
     return choice
 
 
-def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
+def packed_forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan | None = None) -> torch.Tensor:
+    """The layer's output on the path :func:`kernel_choice` and the layer allow. ``plan`` runs a variant of the
+    layer's native plan (another kernel path, another copy of the weights) where the native kernel runs."""
     weight = layer.weight
     if layer.input_quant is None or weight is None or weight.lut() is None:
         return layer.float_forward(x)
     choice = kernel_choice()
     if x.dtype != torch.float32 or not x.is_cpu:  # native code rounds y to float32 once, as float32 models do
         choice = "reference"
-    plan = None
+    own = None
     if choice != "reference":
         if not native.available():
             if choice == "native":
                 raise RuntimeError("ASQPOST_KERNEL=native but the native LUT kernel could not be built here")
         else:
-            plan = weight._cache["native"] if "native" in weight._cache else native.prepare(layer)
-    y = None if plan is None else native.forward(layer, x, plan)
+            own = native.prepare(layer)
+    y = None if own is None else native.forward(layer, x, plan or own)
     if y is not None:
         return y
     if choice != "reference" and native.available():
@@ -47,4 +54,4 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return integer_forward_reference(layer, x)
 
 
-__all__ = ["integer_accumulators", "integer_forward_reference", "kernel_choice", "packed_forward"]
+__all__ = ["NativePlan", "integer_accumulators", "integer_forward_reference", "kernel_choice", "packed_forward"]

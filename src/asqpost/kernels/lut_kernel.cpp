@@ -13,14 +13,23 @@
 // Activations are reached through row pointers, one per (row, tap): k = tap * Cp + c reads rows[m][tap][c]. A
 // linear layer has one tap (the row itself); a convolution reads NHWC codes, one tap per kernel position, with
 // padding taps pointing at a zero row (indirect convolution: no im2col copy).
-// The path (AVX-512 VNNI, AVX2, scalar) is chosen at run time from the CPU, not at build time.
+// The path (AVX-512 VNNI, AVX2, scalar) is chosen at run time from the CPU, not at build time. The x86 paths are
+// built only for x86 with GCC or Clang (target attributes, __builtin_cpu_supports); elsewhere (aarch64, ...) the
+// scalar path is the whole kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && defined(__GNUC__)
+#define ASQPOST_X86 1
 #include <immintrin.h>
+#else
+#define ASQPOST_X86 0
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -64,6 +73,20 @@ struct Args {
   int64_t blocks() const { return Kp() / kGroup; }
   const uint8_t* tile(int64_t t) const { return w + t * blocks() * 64; }
   const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
+};
+
+// The fields of asqpost.kernels.native.NativePlan, read from it by name and checked once per call (read_plan).
+struct Plan {
+  torch::Tensor weights;    // uint8 (ceil(n / 16), Kp * 8): the tile layout above
+  torch::Tensor lut_even;   // int8 (16,)
+  torch::Tensor lut_odd;    // int8 (16,)
+  bool has_odd;
+  int64_t n;                // output features
+  torch::Tensor col_scale;  // float64 (n,): scale * unit
+  torch::Tensor bias;       // float64 (n,) or empty
+  std::string path;         // the path requested ("auto" or one of available_paths())
+
+  int64_t Kp() const { return weights.size(1) * 2 / kTile; }
 };
 
 // (even + odd * SQRT1_2) * scale * step + bias in float64, in the reference's order; odd / bias may be absent.
@@ -127,6 +150,7 @@ void scalar_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
   }
 }
 
+#if ASQPOST_X86
 #define ASQPOST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define ASQPOST_AVX2 __attribute__((target("avx2,fma")))
 
@@ -309,8 +333,8 @@ void avx512_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
     block_avx512<false>(a, m0, m1, t0, t1);
 }
 
-// AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. Python only picks this path
-// when 2 * 255 * max|lut| <= 32767, so the int16 pairs cannot saturate. A 64-byte block is two halves of 8 rows.
+// AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. kernel_path only runs it when
+// 2 * 255 * max|lut| <= 32767, so the int16 pairs cannot saturate. A 64-byte block is two halves of 8 rows.
 ASQPOST_AVX2 static inline __m256i dot_u8s8(__m256i acc, __m256i x, __m256i w) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
 }
@@ -362,48 +386,78 @@ void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
     }
   }
 }
+#endif  // ASQPOST_X86
 
-std::string detect_path() {
+std::vector<std::string> detect_paths() {
+  std::vector<std::string> paths;
+#if ASQPOST_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
-    return "avx512_vnni";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
-  return "scalar";
+    paths.push_back("avx512_vnni");
+  if (__builtin_cpu_supports("avx2")) paths.push_back("avx2");
+#endif
+  paths.push_back("scalar");
+  return paths;
 }
 
-const std::string& best_path() {
-  static const std::string path = detect_path();
-  return path;
+// The kernel paths this CPU runs, fastest first (decided once, from the CPU).
+const std::vector<std::string>& available_paths() {
+  static const std::vector<std::string> paths = detect_paths();
+  return paths;
 }
 
-// "auto" resolved to this CPU's best path; a path the CPU cannot run is refused.
-std::string resolve_path(const std::string& path) {
-  const std::string& best = best_path();
-  if (path == "auto") return best;
-  TORCH_CHECK(path == "scalar" || path == best || (path == "avx2" && best == "avx512_vnni"), "path ", path,
-              " is not supported on this CPU");
-  return path;
+// AVX2 adds u8 x s8 products in int16 pairs (vpmaddubsw), which saturate once 2 * 255 * max|lut| > 32767.
+bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd) {
+  int biggest = 0;
+  for (int i = 0; i < 16; ++i) biggest = std::max({biggest, std::abs(int{lut_even[i]}), std::abs(int{lut_odd[i]})});
+  return 2 * 255 * biggest <= std::numeric_limits<int16_t>::max();
 }
 
-void check_luts(const torch::Tensor& lut_even, const torch::Tensor& lut_odd) {
-  TORCH_CHECK(lut_even.dtype() == torch::kInt8 && lut_even.numel() == 16 && lut_odd.dtype() == torch::kInt8 &&
-                  lut_odd.numel() == 16 && lut_even.is_contiguous() && lut_odd.is_contiguous(),
-              "luts must be int8 (16,)");
+// The path a plan runs: the one it asks for ("auto": this CPU's fastest), except that AVX2 runs scalar for tables
+// whose int16 pairs could saturate (AVX-512 VNNI's vpdpbusd adds in int32 and is exact for any int8 table).
+std::string kernel_path(const Plan& plan) {
+  const std::string chosen = plan.path == "auto" ? available_paths().front() : plan.path;
+  if (chosen == "avx2" && !avx2_exact(plan.lut_even.data_ptr<int8_t>(), plan.lut_odd.data_ptr<int8_t>()))
+    return "scalar";
+  return chosen;
+}
+
+Plan read_plan(const pybind11::handle& p) {
+  Plan plan{p.attr("weights").cast<torch::Tensor>(), p.attr("lut_even").cast<torch::Tensor>(),
+            p.attr("lut_odd").cast<torch::Tensor>(),  p.attr("has_odd").cast<bool>(),
+            p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
+            p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>()};
+  const torch::Tensor& w = plan.weights;
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
+              "weights must be contiguous uint8 tiles");
+  TORCH_CHECK(plan.n > 0 && w.size(0) == (plan.n + kTile - 1) / kTile, "weights must hold ceil(n / 16) tiles");
+  TORCH_CHECK(w.size(1) % (kGroup * kTile / 2) == 0, "weights must hold whole 64-byte blocks");
+  for (const torch::Tensor* lut : {&plan.lut_even, &plan.lut_odd})
+    TORCH_CHECK(lut->dtype() == torch::kInt8 && lut->numel() == 16 && lut->is_contiguous(), "luts must be int8 (16,)");
+  TORCH_CHECK(plan.col_scale.dtype() == torch::kFloat64 && plan.col_scale.dim() == 1 &&
+                  plan.col_scale.is_contiguous() && plan.col_scale.numel() == plan.n,
+              "col_scale must be float64 (n,)");
+  TORCH_CHECK(plan.bias.dtype() == torch::kFloat64 && plan.bias.is_contiguous() &&
+                  (plan.bias.numel() == 0 || plan.bias.numel() == plan.n),
+              "bias must be float64 (n,) or empty");
+  const std::vector<std::string>& paths = available_paths();
+  TORCH_CHECK(plan.path == "auto" || std::find(paths.begin(), paths.end(), plan.path) != paths.end(), "path ",
+              plan.path, " is not one this CPU runs (", c10::Join(", ", paths), ")");
+  return plan;
 }
 
 // Runs the kernel over all rows and tiles of a (filled-in) Args, in parallel.
-void run_kernel(const Args& a, const torch::Tensor& w, const torch::Tensor& lut_even, const torch::Tensor& lut_odd,
-                const std::string& path) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 tiles");
-  TORCH_CHECK(a.Cp % kGroup == 0 && w.size(1) == a.Kp() * kTile / 2, "K must be a multiple of 8 matching w");
-  TORCH_CHECK(a.N > 0 && w.size(0) == (a.N + kTile - 1) / kTile, "w must hold ceil(N / 16) tiles");
-  check_luts(lut_even, lut_odd);
-  const std::string chosen = resolve_path(path);
+void run_kernel(const Args& a, const Plan& plan, const std::string& chosen) {
+  TORCH_CHECK(a.Cp % kGroup == 0 && a.Kp() == plan.Kp(), "K must be a multiple of 8 matching the weights");
   if (a.M == 0) return;
+#if ASQPOST_X86
   auto run = chosen == "avx512_vnni" ? avx512_block : chosen == "avx2" ? avx2_block : scalar_block;
+#else
+  auto run = scalar_block;
+#endif
   // work units: (tile, block of kRowBlock rows), tile-major; enough per unit to pay for waking a thread
-  const int64_t tiles = w.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
+  const int64_t tiles = plan.weights.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
   const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, unit_work));
   at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t u0, int64_t u1) {
@@ -420,21 +474,27 @@ void run_kernel(const Args& a, const torch::Tensor& w, const torch::Tensor& lut_
   });
 }
 
-Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps, int64_t Cp, const torch::Tensor& w,
-               int64_t N, const torch::Tensor& lut_even, const torch::Tensor& lut_odd, bool has_odd) {
-  return Args{x,    offsets, M, taps, Cp, N, w.data_ptr<uint8_t>(), lut_even.data_ptr<int8_t>(), lut_odd.data_ptr<int8_t>(),
-              has_odd, nullptr, nullptr, Rescale{}};
+Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps, int64_t Cp, const Plan& plan) {
+  return Args{x,
+              offsets,
+              M,
+              taps,
+              Cp,
+              plan.n,
+              plan.weights.data_ptr<uint8_t>(),
+              plan.lut_even.data_ptr<int8_t>(),
+              plan.lut_odd.data_ptr<int8_t>(),
+              plan.has_odd,
+              nullptr,
+              nullptr,
+              Rescale{}};
 }
 
 // The fused rescale into y (M, N); row m uses step[m / rows_per_step] (kept in row_steps, float64).
-Rescale make_rescale(torch::Tensor& y, const torch::Tensor& col_scale, const torch::Tensor& bias,
-                     const torch::Tensor& step, int64_t rows_per_step, std::vector<double>& row_steps) {
-  TORCH_CHECK(col_scale.dtype() == torch::kFloat64 && col_scale.dim() == 1 && col_scale.is_contiguous(),
-              "col_scale must be float64 (N,)");
-  TORCH_CHECK(bias.dtype() == torch::kFloat64 && bias.is_contiguous() &&
-                  (bias.numel() == 0 || bias.numel() == col_scale.numel()),
-              "bias must be float64 (N,) or empty");
-  Rescale r{y.data_ptr<float>(), col_scale.data_ptr<double>(), bias.numel() ? bias.data_ptr<double>() : nullptr};
+Rescale make_rescale(torch::Tensor& y, const Plan& plan, const torch::Tensor& step, int64_t rows_per_step,
+                     std::vector<double>& row_steps) {
+  Rescale r{y.data_ptr<float>(), plan.col_scale.data_ptr<double>(),
+            plan.bias.numel() ? plan.bias.data_ptr<double>() : nullptr};
   const float* sp = step.data_ptr<float>();
   if (step.numel() == 1) {
     r.step0 = static_cast<double>(sp[0]);
@@ -462,6 +522,7 @@ void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_st
   }
 }
 
+#if ASQPOST_X86
 ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int64_t rows_per_step, int64_t K,
                                          int64_t Kp, int qmin, int qmax, uint8_t* codes, char* bad, int64_t m0,
                                          int64_t m1) {
@@ -482,6 +543,7 @@ ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int6
     if (finite != 0xFFFF) bad[m] = 1;
   }
 }
+#endif  // ASQPOST_X86
 
 // (M, K) float32 rows -> (M + zero_rows, Kp) uint8 codes, the last zero_rows all 0; bad[m] set for rows
 // holding a NaN or inf.
@@ -498,7 +560,11 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
   auto codes = torch::empty({M + zero_rows, Kp}, torch::dtype(torch::kUInt8));
   std::memset(codes.data_ptr<uint8_t>() + M * Kp, 0, zero_rows * Kp);
   bad.assign(M, 0);
-  auto fn = resolve_path(path) == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
+#if ASQPOST_X86
+  auto fn = path == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
+#else
+  auto fn = quantize_rows_scalar;
+#endif
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
     fn(x.data_ptr<float>(), step.data_ptr<float>(), rows_per_step, K, Kp, static_cast<int>(qmin),
        static_cast<int>(qmax), codes.data_ptr<uint8_t>(), bad.data(), m0, m1);
@@ -508,39 +574,42 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
 
 }  // namespace
 
-std::string capability() { return best_path(); }
+std::string capability() { return available_paths().front(); }
 
-// x: uint8 (M, Kp), Kp a multiple of 8; w: uint8 (ceil(N / 16), Kp * 8) in the tile layout; luts: int8 (16,).
-// Returns int32 (acc_even, acc_odd), each (M, N).
-std::vector<torch::Tensor> lut_linear(torch::Tensor x, torch::Tensor w, int64_t N, torch::Tensor lut_even,
-                                      torch::Tensor lut_odd, bool has_odd, std::string path) {
+std::string plan_kernel_path(pybind11::handle plan_object) { return kernel_path(read_plan(plan_object)); }
+
+// x: uint8 (M, Kp), Kp a multiple of 8 matching the plan's weights. Returns int32 (acc_even, acc_odd), each (M, n)
+// (acc_odd empty without odd levels).
+std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_object) {
   TORCH_CHECK(x.dtype() == torch::kUInt8 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous uint8 (M, Kp)");
-  const int64_t M = x.size(0), Kp = x.size(1);
+  const Plan plan = read_plan(plan_object);
+  const int64_t M = x.size(0), Kp = x.size(1), N = plan.n;
   auto out_even = torch::empty({M, N}, torch::dtype(torch::kInt32));
-  auto out_odd = has_odd ? torch::empty({M, N}, torch::dtype(torch::kInt32)) : torch::zeros({0}, torch::kInt32);
-  Args a = make_args(x.data_ptr<uint8_t>(), nullptr, M, 1, Kp, w, N, lut_even, lut_odd, has_odd);
+  auto out_odd = plan.has_odd ? torch::empty({M, N}, torch::dtype(torch::kInt32)) : torch::zeros({0}, torch::kInt32);
+  Args a = make_args(x.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   a.out_even = out_even.data_ptr<int32_t>();
-  a.out_odd = has_odd ? out_odd.data_ptr<int32_t>() : nullptr;
-  run_kernel(a, w, lut_even, lut_odd, path);
+  a.out_odd = plan.has_odd ? out_odd.data_ptr<int32_t>() : nullptr;
+  run_kernel(a, plan, kernel_path(plan));
   return {out_even, out_odd};
 }
 
 // The whole packed linear layer in one call, same maths and float64 operation order as the Python reference:
 //   x_int = clamp(round(x / step[m]), qmin, qmax)              (float32 division, round half to even)
 //   y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m] + bias[n]   (float64, then float32)
-// x: float32 (M, K); w: as lut_linear's; step: float32, one value or one per row; col_scale = scale * unit:
-// float64 (N,); bias: float64 (N,) or empty. A row with a NaN or inf input gives NaN outputs, as the reference.
-torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
-                                 torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
-                                 torch::Tensor bias, std::string path) {
-  const int64_t Kp = w.size(1) * 2 / kTile, M = x.size(0), N = col_scale.numel();
+// x: float32 (M, K); step: float32, one value or one per row; plan: a NativePlan (weights, tables, col_scale =
+// scale * unit, bias). A row with a NaN or inf input gives NaN outputs, as the reference.
+torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax,
+                                 pybind11::handle plan_object) {
+  const Plan plan = read_plan(plan_object);
+  const std::string path = kernel_path(plan);
+  const int64_t Kp = plan.Kp(), M = x.size(0), N = plan.n;
   std::vector<char> bad;
   auto codes = quantize(x, step, 1, qmin, qmax, Kp, bad, path);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, w, N, lut_even, lut_odd, has_odd);
+  Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   std::vector<double> row_steps;
-  a.rescale = make_rescale(y, col_scale, bias, step, 1, row_steps);
-  run_kernel(a, w, lut_even, lut_odd, path);
+  a.rescale = make_rescale(y, plan, step, 1, row_steps);
+  run_kernel(a, plan, path);
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     if (bad[m]) std::fill(yp + m * N, yp + (m + 1) * N, std::numeric_limits<float>::quiet_NaN());
@@ -580,13 +649,15 @@ torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vec
 }
 
 // A packed Conv2d (groups = 1) as an indirect LUT convolution over NHWC codes, same maths as lut_linear_forward.
-// x: float32 (B, H, W, C) contiguous (NHWC); step: one value or one per sample; w: tiles of the weight codes
-// reordered to (Cout, kh, kw, Cp), Cp = C padded to a multiple of 8; offsets: conv_offsets for this input.
+// x: float32 (B, H, W, C) contiguous (NHWC); step: one value or one per sample; offsets: conv_offsets for this
+// input; plan: a NativePlan whose weights are the codes reordered to (Cout, kh, kw, Cp), Cp = C padded to a
+// multiple of 8.
 // Returns y (B * OH * OW, Cout) float32 (NHWC rows), or an empty tensor when the input holds a NaN or inf (the
 // caller then runs the reference path, whose NaNs reach exactly the outputs that see them).
-torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor w,
-                                 torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, torch::Tensor col_scale,
-                                 torch::Tensor bias, torch::Tensor offsets, std::string path) {
+torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor offsets,
+                                 pybind11::handle plan_object) {
+  const Plan plan = read_plan(plan_object);
+  const std::string path = kernel_path(plan);
   TORCH_CHECK(x.dim() == 4, "x must be NHWC (B, H, W, C)");
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 4 && offsets.is_contiguous() &&
                   offsets.size(0) == x.size(0),
@@ -598,13 +669,11 @@ torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   std::vector<char> bad;
   auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, Cp, bad, path, 1);  // + the zero row
   if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) return torch::empty({0});
-  const int64_t N = col_scale.numel();
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, w, N, lut_even, lut_odd,
-                     has_odd);
+  auto y = torch::empty({M, plan.n}, torch::dtype(torch::kFloat32));
+  Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, plan);
   std::vector<double> row_steps;
-  a.rescale = make_rescale(y, col_scale, bias, step, M / std::max<int64_t>(B, 1), row_steps);
-  run_kernel(a, w, lut_even, lut_odd, path);
+  a.rescale = make_rescale(y, plan, step, M / std::max<int64_t>(B, 1), row_steps);
+  run_kernel(a, plan, path);
   return y;
 }
 
@@ -658,10 +727,18 @@ torch::Tensor rescale_sums(torch::Tensor acc_even, torch::Tensor acc_odd, torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators");
-  m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale");
-  m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)");
-  m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale");
-  m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere");
-  m.def("capability", &capability, "the fastest kernel path this CPU supports");
+  using pybind11::arg;
+  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"), arg("plan"));
+  m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale",
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("plan"));
+  m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)",
+        arg("batch"), arg("height"), arg("width"), arg("padded_channels"), arg("kernel_size"), arg("stride"),
+        arg("padding"), arg("dilation"));
+  m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale",
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"));
+  m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere", arg("acc_even"),
+        arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
+  m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
+  m.def("capability", &capability, "the fastest kernel path this CPU runs");
+  m.def("kernel_path", &plan_kernel_path, "the path a NativePlan runs on this CPU (exact for its tables)", arg("plan"));
 }

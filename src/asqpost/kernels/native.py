@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .reference import integer_accumulators
+
+if TYPE_CHECKING:
+    from ..export.modules import PackedLayer
 
 log = logging.getLogger(__name__)
 TILE = 16  # weight rows per tile (one int32 lane each)
@@ -59,11 +63,29 @@ def available() -> bool:
     return extension() is not None
 
 
+def _module() -> Any:
+    module = extension()
+    if module is None:
+        raise RuntimeError("the native LUT kernel is not available")
+    return module
+
+
 def capability() -> str:
-    if "capability" not in _STATE:
-        module = extension()
-        _STATE["capability"] = "reference" if module is None else module.capability()
-    return _STATE["capability"]
+    """This CPU's fastest kernel path, or ``reference`` without the extension."""
+    module = extension()
+    return "reference" if module is None else module.capability()
+
+
+def available_paths() -> list[str]:
+    """The kernel paths this CPU runs, fastest first (chosen once, in C++; empty without the extension)."""
+    module = extension()
+    return [] if module is None else module.available_paths()
+
+
+def kernel_path(plan: NativePlan) -> str:
+    """The path ``plan`` runs here: the one it asks for (``auto``: the fastest), except where that path is not
+    exact for its tables (AVX2's int16 pairs could saturate), which runs scalar. Decided in C++."""
+    return _module().kernel_path(plan)
 
 
 def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
@@ -83,19 +105,83 @@ def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
     return packed.reshape(tiles, kp * TILE // 2).to(torch.uint8).contiguous()
 
 
-def prepare(layer) -> dict[str, Any] | None:
-    """Kernel-ready weights of a packed layer (cached on it), or ``None`` when the layer is not eligible."""
-    cache = layer.weight._cache
-    if "native" in cache:
-        return cache["native"]
-    plan = _plan(layer)
-    cache["native"] = plan
-    return plan
+@dataclass(frozen=True, eq=False)
+class NativePlan:
+    """A packed layer's weights in the form the kernel reads, built once per layer by :func:`prepare`. The C++
+    entry points take the plan itself and read these fields by name (``read_plan`` in ``lut_kernel.cpp``).
+
+    ``path`` asks for one kernel path (``auto``: this CPU's fastest; see :func:`kernel_path`). Tests and
+    benchmarks make variants (another path, another copy of the weights) with :func:`dataclasses.replace` and
+    pass them to :func:`forward` or :func:`lut_matmul`.
+    """
+
+    weights: torch.Tensor  # uint8 (ceil(n / 16), Kp * 8): the codes in the tile layout of kernel_weights
+    lut_even: torch.Tensor  # int8 (16,): the even table, zero-padded
+    lut_odd: torch.Tensor  # int8 (16,): the odd table (all zero without odd levels)
+    has_odd: bool
+    n: int  # output features
+    col_scale: torch.Tensor  # float64 (n,): scale * unit
+    bias: torch.Tensor  # float64 (n,), or empty
+    path: str = "auto"
 
 
-def _plan(layer) -> dict[str, Any] | None:
+class ConvOffsets:
+    """A conv layer's indirection offsets ``(B, OH, OW, taps)`` per NHWC input shape (built once per shape; the
+    ``KEEP`` shapes seen last are kept)."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def get(self, geometry: dict, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape not in self._by_shape:
+            batch, height, width, channels = shape
+            if len(self._by_shape) >= self.KEEP:
+                self._by_shape.pop(next(iter(self._by_shape)))
+            self._by_shape[shape] = extension().conv_offsets(
+                batch,
+                height,
+                width,
+                -(-channels // GROUP) * GROUP,
+                geometry["kernel_size"],
+                geometry["stride"],
+                geometry["padding"],
+                geometry["dilation"],
+            )
+        return self._by_shape[shape]
+
+
+@dataclass
+class NativeState:
+    """What the native code keeps on a packed weight (``PackedWeight.native_state``; dropped when state is
+    loaded): the plan (``None``: the layer is not eligible), the rescale tensors, the conv offsets per shape."""
+
+    plan: NativePlan | None
+    col_scale: torch.Tensor
+    bias: torch.Tensor
+    conv_offsets: ConvOffsets = field(default_factory=ConvOffsets)
+
+
+def state(layer: PackedLayer) -> NativeState:
+    """The layer's native state, built on first use (for a layer with a quantized input and a weight table with
+    a small-integer form: a LUT)."""
+    held = layer.weight.native_state
+    if held is None:
+        col_scale, bias = _rescale_tensors(layer)
+        held = NativeState(_plan(layer, col_scale, bias), col_scale, bias)
+        layer.weight.native_state = held
+    return held
+
+
+def prepare(layer: PackedLayer) -> NativePlan | None:
+    """The layer's plan (built once, kept on it), or ``None`` when the layer is not eligible."""
+    return None if layer.weight.lut() is None else state(layer).plan
+
+
+def _plan(layer: PackedLayer, col_scale: torch.Tensor, bias: torch.Tensor) -> NativePlan | None:
     w, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
-    if lut is None or w.bits > 4 or inp.qmin < 0 or inp.qmax > 255:
+    if w.bits > 4 or inp.qmin < 0 or inp.qmax > 255:
         return None
     if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
         return None
@@ -108,26 +194,24 @@ def _plan(layer) -> dict[str, Any] | None:
     table_even[: lut.even.numel()] = lut.even.to(torch.int8)
     table_odd[: lut.odd.numel()] = lut.odd.to(torch.int8)
     zero_code = int(zero.nonzero()[0])
-    col_scale, bias = _rescale_tensors(layer)
-    return {
-        "weights": kernel_weights(_codes_2d(layer, zero_code), zero_code),
-        "lut_even": table_even,
-        "lut_odd": table_odd,
-        "has_odd": lut.has_odd,
-        "n": w.shape[0],
-        "col_scale": col_scale,
-        "bias": bias,
-        "path": "auto" if 2 * 255 * biggest <= 32767 else "avx512_vnni",
-    }
+    return NativePlan(
+        weights=kernel_weights(_codes_2d(layer, zero_code), zero_code),
+        lut_even=table_even,
+        lut_odd=table_odd,
+        has_odd=lut.has_odd,
+        n=w.shape[0],
+        col_scale=col_scale,
+        bias=bias,
+    )
 
 
-def _rescale_tensors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def _rescale_tensors(layer: PackedLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale * unit, bias)`` in float64 as the rescale reads them (bias empty when the layer has none)."""
     bias = torch.zeros(0, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double().contiguous()
     return layer.weight.scale.detach().double().contiguous() * layer.weight.lut().unit, bias
 
 
-def _codes_2d(layer, zero_code: int) -> torch.Tensor:
+def _codes_2d(layer: PackedLayer, zero_code: int) -> torch.Tensor:
     """Codes as ``(N, K)`` in the order the kernel reads activations: a linear weight as it is; a conv weight
     ``(Cout, C, kh, kw)`` as ``(Cout, kh, kw, Cp)`` (NHWC taps, channels padded to a multiple of 8)."""
     codes = layer.weight.code_tensor()
@@ -139,43 +223,21 @@ def _codes_2d(layer, zero_code: int) -> torch.Tensor:
     return per_tap.reshape(cout, -1)
 
 
-def _path(plan: dict[str, Any], path: str | None = None) -> str:
-    chosen = path or plan["path"]
-    if chosen == "avx512_vnni" and capability() != "avx512_vnni":
-        return "scalar"  # int16 pairs could saturate on AVX2 for such large tables
-    return chosen
-
-
-def lut_matmul(
-    x_u8: torch.Tensor, plan: dict[str, Any], path: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a prepared linear weight."""
-    module = extension()
-    if module is None:
-        raise RuntimeError("the native LUT kernel is not available")
+def lut_matmul(x_u8: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a linear weight's plan."""
+    module = _module()
     k = x_u8.shape[1]
-    kp = plan["weights"].shape[1] * 2 // TILE
+    kp = plan.weights.shape[1] * 2 // TILE
     if k != kp:
         x_u8 = F.pad(x_u8, (0, kp - k))
-    acc_even, acc_odd = module.lut_linear(
-        x_u8.contiguous(),
-        plan["weights"],
-        plan["n"],
-        plan["lut_even"],
-        plan["lut_odd"],
-        plan["has_odd"],
-        _path(plan, path),
-    )
-    return acc_even, (acc_odd if plan["has_odd"] else None)
+    acc_even, acc_odd = module.lut_linear(x_u8.contiguous(), plan)
+    return acc_even, (acc_odd if plan.has_odd else None)
 
 
-def _table_args(plan: dict[str, Any]) -> tuple:
-    return plan["weights"], plan["lut_even"], plan["lut_odd"], plan["has_odd"], plan["col_scale"], plan["bias"]
-
-
-def forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor | None:
-    """A packed layer in one native call (quantize, accumulate, rescale), equal to the reference path; ``None``
-    when this input must take the reference path (a conv input holding NaN or inf)."""
+def forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan) -> torch.Tensor | None:
+    """A packed layer in one native call (quantize, accumulate, rescale) with ``plan`` (its own, or a variant of
+    it), equal to the reference path; ``None`` when this input must take the reference path (a conv input
+    holding NaN or inf)."""
     step = layer.input_quant.step_of(x)
     qrange = (layer.input_quant.qmin, layer.input_quant.qmax)
     if layer.kind == "conv2d":
@@ -186,46 +248,30 @@ def forward(layer, x: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor | None
         step = step.expand(*x.shape[:-1], 1)
     if step.dtype != torch.float32 or step.numel() != 1:
         step = step.reshape(-1).float().contiguous()
-    y = extension().lut_linear_forward(rows, step, *qrange, *_table_args(plan), _path(plan))
+    y = extension().lut_linear_forward(rows, step, *qrange, plan)
     return y if flat else y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-def _conv_forward(layer, x: torch.Tensor, step: torch.Tensor, qrange: tuple[int, int], plan) -> torch.Tensor | None:
+def _conv_forward(
+    layer: PackedLayer, x: torch.Tensor, step: torch.Tensor, qrange: tuple[int, int], plan: NativePlan
+) -> torch.Tensor | None:
     nhwc = x.float().permute(0, 2, 3, 1).contiguous()  # free when x is already channels_last
     step_rows = step.reshape(-1).float().contiguous()  # one value, or one per sample (ASQ)
-    offsets = _conv_offsets(layer, plan, tuple(nhwc.shape))
-    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, *_table_args(plan), offsets, _path(plan))
+    offsets = state(layer).conv_offsets.get(layer.geometry, tuple(nhwc.shape))
+    y = extension().lut_conv2d_forward(nhwc, step_rows, *qrange, offsets, plan)
     if y.numel() == 0:
         return None
     # NHWC rows viewed as (B, Cout, OH, OW): a channels_last tensor, which the next conv reads without a copy
     return y.view(*offsets.shape[:3], -1).permute(0, 3, 1, 2).to(x.dtype)
 
 
-def _conv_offsets(layer, plan: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
-    """The indirection offsets ``(B, OH, OW, taps)`` for an NHWC input shape, built once per shape (a few kept)."""
-    cache = plan.setdefault("offsets", {})
-    if shape not in cache:
-        g = layer.geometry
-        batch, height, width, channels = shape
-        cp = -(-channels // GROUP) * GROUP
-        if len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        cache[shape] = extension().conv_offsets(
-            batch, height, width, cp, g["kernel_size"], g["stride"], g["padding"], g["dilation"]
-        )
-    return cache[shape]
-
-
-def forward_torch_sums(layer, x: torch.Tensor) -> torch.Tensor:
+def forward_torch_sums(layer: PackedLayer, x: torch.Tensor) -> torch.Tensor:
     """A layer the kernel does not take (signed input, 8-bit codes, grouped conv): torch computes the exact sums
     as the reference does, native code the float64 rescale (bit-identical to the reference, several times
     faster than torch's float64 elementwise passes)."""
     x_int, step = layer.input_quant(x)
     acc_even, acc_odd = integer_accumulators(layer, x_int)
-    cache = layer.weight._cache
-    if "rescale" not in cache:
-        cache["rescale"] = _rescale_tensors(layer)
-    col_scale, bias = cache["rescale"]
+    held = state(layer)
     if layer.kind == "conv2d":  # (B, C, H, W) -> (B, C, H * W), one step per sample
         shape = (acc_even.shape[0], acc_even.shape[1], -1)
         step_rows = step.reshape(-1)
@@ -234,6 +280,6 @@ def forward_torch_sums(layer, x: torch.Tensor) -> torch.Tensor:
         step_rows = step if step.numel() == 1 else step.expand(*acc_even.shape[:-1], 1).reshape(-1)
     odd = torch.zeros(0) if acc_odd is None else acc_odd.contiguous().reshape(shape)
     y = extension().rescale_sums(
-        acc_even.contiguous().reshape(shape), odd, col_scale, bias, step_rows.float().contiguous()
+        acc_even.contiguous().reshape(shape), odd, held.col_scale, held.bias, step_rows.float().contiguous()
     )
     return y.reshape(acc_even.shape).to(x.dtype)

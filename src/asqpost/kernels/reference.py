@@ -8,12 +8,17 @@ realistic layer). This is the ground truth that the native kernel is tested agai
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..levels import SQRT1_2
 
+if TYPE_CHECKING:
+    from ..export.modules import PackedLayer
 
-def exact_dtype(layer) -> torch.dtype:
+
+def exact_dtype(layer: PackedLayer) -> torch.dtype:
     """float32 when no partial sum can reach 2^24 (exact in float32), else float64."""
     lut = layer.weight.lut()
     biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
@@ -22,7 +27,7 @@ def exact_dtype(layer) -> torch.dtype:
     return torch.float32 if x_max * biggest * fan_in < 2**24 else torch.float64
 
 
-def integer_accumulators(layer, x_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def integer_accumulators(layer: PackedLayer, x_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(acc_even, acc_odd)``: exact integer sums of ``x_int`` against the even/odd LUT weights."""
     cache = layer.weight._cache
     if "int_weights" not in cache:
@@ -37,7 +42,7 @@ def integer_accumulators(layer, x_int: torch.Tensor) -> tuple[torch.Tensor, torc
     return acc_even, acc_odd
 
 
-def integer_forward_reference(layer, x: torch.Tensor) -> torch.Tensor:
+def integer_forward_reference(layer: PackedLayer, x: torch.Tensor) -> torch.Tensor:
     x_int, step = layer.input_quant(x)
     acc_even, acc_odd = integer_accumulators(layer, x_int)
     unit = layer.weight.lut().unit
@@ -46,7 +51,7 @@ def integer_forward_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def combine(layer, acc: torch.Tensor, step: torch.Tensor, unit: float) -> torch.Tensor:
+def combine(layer: PackedLayer, acc: torch.Tensor, step: torch.Tensor, unit: float) -> torch.Tensor:
     """``y = s_a * scale * unit * acc + bias`` (per-sample step, per-channel scale)."""
     scale = layer.weight.scale.double().reshape(layer.channel_shape(acc))
     y = acc * (scale * unit) * step.double()
