@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils.cpp_extension import include_paths
 
 from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost.config import recipe_names
 from asqpost.export import convert_to_packed, integer_lut
 from asqpost.kernels import native, packed_forward
 from asqpost.kernels.reference import exact_dtype, integer_accumulators, integer_forward_reference
-from asqpost.levels import make_levels
+from asqpost.levels import GRIDS, make_levels
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
 
@@ -47,7 +48,7 @@ def test_kernel_source_compiles_for_aarch64():
 
 
 @needs_native
-@pytest.mark.parametrize("grid", ["post", "pot", "apot", "uniform"])
+@pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize(
     ("m", "k", "n"),
@@ -151,7 +152,7 @@ def _layer(kind):
 
 @needs_native
 @pytest.mark.parametrize("kind", ["linear", "tokens", "conv"])
-@pytest.mark.parametrize("recipe", ["post-asq", "lsq-lsq", "apot-asq", "pot-lsq"])
+@pytest.mark.parametrize("recipe", recipe_names())  # every registered weight x activation method
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     layer, x = _layer(kind)
