@@ -215,3 +215,14 @@ def test_imagefolder(tmp_path):
     assert shapes == [((3, 3, 16, 16), (3,)), ((1, 3, 16, 16), (1,))]
     with pytest.raises(DataNotFoundError, match="class folders"):
         imagefolder(tmp_path / "train" / "cat", "train")
+
+
+def test_demo_says_its_data_and_reuses_only_a_matching_run(tmp_path, capsys):
+    tiny = ["--set", "data=synthetic", "--set", "epochs=1", "--set", "model_args={width: 4}", "--set", "progress=false"]
+    out = ["--out", str(tmp_path / "demo")]
+    assert main(["demo", *tiny, *out]) == 0
+    printed = capsys.readouterr().out
+    assert f"data: synthetic: {describe_dataset('synthetic')}" in printed
+    assert printed.count("| LSQ (W) + LSQ (A) |") == 2 and printed.count("| POST (W) + ASQ (A) |") == 2
+    assert main(["demo", *tiny, "--set", "data=digits", *out]) == 2  # another dataset: not the finished run
+    assert "holds a run made with another config" in capsys.readouterr().err
