@@ -224,5 +224,7 @@ def test_demo_says_its_data_and_reuses_only_a_matching_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"data: synthetic: {describe_dataset('synthetic')}" in printed
     assert printed.count("| LSQ (W) + LSQ (A) |") == 2 and printed.count("| POST (W) + ASQ (A) |") == 2
+    assert main(["demo", *tiny, *out]) == 0  # the same config: the finished steps are reused
+    assert capsys.readouterr().out == printed
     assert main(["demo", *tiny, "--set", "data=digits", *out]) == 2  # another dataset: not the finished run
     assert "holds a run made with another config" in capsys.readouterr().err

@@ -326,8 +326,7 @@ def describe_dataset(name: str) -> str:
     """One line saying what a registered dataset is and where its files come from (its loader's summary)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
-    doc = DATASETS[name].__doc__
-    return doc.strip().splitlines()[0] if doc else name
+    return (DATASETS[name].__doc__ or name).strip().splitlines()[0]
 
 
 # ---------------------------------------------------------------- batching and transforms
