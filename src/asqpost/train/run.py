@@ -69,7 +69,7 @@ def _float_model(config: RunConfig, train: ImageSet) -> tuple[nn.Module, dict[st
         return model_from_spec(spec), spec, None
     payload = load_checkpoint(config.init)
     if payload["qat"] is not None:
-        raise CheckpointError(f"--init {config.init} is already quantized; start QAT from a float checkpoint")
+        raise CheckpointError(f"init checkpoint {config.init} is already quantized; start QAT from a float checkpoint")
     spec = payload["model"]
     if tuple(spec["input_shape"]) != train.input_shape or spec["num_classes"] != train.num_classes:
         raise CheckpointError(
