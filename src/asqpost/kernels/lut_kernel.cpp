@@ -124,25 +124,37 @@ inline int32_t load_i32(const uint8_t* p) {
   return v;
 }
 
+// The walk over K that every path makes for MR activation rows from m0: tap by tap, that tap's Cp codes of each
+// row in blocks of 8 (k = tap * Cp + c). Calls block(b, xr, c) with b the index of the weight block (of a tile)
+// holding those 8 k, xr[i] row m0 + i's codes at this tap, and c the block's first channel. The walk is always
+// inlined; a path's block (a lambda with the path's target attribute) cannot be forced inline into it (GCC:
+// target mismatch) but is inlined once the walk sits in the path's function (no calls remain in the loops).
+template <int MR, typename Block>
+__attribute__((always_inline)) inline void for_each_block(const Args& a, int64_t m0, Block&& block) {
+  int64_t b = 0;
+  for (int64_t tap = 0; tap < a.taps; ++tap) {
+    const uint8_t* xr[MR];
+    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
+    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) block(b, xr, c);
+  }
+}
+
 // rows [m0, m1) x tiles [t0, t1)
 void scalar_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = a.tile(t);
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t r = 0; r < kTile && t * kTile + r < a.N; ++r) {
-        int64_t se = 0, so = 0, b = 0;
-        for (int64_t tap = 0; tap < a.taps; ++tap) {
-          const uint8_t* xr = a.row(m, tap);
-          for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
-            for (int i = 0; i < 4; ++i) {
-              const uint8_t byte = wt[b * 64 + 4 * r + i];
-              const int lo = byte & 15, hi = byte >> 4;
-              const int32_t xl = xr[c + i], xh = xr[c + 4 + i];
-              se += xl * a.lut_even[lo] + xh * a.lut_even[hi];
-              so += xl * a.lut_odd[lo] + xh * a.lut_odd[hi];
-            }
+        int64_t se = 0, so = 0;
+        for_each_block<1>(a, m, [&](int64_t b, const uint8_t* const* xr, int64_t c) {
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t byte = wt[b * 64 + 4 * r + i];
+            const int lo = byte & 15, hi = byte >> 4;
+            const int32_t xl = xr[0][c + i], xh = xr[0][c + 4 + i];
+            se += xl * a.lut_even[lo] + xh * a.lut_even[hi];
+            so += xl * a.lut_odd[lo] + xh * a.lut_odd[hi];
           }
-        }
+        });
         const int32_t even = static_cast<int32_t>(se), odd = static_cast<int32_t>(so);
         store_sums(a, m, t * kTile + r, &even, &odd, 1);
       }
@@ -220,24 +232,19 @@ ASQPOST_AVX512 void tile_avx512(const Args& a, int64_t m0, int64_t t0) {
     for (int j = 0; j < NT; ++j) acc_e[i][j] = acc_o[i][j] = _mm512_setzero_si512();
   const uint8_t* wt[NT];
   for (int j = 0; j < NT; ++j) wt[j] = a.tile(t0 + j);
-  int64_t b = 0;
-  for (int64_t tap = 0; tap < a.taps; ++tap) {
-    const uint8_t* xr[MR];
-    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
-    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
-      Decoded d[NT];
-      for (int j = 0; j < NT; ++j) d[j] = decode_block<ODD>(wt[j] + b * 64, table_even, table_odd);
-      for (int i = 0; i < MR; ++i) {
-        const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
-        const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
-        for (int j = 0; j < NT; ++j) {
-          acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, d[j].e_lo), x_hi, d[j].e_hi);
-          if (ODD)
-            acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, d[j].o_lo), x_hi, d[j].o_hi);
-        }
+  for_each_block<MR>(a, m0, [&](int64_t b, const uint8_t* const* xr, int64_t c) ASQPOST_AVX512 {
+    Decoded d[NT];
+    for (int j = 0; j < NT; ++j) d[j] = decode_block<ODD>(wt[j] + b * 64, table_even, table_odd);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
+      const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
+      for (int j = 0; j < NT; ++j) {
+        acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, d[j].e_lo), x_hi, d[j].e_hi);
+        if (ODD)
+          acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, d[j].o_lo), x_hi, d[j].o_hi);
       }
     }
-  }
+  });
   for (int j = 0; j < NT; ++j)
     for (int i = 0; i < MR; ++i) store_tile<ODD>(a, m0 + i, t0 + j, acc_e[i][j], acc_o[i][j]);
 }
@@ -263,23 +270,18 @@ template <int MR, bool ODD>
 ASQPOST_AVX512 void rows_decoded_avx512(const Args& a, int64_t m0, int64_t t, const int8_t* decoded) {
   __m512i acc_e[MR], acc_o[MR];
   for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm512_setzero_si512();
-  int64_t b = 0;
-  for (int64_t tap = 0; tap < a.taps; ++tap) {
-    const uint8_t* xr[MR];
-    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
-    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
-      const int8_t* d = decoded + 256 * b;
-      const __m512i e_lo = _mm512_loadu_si512(d), e_hi = _mm512_loadu_si512(d + 64);
-      const __m512i o_lo = ODD ? _mm512_loadu_si512(d + 128) : e_lo;
-      const __m512i o_hi = ODD ? _mm512_loadu_si512(d + 192) : e_hi;
-      for (int i = 0; i < MR; ++i) {
-        const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
-        const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
-        acc_e[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i], x_lo, e_lo), x_hi, e_hi);
-        if (ODD) acc_o[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i], x_lo, o_lo), x_hi, o_hi);
-      }
+  for_each_block<MR>(a, m0, [&](int64_t b, const uint8_t* const* xr, int64_t c) ASQPOST_AVX512 {
+    const int8_t* d = decoded + 256 * b;
+    const __m512i e_lo = _mm512_loadu_si512(d), e_hi = _mm512_loadu_si512(d + 64);
+    const __m512i o_lo = ODD ? _mm512_loadu_si512(d + 128) : e_lo;
+    const __m512i o_hi = ODD ? _mm512_loadu_si512(d + 192) : e_hi;
+    for (int i = 0; i < MR; ++i) {
+      const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
+      const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
+      acc_e[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i], x_lo, e_lo), x_hi, e_hi);
+      if (ODD) acc_o[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i], x_lo, o_lo), x_hi, o_hi);
     }
-  }
+  });
   for (int i = 0; i < MR; ++i) store_tile<ODD>(a, m0 + i, t, acc_e[i], acc_o[i]);
 }
 
@@ -349,24 +351,19 @@ ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half)
   __m256i acc_e[MR], acc_o[MR];
   for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm256_setzero_si256();
   const uint8_t* wt = a.tile(t) + half * 32;
-  int64_t b = 0;
-  for (int64_t tap = 0; tap < a.taps; ++tap) {
-    const uint8_t* xr[MR];
-    for (int i = 0; i < MR; ++i) xr[i] = a.row(m0 + i, tap);
-    for (int64_t c = 0; c < a.Cp; c += kGroup, ++b) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + b * 64));
-      const __m256i lo = _mm256_and_si256(v, nibble);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      const __m256i e_lo = _mm256_shuffle_epi8(table_even, lo), e_hi = _mm256_shuffle_epi8(table_even, hi);
-      const __m256i o_lo = _mm256_shuffle_epi8(table_odd, lo), o_hi = _mm256_shuffle_epi8(table_odd, hi);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i x_lo = _mm256_set1_epi32(load_i32(xr[i] + c));
-        const __m256i x_hi = _mm256_set1_epi32(load_i32(xr[i] + c + 4));
-        acc_e[i] = dot_u8s8(dot_u8s8(acc_e[i], x_lo, e_lo), x_hi, e_hi);
-        if (a.has_odd) acc_o[i] = dot_u8s8(dot_u8s8(acc_o[i], x_lo, o_lo), x_hi, o_hi);
-      }
+  for_each_block<MR>(a, m0, [&](int64_t b, const uint8_t* const* xr, int64_t c) ASQPOST_AVX2 {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + b * 64));
+    const __m256i lo = _mm256_and_si256(v, nibble);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    const __m256i e_lo = _mm256_shuffle_epi8(table_even, lo), e_hi = _mm256_shuffle_epi8(table_even, hi);
+    const __m256i o_lo = _mm256_shuffle_epi8(table_odd, lo), o_hi = _mm256_shuffle_epi8(table_odd, hi);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x_lo = _mm256_set1_epi32(load_i32(xr[i] + c));
+      const __m256i x_hi = _mm256_set1_epi32(load_i32(xr[i] + c + 4));
+      acc_e[i] = dot_u8s8(dot_u8s8(acc_e[i], x_lo, e_lo), x_hi, e_hi);
+      if (a.has_odd) acc_o[i] = dot_u8s8(dot_u8s8(acc_o[i], x_lo, o_lo), x_hi, o_hi);
     }
-  }
+  });
   const int64_t n = t * kTile + half * 8;
   const int64_t count = std::min<int64_t>(8, a.N - n);
   for (int i = 0; i < MR; ++i) {
