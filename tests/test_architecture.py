@@ -25,7 +25,7 @@ LAYERS = (
     ("asqpost.quantizers",),
     ("asqpost.nn",),
     ("asqpost.convert",),
-    ("asqpost.models", "asqpost.data", "asqpost.size", "asqpost.runconfig"),
+    ("asqpost.models", "asqpost.data", "asqpost.size", "asqpost.runconfig", "asqpost.beta_report"),
     ("asqpost.kernels",),
     ("asqpost.export",),
     ("asqpost.train",),

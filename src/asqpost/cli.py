@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .beta_report import DEFAULT_GAINS, write_beta_report
 from .compare import DEFAULT_METHODS
 from .config import recipe_names
 from .data import DATASETS, DataNotFoundError
@@ -77,10 +78,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.run import evaluate_checkpoint
+    from .train.run import beta_report_checkpoint, evaluate_checkpoint
 
+    if args.gains is not None and args.beta_report is None:
+        raise ValueError("--gains sets the gains of --beta-report OUT_DIR; pass both")
+    report = None
+    if args.beta_report is not None:  # before the accuracy: a model without ASQ layers fails fast
+        gains = args.gains or DEFAULT_GAINS
+        report = beta_report_checkpoint(
+            args.checkpoint, args.data, args.data_root, args.split, args.shift, gains, device=args.device
+        )
     result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device)
+    if report is not None:
+        paths = write_beta_report(report, args.beta_report)
+        if args.json:
+            result["beta"] = report.to_dict()
     _print_accuracy(args, result, "")
+    if report is not None and not args.json:
+        print(f"\n{report.markdown()}\n\nwritten: {', '.join(map(str, paths))}")
     return 0
 
 
@@ -99,7 +114,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import markdown_table, run_grid
 
     base = _run_config(args)
-    records = run_grid(base, args.init, args.out, tuple(args.methods), tuple(args.bits), tuple(args.seeds))
+    records = run_grid(
+        base, args.init, args.out, tuple(args.methods), tuple(args.bits), tuple(args.seeds), beta=args.beta
+    )
     print(markdown_table(records))
     print(f"\nwritten: {Path(args.out) / 'results.md'}, {Path(args.out) / 'accuracy.png'}")
     return 0
@@ -198,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split (optionally shifted)")
     p.add_argument("checkpoint")
     _add_eval_args(p)
+    p.add_argument(
+        "--beta-report",
+        metavar="OUT_DIR",
+        help="also report each ASQ layer's beta over the data and its response to input gain "
+        "(OUT_DIR/beta.json, beta.md, beta.png; the tables are printed)",
+    )
+    p.add_argument(
+        "--gains",
+        nargs="+",
+        type=float,
+        metavar="G",
+        help=f"input gains of --beta-report (raw image times G before normalisation; default {DEFAULT_GAINS})",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -216,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument(
+        "--beta",
+        action="store_true",
+        help="also write each ASQ cell's beta report (cells/<cell>/beta.*) and add the mean over its layers of "
+        "beta(4x)/beta(1x) and beta(0.25x)/beta(1x) to results.md / results.json",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job: float training, then QAT with LSQ and ASQ + POST, then a table")

@@ -4,7 +4,9 @@ Each cell is a QAT run (or a float fine-tune for ``float``) written to ``OUT/cel
 as soon as it finishes; a cell with a ``final.json`` is skipped when the command runs again, so a grid can be
 completed over several sessions, or by several processes sharing one ``OUT`` (every write is atomic).
 ``OUT/results.md`` (mean and spread over seeds of clean and shifted accuracy, and model size) and
-``OUT/accuracy.png`` are rewritten after every cell.
+``OUT/accuracy.png`` are rewritten after every cell. With ``beta=True`` (``asqpost compare --beta``) every cell
+with ASQ layers also gets its beta report (``beta.json``, ``beta.md``, ``beta.png``, :mod:`asqpost.beta_report`) on
+the test set, and the report two columns: the mean over its layers of beta(4x) / beta(1x) and beta(0.25x) / beta(1x).
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .beta_report import DEFAULT_GAINS, NoASQLayersError, write_beta_report
 from .config import split_recipe
 from .files import atomic_write_bytes
 from .registry import FLOAT, get_method
 from .runconfig import RunConfig
-from .train.run import fit
+from .train.run import beta_report_checkpoint, fit
 
 log = logging.getLogger(__name__)
 
 # the default grid: a choice of recipes (any of config.recipe_names() can be asked for)
 DEFAULT_METHODS = (FLOAT, "lsq", "lsq-asq", "post-lsq", "post-asq", "pot-lsq", "apot-lsq")
 FLOAT_LABEL = "float (same fine-tune budget)"
+# record key -> input gain: the mean over a cell's ASQ layers of mean beta at that gain over mean beta at gain 1
+BETA_RATIOS = {"beta_4_over_1": 4.0, "beta_0.25_over_1": 0.25}
+BETA_COLUMNS = ("beta(4x)/beta(1x)", "beta(0.25x)/beta(1x)")
 
 
 def method_label(method: str) -> str:
@@ -50,8 +56,9 @@ def run_grid(
     bits: tuple[int, ...] = (2, 3, 4),
     seeds: tuple[int, ...] = (0, 1),
     on_cell: Callable[[dict[str, Any]], None] | None = None,
+    beta: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse) every cell; returns one record per cell."""
+    """Run (or reuse) every cell; returns one record per cell (with :data:`BETA_RATIOS` keys when ``beta``)."""
     for method in methods:
         if method != FLOAT:
             split_recipe(method)  # fail fast on an unknown method name
@@ -71,11 +78,41 @@ def run_grid(
             fit(base.replace(quant=quant, init=init, seed=seed, stop_after=None), cell_dir)
         final = json.loads(final_path.read_text())
         record = {"method": method, "bits": b, "seed": seed, **{k: v for k, v in final.items() if k != "history"}}
+        if beta and method != FLOAT:
+            record.update(cell_beta_ratios(base, cell_dir))
         records.append(record)
         write_report(records, out, base, init)
         if on_cell:
             on_cell(record)
     return records
+
+
+def cell_beta_ratios(base: RunConfig, cell_dir: Path) -> dict[str, float]:
+    """:data:`BETA_RATIOS` of a finished cell, from its beta report (written on first use, then reused).
+
+    Empty for a cell without ASQ layers. The report covers the run's test set (``test_subset`` included).
+    """
+    saved = cell_dir / "beta.json"
+    if not saved.is_file():
+        try:
+            report = beta_report_checkpoint(
+                cell_dir / "checkpoint.pt",
+                base.data,
+                base.data_root,
+                gains=DEFAULT_GAINS,
+                batch_size=base.eval_batch_size,
+                device=base.device,
+                subset=base.test_subset,
+            )
+        except NoASQLayersError:
+            return {}
+        write_beta_report(report, cell_dir)
+    ratios = json.loads(saved.read_text())["mean_ratio_to_gain_1"]
+    return {key: ratios[str(gain)] for key, gain in BETA_RATIOS.items()}
+
+
+def _has_beta(records: list[dict[str, Any]]) -> bool:
+    return any(key in r for r in records for key in BETA_RATIOS)
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -100,20 +137,26 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "shift": _mean_spread([r["shift_acc"] for r in rs]),
                 "test_mean": statistics.fmean(r["test_acc"] for r in rs),
                 "size_kib": rs[0]["size_bytes"] / 1024,
+                **{key: statistics.fmean(r[key] for r in rs) for key in BETA_RATIOS if all(key in r for r in rs)},
             }
         )
     return rows
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
+    with_beta = _has_beta(records)
+    extra = "".join(f" {c} |" for c in BETA_COLUMNS) if with_beta else ""
     lines = [
-        "| method | bits (W/A) | seeds | test acc % | shifted acc % | size (KiB) |",
-        "|---|---|---|---|---|---|",
+        f"| method | bits (W/A) | seeds | test acc % | shifted acc % | size (KiB) |{extra}",
+        "|---|---|---|---|---|---|" + "---|" * (len(BETA_COLUMNS) if with_beta else 0),
     ]
     for row in summarize(records):
         bits = "32" if row["bits"] is None else f"{row['bits']}/{row['bits']}"
         label = method_label(row["method"])
-        lines.append(f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} | {row['size_kib']:.1f} |")
+        line = f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} | {row['size_kib']:.1f} |"
+        if with_beta:
+            line += "".join(f" {row[k]:.3f} |" if k in row else " - |" for k in BETA_RATIOS)
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -125,6 +168,12 @@ def write_report(records: list[dict[str, Any]], out: Path, base: RunConfig, init
         f"{(base.quant or {}).get('first', 8)}/{(base.quant or {}).get('last', 8)}. Shifted: each test image "
         "times a log-uniform gain in [0.25, 4] plus an offset in [-0.2, 0.2].\n\n"
     )
+    if _has_beta(records):
+        header += (
+            "Beta columns: the mean over a cell's ASQ layers of (mean beta with every test image times 4, or 0.25, "
+            "before normalisation) / (mean beta at gain 1); a step that follows the input gives 4 and 0.25. Each "
+            "cell's beta report: `cells/<cell>/beta.md`.\n\n"
+        )
     atomic_write_bytes(out / "results.md", (header + markdown_table(records) + "\n").encode())
     atomic_write_bytes(out / "results.json", json.dumps(records, indent=2).encode())
     plot(records, out / "accuracy.png")

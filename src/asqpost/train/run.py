@@ -16,6 +16,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs, require_asq
 from ..convert import calibrate, prepare_qat
 from ..data import ImageSet, Normalizer, TensorBatches, load_dataset
 from ..export import read_packed
@@ -254,12 +256,17 @@ def _fmt(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch")
 
 
-def _evaluate_model(model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source):
-    dataset = load_dataset(data, split, data_root)
+def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None) -> TensorBatches:
+    """A split's batches, normalised as the model was trained (optionally shifted), after checking its shape."""
+    dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
     if tuple(input_shape) != dataset.input_shape:
         raise ValueError(f"{source} expects inputs {tuple(input_shape)}; {data!r} has {dataset.input_shape}")
     normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
-    batches = TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None)
+    return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None)
+
+
+def _evaluate_model(model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source):
+    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source)
     stats = evaluate(model, batches, next(model.buffers()).device)
     return {"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples, "shift": shift}
 
@@ -304,3 +311,27 @@ def evaluate_checkpoint(
         batch_size,
         path,
     )
+
+
+def beta_report_checkpoint(
+    path: str | Path,
+    data: str,
+    data_root: str | None = None,
+    split: str = "test",
+    shift: bool = False,
+    gains: tuple[float, ...] = DEFAULT_GAINS,
+    batch_size: int = 500,
+    device: str = "auto",
+    subset: int | None = None,
+) -> BetaReport:
+    """Beta of every ASQ layer of a checkpoint over a dataset split, at each input gain (:mod:`asqpost.beta_report`).
+
+    ``subset`` takes the same fixed test subset as a run with ``test_subset``. Raises
+    :class:`~asqpost.beta_report.NoASQLayersError` (a ``ValueError``) for a model without ASQ layers.
+    """
+    payload = load_checkpoint(path)
+    model = build_from_checkpoint(payload).to(resolve_device(device))
+    require_asq(model, str(path))
+    input_shape, norm = payload["model"]["input_shape"], payload.get("normalizer")
+    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, path, subset)
+    return beta_report(model, partial(gained_inputs, batches), gains, source=str(path))
