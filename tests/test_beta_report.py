@@ -87,6 +87,20 @@ def test_statistics_equal_a_direct_computation_over_every_batch():
     assert stats["0"].std > 0.1 and stats["4"].std > 0  # beta varies: the checks above are not of a constant
 
 
+def test_running_stats_keep_a_tiny_std_next_to_a_large_mean():
+    torch.manual_seed(3)
+    batches = [1000 + 1e-4 * torch.randn(n, dtype=torch.float64) for n in (1, 50, 7, 300)]
+    stats = RunningStats()
+    for batch in batches:
+        stats.add(batch)
+    stats.add(torch.empty(0))  # an empty batch changes nothing
+    values = torch.cat(batches)
+    assert stats.count == 358 and stats.mean == pytest.approx(float(values.mean()), rel=1e-15)
+    assert stats.std == pytest.approx(float(values.std(unbiased=False)), rel=1e-6)
+    assert (stats.low, stats.high) == (float(values.min()), float(values.max()))
+    assert torch.isnan(torch.tensor(RunningStats().std))
+
+
 def test_hooks_are_removed_and_the_mode_restored():
     model = _asq_net().train()
     collect_beta(model, [torch.rand(2, 2, 4, 4)])

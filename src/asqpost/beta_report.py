@@ -2,8 +2,8 @@
 
 Every ASQ activation quantizer (the input of one quantized layer) gets a forward pre-hook that calls
 ``quantizer.beta(x)`` on the layer's input and folds the values (one per sample, or one per token with
-``per_token`` on ``(N, T, C)`` inputs) into running statistics: count, sum, sum of squares, min, max (float64).
-Nothing else is kept, so a report over a whole dataset costs no memory.
+``per_token`` on ``(N, T, C)`` inputs) into running statistics (:class:`RunningStats`: count, mean, sum of
+squared deviations, min, max). Nothing else is kept, so a report over a whole dataset costs no memory.
 
 The gain response runs the same images once per gain ``g``: the raw image in [0, 1] (after the ``--shift``
 perturbation when that is asked for) times ``g``, then the model's normalisation, ``normalize(g * x)``: the same
@@ -41,31 +41,39 @@ class NoASQLayersError(ValueError):
 
 @dataclass
 class RunningStats:
-    """Streaming count / mean / population std / min / max of the values added (float64 sums)."""
+    """Streaming count / mean / population std / min / max of the values added, in float64.
+
+    Each batch is merged with Chan et al.'s update of (count, mean, sum of squared deviations): unlike a running
+    sum of squares, it keeps the std exact when it is tiny next to the mean (beta is often 1 +- 1e-4).
+    """
 
     count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
+    running_mean: float = 0.0
+    sq_dev: float = 0.0
     low: float = math.inf
     high: float = -math.inf
 
     def add(self, values: torch.Tensor) -> None:
         v = values.detach().double().flatten()
-        self.count += v.numel()
-        self.total += float(v.sum())
-        self.total_sq += float((v * v).sum())
+        n = v.numel()
+        if not n:
+            return
+        batch_mean = float(v.mean())
+        total = self.count + n
+        delta = batch_mean - self.running_mean
+        self.sq_dev += float(((v - batch_mean) ** 2).sum()) + delta**2 * self.count * n / total
+        self.running_mean += delta * n / total
+        self.count = total
         self.low = min(self.low, float(v.min()))
         self.high = max(self.high, float(v.max()))
 
     @property
     def mean(self) -> float:
-        return self.total / self.count if self.count else math.nan
+        return self.running_mean if self.count else math.nan
 
     @property
     def std(self) -> float:
-        if not self.count:
-            return math.nan
-        return math.sqrt(max(self.total_sq / self.count - self.mean**2, 0.0))
+        return math.sqrt(self.sq_dev / self.count) if self.count else math.nan
 
     def as_dict(self) -> dict[str, float | int]:
         return {"count": self.count, "mean": self.mean, "std": self.std, "min": self.low, "max": self.high}
