@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .adapters import POSITIVE_MAPS
+from .adapters import ADAPTER_FORMS, POSITIVE_MAPS
 from .levels import check_bits
 from .registry import FLOAT, get_method, methods_for
 
@@ -59,6 +59,9 @@ class QuantizerConfig:
     bits: 2..8, sign included when signed.
     signed: activations only; ``None`` decides at calibration (signed if any calibration input is negative).
     adapter: ASQ only: the adapter's positive map (``softplus``, ``exp`` or the paper's ``relu``).
+    adapter_form: ASQ only: ``paper`` (beta from the channel means, as published) or ``scale`` (beta follows the
+        input's mean |x| by construction: ``beta = (r(x) / r_ref)^gamma * positive(mlp(m(x) / r(x)))``; see
+        :mod:`asqpost.adapters`).
     per_token: ASQ on ``(N, T, C)`` inputs: one beta per token instead of per sample.
     init: scale initialisation: ``lsq`` (LSQ's ``2 mean|x| / sqrt(qmax)``; uniform grids only), ``mse``
         (search for the least squared error) or ``percentile`` (99th percentile of |x| on the top level, as
@@ -70,6 +73,7 @@ class QuantizerConfig:
     bits: int
     signed: bool | None = None
     adapter: str = "softplus"
+    adapter_form: str = "paper"
     per_token: bool = False
     init: str | None = None
 
@@ -80,6 +84,8 @@ class QuantizerConfig:
             raise ValueError(f"signed must be true, false or null, got {self.signed!r}")
         if self.adapter not in POSITIVE_MAPS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {POSITIVE_MAPS}")
+        if self.adapter_form not in ADAPTER_FORMS:
+            raise ValueError(f"unknown adapter_form {self.adapter_form!r}; choose one of {ADAPTER_FORMS}")
         if self.init not in (None, *INITS):
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         if self.init is not None and self.init not in method.inits:
