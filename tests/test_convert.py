@@ -186,3 +186,15 @@ def test_config_json_round_trip_and_unknown_keys():
         QATConfig.recipe("post-post", 4)
     with pytest.raises(ValueError, match="unknown quantization method"):
         QuantizerConfig("pact", 4)
+
+
+def test_recipe_sets_quantizer_fields():
+    qat = QATConfig.recipe("lsq-asq", 3, act={"init": "percentile", "adapter_form": "scale"}, weight={"init": "mse"})
+    assert qat.act == QuantizerConfig("asq", 3, init="percentile", adapter_form="scale")
+    assert qat.weight == QuantizerConfig("lsq", 3, init="mse")
+    assert QATConfig.recipe("post-lsq", 4, act={"bits": 8}).act == QuantizerConfig("lsq", 8)
+    assert QATConfig.from_json(qat.to_json()) == qat
+    with pytest.raises(ValueError, match="names the weight method"):
+        QATConfig.recipe("post-lsq", 4, weight={"method": "lsq"})
+    with pytest.raises(ValueError, match="does not apply"):
+        QATConfig.recipe("post-lsq", 4, weight={"init": "lsq"})

@@ -134,6 +134,15 @@ def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
         ({"quant": {"recipe": "post-asq", "bits": 1}}, "bits"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "frist": 8}}, "unknown quant key"),
         ({"device": "tpu"}, "device"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"init": "median"}}}, "unknown init 'median'"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "rms"}}}, "unknown adapter_form"),
+        (
+            {"quant": {"recipe": "post-asq", "bits": 4, "act": {"inti": "mse"}}},
+            r"unknown recipe act key\(s\) \['inti'\]",
+        ),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": "mse"}}, "recipe act settings are a mapping"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"method": "lsq"}}}, "the recipe names the act method"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "weight": {"init": "lsq"}}}, "does not apply to 'post'"),
     ],
 )
 def test_bad_run_configs(data, message):
@@ -149,6 +158,17 @@ def test_yaml_then_set_overrides(tmp_path):
     assert parse_set(["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
     with pytest.raises(ValueError, match="key=value"):
         parse_set(["novalue"])
+
+
+def test_set_reaches_the_recipes_quantizer_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: mlp\nquant:\n  recipe: post-asq\n  bits: 4\n")
+    sets = ["quant.act.init=mse", "quant.act.adapter_form=scale", "quant.weight.init=percentile"]
+    qat = load_run_config(path, sets).qat_config()
+    assert (qat.act.method, qat.act.bits, qat.act.init, qat.act.adapter_form) == ("asq", 4, "mse", "scale")
+    assert (qat.weight.method, qat.weight.bits, qat.weight.init) == ("post", 4, "percentile")
+    plain = load_run_config(path).qat_config()
+    assert (plain.act.init, plain.act.adapter_form, plain.weight.init) == (None, "paper", None)
 
 
 def test_cli_reports_user_errors(tmp_path, capsys):

@@ -146,6 +146,18 @@ def _apply_part(q: QuantizerConfig | None, value: Any, role: str) -> QuantizerCo
     raise ValueError(f"a {role} override is 'float', an integer bit width or a mapping, got {value!r}")
 
 
+def _recipe_part(method: str, bits: int, fields_: dict[str, Any] | None, role: str) -> QuantizerConfig:
+    """A recipe's quantizer for ``role``: ``method`` at ``bits``, with ``fields_`` set on top."""
+    if fields_ is None:
+        return QuantizerConfig(method, bits)
+    if not isinstance(fields_, dict):
+        raise ValueError(f"recipe {role} settings are a mapping of quantizer fields, got {fields_!r}")
+    _reject_unknown(QuantizerConfig, fields_, f"recipe {role}")
+    if "method" in fields_:
+        raise ValueError(f"the recipe names the {role} method; {role}.method cannot be set next to it")
+    return QuantizerConfig(**{"method": method, "bits": bits, **fields_})
+
+
 def apply_edge(spec: LayerQuant, value: Any) -> LayerQuant:
     """First/last layer policy: bits mean uniform weights (LSQ) and activations at that width."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -214,10 +226,25 @@ class QATConfig:
         return LayerQuant(self.weight, self.act)
 
     @classmethod
-    def recipe(cls, name: str, bits: int, **kwargs: Any) -> QATConfig:
-        """A config from a ``<weight method>-<activation method>`` name (:func:`split_recipe`)."""
+    def recipe(
+        cls,
+        name: str,
+        bits: int,
+        *,
+        weight: dict[str, Any] | None = None,
+        act: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> QATConfig:
+        """A config from a ``<weight method>-<activation method>`` name (:func:`split_recipe`).
+
+        ``weight`` / ``act``: :class:`QuantizerConfig` fields for the recipe's weight / activation quantizer
+        (not ``method``: the recipe names it), e.g. ``act={"init": "mse", "adapter_form": "scale"}``.
+        Other keyword arguments (``first``, ``last``, ``overrides``) go to the constructor.
+        """
         weight_method, act_method = split_recipe(name)
-        return cls(QuantizerConfig(weight_method, bits), QuantizerConfig(act_method, bits), **kwargs)
+        return cls(
+            _recipe_part(weight_method, bits, weight, "weight"), _recipe_part(act_method, bits, act, "act"), **kwargs
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

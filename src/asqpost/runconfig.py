@@ -18,13 +18,17 @@ import yaml
 from .config import QATConfig
 from .data import AUGMENTS
 
+RECIPE_KEYS = ("recipe", "bits", "first", "last", "overrides", "act", "weight")
+
 
 @dataclass(frozen=True)
 class RunConfig:
     """One training run (float, or QAT when ``quant`` is set).
 
-    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``), or a full
-        QAT config mapping (``weight``, ``act``, ...); ``None`` trains in float.
+    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``, and ``act`` /
+        ``weight``: quantizer fields for the recipe's activation / weight quantizer, e.g. ``{"init": "mse",
+        "adapter_form": "scale"}``), or a full QAT config mapping (``weight``, ``act``, ...); ``None`` trains
+        in float.
     init: a float checkpoint to start from (its architecture and input normalisation are used).
     train_subset / test_subset: use a fixed random subset of that many samples (``None``: all).
     stop_after: stop this invocation after that many epochs (continue later with ``--resume``).
@@ -72,9 +76,9 @@ class RunConfig:
             return None
         quant = dict(self.quant)
         if "recipe" in quant:
-            unknown = sorted(set(quant) - {"recipe", "bits", "first", "last", "overrides"})
+            unknown = sorted(set(quant) - set(RECIPE_KEYS))
             if unknown:
-                raise ValueError(f"unknown quant key(s) {unknown}; with 'recipe' use bits, first, last, overrides")
+                raise ValueError(f"unknown quant key(s) {unknown}; with 'recipe' use {', '.join(RECIPE_KEYS[1:])}")
             if "bits" not in quant:
                 raise ValueError("quant.recipe needs quant.bits")
             overrides = tuple(tuple(o) for o in quant.pop("overrides", ()))
