@@ -134,6 +134,7 @@ def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
         ({"quant": {"recipe": "post-asq", "bits": 1}}, "bits"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "frist": 8}}, "unknown quant key"),
         ({"device": "tpu"}, "device"),
+        ({"gain_augment": 0.5}, "gain_augment is the largest gain"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"init": "median"}}}, "unknown init 'median'"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "rms"}}}, "unknown adapter_form"),
         (

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .config import QATConfig
-from .data import AUGMENTS
+from .data import AUGMENTS, check_gain_augment
 
 RECIPE_KEYS = ("recipe", "bits", "first", "last", "overrides", "act", "weight")
 
@@ -32,6 +32,8 @@ class RunConfig:
     init: a float checkpoint to start from (its architecture and input normalisation are used).
     train_subset / test_subset: use a fixed random subset of that many samples (``None``: all).
     stop_after: stop this invocation after that many epochs (continue later with ``--resume``).
+    gain_augment: train-time gain augmentation: each training sample times a random gain, log-uniform in
+        ``[1/g, g]`` for ``g = gain_augment`` (on the [0, 1] images, as ``eval --shift``); ``None`` or 0: off.
     """
 
     model: str = "resnet20"
@@ -47,6 +49,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     augment: str = "crop"
+    gain_augment: float | None = None
     seed: int = 0
     quant: dict | None = None
     init: str | None = None
@@ -65,6 +68,7 @@ class RunConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
+        check_gain_augment(self.gain_augment)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.quant is not None:
@@ -120,7 +124,7 @@ def _check_types(config: RunConfig) -> None:
         value = getattr(config, f.name)
         if not _accepts(hints[f.name], value):
             raise ValueError(f"config key {f.name!r} must be {hints[f.name]}, got {value!r}")
-        if hints[f.name] == float | None or hints[f.name] is float:
+        if value is not None and (hints[f.name] == float | None or hints[f.name] is float):
             object.__setattr__(config, f.name, float(value))
 
 
