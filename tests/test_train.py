@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from asqpost.adapters import StepAdapter
 from asqpost.cli import main
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint
-from asqpost.train.run import evaluate_checkpoint, fit
+from asqpost.train.run import evaluate_checkpoint, fit, param_groups, prepare
 
 TINY = {
     "data": "synthetic",
@@ -113,6 +114,47 @@ def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
         fit(config.replace(seed=5), tmp_path / "stopped", resume=True)
 
 
+SCALE_ASQ = {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "scale", "init": "mse"}}
+
+
+def test_adapter_lr_mult_puts_the_adapters_in_their_own_group(float_ckpt):
+    model = prepare(RunConfig(**{**TINY, "init": str(float_ckpt), "quant": SCALE_ASQ})).model
+    adapter_params = [p for m in model.modules() if isinstance(m, StepAdapter) for p in m.parameters()]
+    assert any(p.dim() == 0 for p in adapter_params), "gamma is an adapter parameter"
+    [only] = param_groups(model, 0.1)  # mult 1: today's single group, in the model's parameter order
+    assert only.keys() == {"params"} and only["params"] == list(model.parameters())
+    rest, adapters = param_groups(model, 0.1, 5.0)
+    assert "lr" not in rest and adapters["lr"] == pytest.approx(0.5)
+    assert {id(p) for p in adapters["params"]} == {id(p) for p in adapter_params}
+    assert len(rest["params"]) + len(adapters["params"]) == len(list(model.parameters()))
+    optimizer = torch.optim.SGD([rest, adapters], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        low, high = (g["lr"] for g in optimizer.param_groups)
+        assert 0 < low < 0.1 and high == pytest.approx(5 * low)
+    lsq = prepare(RunConfig(**{**TINY, "init": str(float_ckpt), "quant": {"recipe": "lsq", "bits": 4}})).model
+    assert len(param_groups(lsq, 0.1, 5.0)) == 1  # no adapters: no second group
+
+
+def test_scale_adapter_training_with_gain_augment_and_adapter_lr(tmp_path, float_ckpt):
+    config = RunConfig(
+        **{**TINY, "epochs": 1, "init": str(float_ckpt), "quant": SCALE_ASQ},
+        gain_augment=2.0,
+        adapter_lr_mult=10.0,
+    )
+    final = fit(config, tmp_path / "run")
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    low, high = (g["initial_lr"] for g in payload["optimizer"]["param_groups"])
+    assert (low, high) == (pytest.approx(0.05), pytest.approx(0.5))
+    gammas = [v for k, v in payload["state_dict"].items() if k.endswith("adapter.gamma")]
+    assert gammas and all(g != 1.0 for g in gammas), "training reached gamma"
+    assert evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]
+    with pytest.raises(CheckpointError, match="adapter_lr_mult"):
+        fit(config.replace(adapter_lr_mult=1.0, epochs=1), tmp_path / "run", resume=True)
+
+
 def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
     config = RunConfig(**{**TINY, "epochs": 1, "init": str(float_ckpt), "quant": {"recipe": "lsq", "bits": 4}})
     fit(config, tmp_path / "q")
@@ -135,6 +177,7 @@ def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
         ({"quant": {"recipe": "post-asq", "bits": 4, "frist": 8}}, "unknown quant key"),
         ({"device": "tpu"}, "device"),
         ({"gain_augment": 0.5}, "gain_augment is the largest gain"),
+        ({"adapter_lr_mult": 0}, "adapter_lr_mult must be > 0"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"init": "median"}}}, "unknown init 'median'"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "rms"}}}, "unknown adapter_form"),
         (

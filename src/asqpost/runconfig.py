@@ -32,6 +32,7 @@ class RunConfig:
     init: a float checkpoint to start from (its architecture and input normalisation are used).
     train_subset / test_subset: use a fixed random subset of that many samples (``None``: all).
     stop_after: stop this invocation after that many epochs (continue later with ``--resume``).
+    adapter_lr_mult: the ASQ step adapters' learning rate (``gamma`` included) is ``lr * adapter_lr_mult``.
     gain_augment: train-time gain augmentation: each training sample times a random gain, log-uniform in
         ``[1/g, g]`` for ``g = gain_augment`` (on the [0, 1] images, as ``eval --shift``); ``None`` or 0: off.
     """
@@ -46,6 +47,7 @@ class RunConfig:
     batch_size: int = 128
     eval_batch_size: int = 500
     lr: float = 0.01
+    adapter_lr_mult: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
     augment: str = "crop"
@@ -64,8 +66,9 @@ class RunConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "calib_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "adapter_lr_mult"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
         check_gain_augment(self.gain_augment)
