@@ -255,3 +255,26 @@ def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
             assert torch.equal(rank["state_dict"][key], value), (r, key)
     # so the accuracy the two ranks measured together is the saved model's, as one process measures it
     assert evaluate_checkpoint(out / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]
+
+
+def test_compare_cells_keep_the_quantizer_settings(tmp_path, monkeypatch):
+    """``compare --set quant.act.init=mse`` reaches every cell's recipe, like first/last/overrides."""
+    from asqpost import compare
+
+    seen = []
+
+    def fake_fit(config, out):
+        seen.append(config.qat_config())
+        out.mkdir(parents=True)
+        (out / "final.json").write_text(
+            json.dumps({"test_acc": 0.5, "shift_acc": 0.4, "size_bytes": 1024, "float_size_bytes": 4096})
+        )
+
+    monkeypatch.setattr(compare, "fit", fake_fit)
+    quant = {"recipe": "lsq", "bits": 8, "last": "float", "act": {"init": "percentile", "adapter_form": "scale"}}
+    base = RunConfig(**{**TINY, "quant": quant})
+    compare.run_grid(base, "float.pt", tmp_path, methods=("lsq-lsq", "post-asq"), bits=(3,), seeds=(0,))
+    assert [(q.act.method, q.act.bits, q.act.init, q.act.adapter_form, q.last) for q in seen] == [
+        ("lsq", 3, "percentile", "scale", "float"),
+        ("asq", 3, "percentile", "scale", "float"),
+    ]

@@ -18,7 +18,8 @@ import yaml
 from .config import QATConfig
 from .data import AUGMENTS, check_gain_augment
 
-RECIPE_KEYS = ("recipe", "bits", "first", "last", "overrides", "act", "weight")
+RECIPE_SETTINGS = ("first", "last", "overrides", "act", "weight")  # what a recipe's quant may add to its bits
+RECIPE_KEYS = ("recipe", "bits", *RECIPE_SETTINGS)
 
 
 @dataclass(frozen=True)
