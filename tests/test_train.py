@@ -10,7 +10,7 @@ import torch
 from asqpost.adapters import StepAdapter
 from asqpost.cli import main
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
-from asqpost.train.checkpoint import CheckpointError, load_checkpoint
+from asqpost.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from asqpost.train.run import evaluate_checkpoint, fit, param_groups, prepare
 
 TINY = {
@@ -112,6 +112,19 @@ def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
             assert torch.equal(a[key], b[key]), key
     with pytest.raises(CheckpointError, match="different"):
         fit(config.replace(seed=5), tmp_path / "stopped", resume=True)
+
+
+def test_resume_from_a_checkpoint_written_before_adapter_form(tmp_path, float_ckpt):
+    config = RunConfig(**{**TINY, "epochs": 2, "init": str(float_ckpt), "quant": {"recipe": "post-asq", "bits": 2}})
+    fit(config.replace(stop_after=1), tmp_path)
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    qat = json.loads(payload["qat"])
+    assert qat["act"].pop("adapter_form") == "paper"
+    save_checkpoint(tmp_path / "checkpoint.pt", {**payload, "qat": json.dumps(qat, sort_keys=True)})
+    assert "history" in fit(config, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        quant = {**config.quant, "act": {"adapter_form": "scale"}}
+        fit(config.replace(quant=quant), tmp_path, resume=True)
 
 
 SCALE_ASQ = {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "scale", "init": "mse"}}

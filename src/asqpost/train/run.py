@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from ..adapters import StepAdapter
+from ..config import QATConfig
 from ..convert import calibrate, prepare_qat
 from ..data import ImageSet, Normalizer, TensorBatches, load_dataset
 from ..export import read_packed
@@ -241,8 +242,13 @@ def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Modul
     diff = [k for k in same if getattr(saved, k) != getattr(config, k)]
     if diff:
         raise CheckpointError(f"cannot resume: the checkpoint was made with different {diff}")
-    if payload["qat"] != qat_json(model):
+    if _parsed_qat(payload["qat"]) != _parsed_qat(qat_json(model)):
         raise CheckpointError("cannot resume: the checkpoint's quantization config differs from this run's")
+
+
+def _parsed_qat(text: str | None) -> QATConfig | None:
+    """Configs compare parsed, so a field added since a checkpoint was written takes its default there."""
+    return None if text is None else QATConfig.from_json(text)
 
 
 def _save(
