@@ -135,9 +135,10 @@ def test_calibration_leaves_batchnorm_and_mode_alone():
     assert q.training and torch.equal(q.bn1.running_mean, before)
 
 
-def test_state_round_trip_rebuilds_model():
+@pytest.mark.parametrize("form", ["paper", "scale"])
+def test_state_round_trip_rebuilds_model(form):
     model = _resnet()
-    q = prepare_qat(model, QATConfig.recipe("post-asq", 3, overrides=(("layer3.*", 4),)))
+    q = prepare_qat(model, QATConfig.recipe("post-asq", 3, act={"adapter_form": form}, overrides=(("layer3.*", 4),)))
     data = _data()
     calibrate(q, data)
     q.eval()
@@ -148,6 +149,11 @@ def test_state_round_trip_rebuilds_model():
     restored = load_quantized(_resnet(), torch.load(buffer, weights_only=True)).eval()
     with torch.no_grad():
         assert torch.equal(q(data[0]), restored(data[0]))
+    forms = {m.adapter.form for m in restored.modules() if hasattr(m, "adapter")}
+    assert forms == {form}
+    if form == "scale":  # calibration's r_ref travels in the state
+        r_refs = [k for k in state["state_dict"] if k.endswith("adapter.r_ref")]
+        assert r_refs and all(state["state_dict"][k] != 1.0 for k in r_refs)
     with pytest.raises(ValueError, match="does not match"):
         load_quantized(create_model("resnet20", input_shape=(3, 16, 16), width=16), state)
 
@@ -186,3 +192,15 @@ def test_config_json_round_trip_and_unknown_keys():
         QATConfig.recipe("post-post", 4)
     with pytest.raises(ValueError, match="unknown quantization method"):
         QuantizerConfig("pact", 4)
+
+
+def test_recipe_sets_quantizer_fields():
+    qat = QATConfig.recipe("lsq-asq", 3, act={"init": "percentile", "adapter_form": "scale"}, weight={"init": "mse"})
+    assert qat.act == QuantizerConfig("asq", 3, init="percentile", adapter_form="scale")
+    assert qat.weight == QuantizerConfig("lsq", 3, init="mse")
+    assert QATConfig.recipe("post-lsq", 4, act={"bits": 8}).act == QuantizerConfig("lsq", 8)
+    assert QATConfig.from_json(qat.to_json()) == qat
+    with pytest.raises(ValueError, match="names the weight method"):
+        QATConfig.recipe("post-lsq", 4, weight={"method": "lsq"})
+    with pytest.raises(ValueError, match="does not apply"):
+        QATConfig.recipe("post-lsq", 4, weight={"init": "lsq"})

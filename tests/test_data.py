@@ -17,6 +17,7 @@ from asqpost.data import (
     describe_dataset,
     load_dataset,
     random_crop_flip,
+    random_gain,
     read_idx,
     shift_distribution,
 )
@@ -191,6 +192,38 @@ def test_crop_flip_and_shift():
     assert torch.equal(s1, s2)
     ratio = (s1 - s1.mean(dim=(1, 2, 3), keepdim=True)).std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
     assert ratio.min() >= 0.2 and ratio.max() <= 4.2 and ratio.max() / ratio.min() > 1.5
+
+
+def test_gain_augment_is_seeded_and_leaves_shuffle_and_crops_alone():
+    data = ImageSet((torch.rand(40, 1, 8, 8) * 255).to(torch.uint8), torch.arange(40) % 4, 4)
+    norm = Normalizer((0.0,), (1.0,))  # the identity: batches show the [0, 1] images the gain was applied to
+
+    def batches(seed, gain, epoch=0):
+        loader = TensorBatches(data, 16, norm, shuffle=True, augment="crop", seed=seed, gain_augment=gain)
+        loader.epoch = epoch
+        return list(loader)
+
+    plain, gained = batches(3, None), batches(3, 4.0)
+    for (xa, ya), (xb, yb) in zip(gained, batches(3, 4.0), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same seed: the same batches
+    assert not torch.equal(gained[0][0], batches(4, 4.0)[0][0])  # another seed: other batches
+    assert not torch.equal(gained[0][0], batches(3, 4.0, epoch=1)[0][0])  # another epoch: other gains
+    gains = []
+    for (xp, yp), (xg, yg) in zip(plain, gained, strict=True):
+        assert torch.equal(yp, yg)  # same shuffle
+        g = xg.sum(dim=(1, 2, 3)) / xp.sum(dim=(1, 2, 3))
+        assert torch.allclose(xg, xp * g[:, None, None, None], rtol=1e-5, atol=1e-6)  # same crops, times a gain
+        gains.append(g)
+    log_gain = torch.cat(gains).log()
+    assert log_gain.abs().max() <= torch.tensor(4.0).log() + 1e-5
+    assert log_gain.min() < -0.5 and log_gain.max() > 0.5  # gains on both sides of 1
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(plain, batches(3, 0.0), strict=True))  # 0: off
+    x = torch.rand(5, 3, 4, 4)
+    g = random_gain(x, 2.0, torch.Generator().manual_seed(0)) / x
+    assert torch.allclose(g, g[:, :1, :1, :1].expand_as(g)) and g.min() >= 0.5 - 1e-6 and g.max() <= 2 + 1e-6
+    for bad in (0.5, -2.0, "x"):
+        with pytest.raises(ValueError, match="gain_augment"):
+            TensorBatches(data, 16, norm, gain_augment=bad)
 
 
 def test_imagefolder(tmp_path):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost import QATConfig, StepAdapter, calibrate, prepare_qat
 from asqpost.config import recipe_names
 from asqpost.export import (
     ExportError,
@@ -221,3 +221,70 @@ def test_export_refuses_uncalibrated_and_float():
         convert_to_packed(q)
     with pytest.raises(ValueError, match="no quantized layers"):
         convert_to_packed(create_model("smallcnn", 4, (1, 12, 12)))
+
+
+def _scale_asq(bits=4, per_token=False):
+    return QATConfig.recipe(
+        "post-asq", bits, act={"adapter_form": "scale", "per_token": per_token}, first=None, last=None
+    )
+
+
+def _gains(n, dims):
+    """One input gain per sample, 0.25 .. 4, so the scale-following beta differs between samples."""
+    return torch.logspace(-2, 2, n, base=2).reshape((n,) + (1,) * dims)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("index", "per_token"), [(0, False), (1, False), (3, False), (3, True)])
+def test_packed_scale_adapter_equals_fake_quant(bits, index, per_token):
+    layer = _layers()[index]
+    q = prepare_qat(nn.Sequential(layer), _scale_asq(bits, per_token)).eval()
+    x = torch.rand(6, 6, 9, 9) * _gains(6, 3) if index < 3 else torch.rand(6, 7, 6) * _gains(6, 2)
+    calibrate(q, [x])
+    with torch.no_grad():
+        q[0].input_quantizer.adapter.gamma.fill_(0.9)  # a trained-looking gamma travels too
+    packed = convert_to_packed(q)
+    quantizer, packed_input = q[0].input_quantizer, packed[0].input_quant
+    assert packed_input.adapter.form == "scale" and packed_input.meta()["adapter"]["form"] == "scale"
+    assert packed_input.adapter.r_ref.item() == quantizer.adapter.r_ref.item() != 1.0
+    with torch.no_grad():
+        step = packed_input.step_of(x)
+        assert torch.equal(step, quantizer.step * quantizer.beta(x))
+        assert step.reshape(-1).std() > 0.1 * step.mean()  # per-sample steps that follow the gains
+        expected, got = q(x).double(), packed(x).double()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_scale_adapter_export_round_trip(tmp_path):
+    q = prepare_qat(create_model("smallcnn", 4, (1, 12, 12), width=8), _scale_asq(3)).eval()
+    x = torch.randn(8, 1, 12, 12) * _gains(8, 3)
+    calibrate(q, [x])
+    packed = convert_to_packed(q)
+    spec = {"name": "smallcnn", "num_classes": 4, "input_shape": [1, 12, 12], "kwargs": {"width": 8}}
+    save_packed(packed, tmp_path / "m.safetensors", spec)
+    meta, _ = read_export(tmp_path / "m.safetensors")
+    forms = {layer["input"]["adapter"]["form"] for layer in meta["layers"].values() if layer["input"]["adapter"]}
+    assert forms == {"scale"}
+    loaded = load_packed(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), packed(x))
+        assert torch.allclose(packed(x), q(x), rtol=1e-4, atol=1e-4)
+
+
+def test_exports_without_an_adapter_form_load_as_the_paper_adapter(export_file):
+    """Exports written before the scale form have no ``form`` in their adapter metadata."""
+    before = load_packed(export_file)
+
+    def drop_form(meta):
+        for layer in meta["layers"].values():
+            adapter = layer["input"] and layer["input"]["adapter"]
+            if adapter:
+                assert adapter.pop("form") == "paper"
+
+    _rewrite_meta(export_file, drop_form)
+    old = load_packed(export_file)
+    adapters = [m for m in old.modules() if isinstance(m, StepAdapter)]
+    assert adapters and all(a.form == "paper" for a in adapters)
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(old(x), before(x))

@@ -350,3 +350,31 @@ def test_non_float32_inputs_match_the_reference_exactly(dtype, kind, recipe, mon
         out = packed(x)
     assert out.dtype == dtype
     assert torch.equal(out, ref)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("kind", "per_token"), [("linear", False), ("tokens", False), ("tokens", True), ("conv", False)]
+)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_native_equals_reference_with_the_scale_following_adapter(kind, per_token, bits, monkeypatch):
+    """The native kernel takes the steps from ``input_quant.step_of`` in Python: any adapter form is exact."""
+    layer, x = _layer(kind)
+    x = x * torch.logspace(-2, 2, x.shape[0], base=2).reshape((-1,) + (1,) * (x.dim() - 1))
+    act = {"adapter_form": "scale", "per_token": per_token}
+    config = QATConfig.recipe("post-asq", bits, act=act, first=None, last=None)
+    q = prepare_qat(nn.Sequential(layer), config).eval()
+    calibrate(q, [x])
+    with torch.no_grad():
+        q[0].input_quantizer.adapter.gamma.fill_(1.2)
+    packed = convert_to_packed(q)[0]
+    assert packed.input_quant.adapter.form == "scale"
+    assert native.prepare(packed) is not None, "the native kernel takes this layer"
+    outs = {}
+    for kernel in ("reference", "native"):
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        with torch.no_grad():
+            outs[kernel] = packed(x)
+    assert torch.equal(outs["native"], outs["reference"])
+    with torch.no_grad():
+        assert torch.allclose(outs["native"], q(x), rtol=1e-4, atol=1e-4)

@@ -226,3 +226,131 @@ def test_fuzz_activation_outputs_finite_on_grid(method, bits, shape, scale):
     codes = y / step
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert codes.min() >= q.qrange[0] - 1e-3 and codes.max() <= q.qrange[1] + 1e-3
+
+
+SCALE_SHAPES = [  # (channels, shape, per_token): images, vectors, tokens pooled, tokens each, a C < 8 adapter
+    (16, (6, 16, 4, 4), False),
+    (16, (6, 16), False),
+    (16, (6, 5, 16), False),
+    (16, (6, 5, 16), True),
+    (3, (6, 3, 4, 4), False),
+]
+
+
+def _sample_gains(shape):
+    """One gain per sample, from 0.25 to 4, shaped to broadcast against ``shape``."""
+    return torch.logspace(-2, 2, shape[0], base=2, dtype=torch.float64).reshape((-1,) + (1,) * (len(shape) - 1))
+
+
+def _scale_adapter(channels, per_token=False, positive="softplus"):
+    return StepAdapter(channels, positive=positive, per_token=per_token, form="scale").double()
+
+
+@pytest.mark.parametrize("positive", ["softplus", "exp", "relu"])
+@pytest.mark.parametrize(("channels", "shape", "per_token"), SCALE_SHAPES)
+def test_scale_adapter_beta_follows_input_gain_at_init(channels, shape, per_token, positive):
+    adapter = _scale_adapter(channels, per_token, positive)
+    x = torch.randn(shape, dtype=torch.float64) * _sample_gains(shape)
+    beta = adapter(x)
+    assert beta.shape == ((shape[0], shape[1], 1) if per_token else (shape[0],) + (1,) * (len(shape) - 1))
+    assert adapter.gamma.item() == 1.0
+    for k in (4.0, 0.25, 3.7):
+        assert torch.allclose(adapter(k * x) / beta, torch.full_like(beta, k), rtol=1e-12)
+    with torch.no_grad():
+        adapter.gamma.fill_(0.6)
+    beta = adapter(x)
+    assert torch.allclose(adapter(4 * x) / beta, torch.full_like(beta, 4**0.6), rtol=1e-12)
+
+
+def test_scale_adapter_is_homogeneous_in_float32_and_after_its_mlp_moved():
+    """``beta(k x) = k^gamma beta(x)`` holds by construction, not only at init (the MLP sees m(x) / r(x))."""
+    torch.manual_seed(3)
+    adapter = StepAdapter(32, form="scale")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        adapter.gamma.fill_(1.3)
+        adapter.r_ref.fill_(0.7)
+    x = torch.rand(8, 32, 3, 3) * 2
+    beta = adapter(x)
+    assert beta.std() > 0.01, "a moved MLP gives each sample its own beta"
+    assert torch.allclose(adapter(4 * x) / beta, torch.full_like(beta, 4**1.3), rtol=1e-5)
+
+
+def test_scale_adapter_beta_is_the_formula():
+    adapter = _scale_adapter(16)
+    with torch.no_grad():
+        adapter.gamma.fill_(0.8)
+        adapter.r_ref.fill_(1.5)
+    x = torch.randn(4, 16, 3, 3, dtype=torch.float64)
+    r = x.abs().mean(dim=(1, 2, 3))[:, None]
+    z = x.mean(dim=(2, 3)) / r
+    mlp = torch.nn.functional.softplus(adapter.out(torch.relu(adapter.hidden(z))))
+    assert torch.allclose(adapter(x).reshape(4, 1), (r / 1.5) ** 0.8 * mlp, rtol=1e-12)
+
+
+def test_scale_adapter_gradients_reach_gamma_and_mlp():
+    q = _act("asq", bits=3, channels=16, adapter_form="scale").double()
+    x = torch.rand(6, 16, 3, 3, dtype=torch.float64) * _sample_gains((6, 16, 3, 3))
+    q.calibrate_(x)
+    (q(x) ** 2).sum().backward()
+    a = q.adapter
+    for name, p in (("gamma", a.gamma), ("hidden", a.hidden.weight), ("out.w", a.out.weight), ("out.b", a.out.bias)):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert q.raw_scale.grad.abs() > 0
+    # d beta / d gamma = beta * log(r / r_ref)
+    a.zero_grad()
+    beta = a(x)
+    beta.sum().backward()
+    log_ratio = torch.log(a.input_scale(x) / a.r_ref).reshape(beta.shape)
+    assert torch.allclose(a.gamma.grad, (beta * log_ratio).sum().detach(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "per_token"), [((5, 8, 3, 3), False), ((5, 4, 8), False), ((5, 4, 8), True)])
+def test_calibration_sets_r_ref_to_the_mean_input_scale(shape, per_token):
+    q = _act("asq", channels=8, adapter_form="scale", per_token=per_token).double()
+    batches = [torch.randn(shape, dtype=torch.float64) * g for g in (0.5, 3.0)]
+    batches.append(torch.randn((2, *shape[1:]), dtype=torch.float64))  # a smaller last batch
+    for x in batches:
+        q.observe_(x)
+    q.finalize_()
+    dims = (-1,) if per_token else tuple(range(1, len(shape)))
+    r = torch.cat([x.abs().mean(dim=dims).reshape(-1) for x in batches])
+    assert q.adapter.r_ref.item() == pytest.approx(r.mean().item(), rel=1e-12)
+
+
+def test_scale_adapter_survives_an_all_zero_input():
+    q = _act("asq", channels=8, adapter_form="scale").calibrate_(torch.rand(4, 8))
+    x = torch.zeros(2, 8)
+    beta = q.beta(x)
+    assert torch.isfinite(beta).all() and (beta > 0).all()
+    assert torch.equal(q(x), x)
+    with pytest.raises(ValueError, match="reference scale"):
+        StepAdapter(8).set_reference_scale_(1.0)
+
+
+def test_paper_adapter_state_is_unchanged_and_scale_state_round_trips():
+    paper = _act("asq", channels=16)
+    assert sorted(paper.adapter.state_dict()) == ["hidden.bias", "hidden.weight", "out.bias", "out.weight"]
+    assert paper.adapter.form == "paper"
+    q = _act("asq", channels=16, adapter_form="scale").calibrate_(torch.rand(4, 16, 2, 2) * 5)
+    with torch.no_grad():
+        q.adapter.gamma.fill_(0.75)
+    copy = _act("asq", channels=16, adapter_form="scale")
+    copy.load_state_dict(q.state_dict())
+    x = torch.rand(3, 16, 2, 2)
+    assert copy.adapter.r_ref.item() == q.adapter.r_ref.item() != 1.0
+    assert copy.adapter.gamma.item() == 0.75
+    assert torch.equal(copy(x), q(x))
+    with pytest.raises(RuntimeError, match="gamma"):
+        _act("asq", channels=16).load_state_dict(q.state_dict())  # a paper adapter refuses scale-form state
+
+
+@pytest.mark.parametrize("init", ["lsq", "mse", "percentile"])
+def test_asq_takes_lsq_step_inits(init):
+    x = torch.rand(16, 8, 3, 3) * 3
+    lsq = _act("lsq", init=init).calibrate_(x)
+    for form in ("paper", "scale"):
+        asq = _act("asq", init=init, adapter_form=form).calibrate_(x)
+        assert asq.init == init
+        assert torch.equal(asq.step, lsq.step)

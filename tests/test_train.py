@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from asqpost.adapters import StepAdapter
 from asqpost.cli import main
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
-from asqpost.train.checkpoint import CheckpointError, load_checkpoint
-from asqpost.train.run import evaluate_checkpoint, fit
+from asqpost.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from asqpost.train.run import evaluate_checkpoint, fit, param_groups, prepare
 
 TINY = {
     "data": "synthetic",
@@ -113,6 +114,60 @@ def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
         fit(config.replace(seed=5), tmp_path / "stopped", resume=True)
 
 
+def test_resume_from_a_checkpoint_written_before_adapter_form(tmp_path, float_ckpt):
+    config = RunConfig(**{**TINY, "epochs": 2, "init": str(float_ckpt), "quant": {"recipe": "post-asq", "bits": 2}})
+    fit(config.replace(stop_after=1), tmp_path)
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    qat = json.loads(payload["qat"])
+    assert qat["act"].pop("adapter_form") == "paper"
+    save_checkpoint(tmp_path / "checkpoint.pt", {**payload, "qat": json.dumps(qat, sort_keys=True)})
+    assert "history" in fit(config, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        quant = {**config.quant, "act": {"adapter_form": "scale"}}
+        fit(config.replace(quant=quant), tmp_path, resume=True)
+
+
+SCALE_ASQ = {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "scale", "init": "mse"}}
+
+
+def test_adapter_lr_mult_puts_the_adapters_in_their_own_group(float_ckpt):
+    model = prepare(RunConfig(**{**TINY, "init": str(float_ckpt), "quant": SCALE_ASQ})).model
+    adapter_params = [p for m in model.modules() if isinstance(m, StepAdapter) for p in m.parameters()]
+    assert any(p.dim() == 0 for p in adapter_params), "gamma is an adapter parameter"
+    [only] = param_groups(model, 0.1)  # mult 1: today's single group, in the model's parameter order
+    assert only.keys() == {"params"} and only["params"] == list(model.parameters())
+    rest, adapters = param_groups(model, 0.1, 5.0)
+    assert "lr" not in rest and adapters["lr"] == pytest.approx(0.5)
+    assert {id(p) for p in adapters["params"]} == {id(p) for p in adapter_params}
+    assert len(rest["params"]) + len(adapters["params"]) == len(list(model.parameters()))
+    optimizer = torch.optim.SGD([rest, adapters], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        low, high = (g["lr"] for g in optimizer.param_groups)
+        assert 0 < low < 0.1 and high == pytest.approx(5 * low)
+    lsq = prepare(RunConfig(**{**TINY, "init": str(float_ckpt), "quant": {"recipe": "lsq", "bits": 4}})).model
+    assert len(param_groups(lsq, 0.1, 5.0)) == 1  # no adapters: no second group
+
+
+def test_scale_adapter_training_with_gain_augment_and_adapter_lr(tmp_path, float_ckpt):
+    config = RunConfig(
+        **{**TINY, "epochs": 1, "init": str(float_ckpt), "quant": SCALE_ASQ},
+        gain_augment=2.0,
+        adapter_lr_mult=10.0,
+    )
+    final = fit(config, tmp_path / "run")
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    low, high = (g["initial_lr"] for g in payload["optimizer"]["param_groups"])
+    assert (low, high) == (pytest.approx(0.05), pytest.approx(0.5))
+    gammas = [v for k, v in payload["state_dict"].items() if k.endswith("adapter.gamma")]
+    assert gammas and all(g != 1.0 for g in gammas), "training reached gamma"
+    assert evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]
+    with pytest.raises(CheckpointError, match="adapter_lr_mult"):
+        fit(config.replace(adapter_lr_mult=1.0, epochs=1), tmp_path / "run", resume=True)
+
+
 def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
     config = RunConfig(**{**TINY, "epochs": 1, "init": str(float_ckpt), "quant": {"recipe": "lsq", "bits": 4}})
     fit(config, tmp_path / "q")
@@ -134,6 +189,17 @@ def test_qat_init_must_be_a_float_checkpoint(tmp_path, float_ckpt):
         ({"quant": {"recipe": "post-asq", "bits": 1}}, "bits"),
         ({"quant": {"recipe": "post-asq", "bits": 4, "frist": 8}}, "unknown quant key"),
         ({"device": "tpu"}, "device"),
+        ({"gain_augment": 0.5}, "gain_augment is the largest gain"),
+        ({"adapter_lr_mult": 0}, "adapter_lr_mult must be > 0"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"init": "median"}}}, "unknown init 'median'"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "rms"}}}, "unknown adapter_form"),
+        (
+            {"quant": {"recipe": "post-asq", "bits": 4, "act": {"inti": "mse"}}},
+            r"unknown recipe act key\(s\) \['inti'\]",
+        ),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": "mse"}}, "recipe act settings are a mapping"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "act": {"method": "lsq"}}}, "the recipe names the act method"),
+        ({"quant": {"recipe": "post-asq", "bits": 4, "weight": {"init": "lsq"}}}, "does not apply to 'post'"),
     ],
 )
 def test_bad_run_configs(data, message):
@@ -149,6 +215,17 @@ def test_yaml_then_set_overrides(tmp_path):
     assert parse_set(["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
     with pytest.raises(ValueError, match="key=value"):
         parse_set(["novalue"])
+
+
+def test_set_reaches_the_recipes_quantizer_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: mlp\nquant:\n  recipe: post-asq\n  bits: 4\n")
+    sets = ["quant.act.init=mse", "quant.act.adapter_form=scale", "quant.weight.init=percentile"]
+    qat = load_run_config(path, sets).qat_config()
+    assert (qat.act.method, qat.act.bits, qat.act.init, qat.act.adapter_form) == ("asq", 4, "mse", "scale")
+    assert (qat.weight.method, qat.weight.bits, qat.weight.init) == ("post", 4, "percentile")
+    plain = load_run_config(path).qat_config()
+    assert (plain.act.init, plain.act.adapter_form, plain.weight.init) == (None, "paper", None)
 
 
 def test_cli_reports_user_errors(tmp_path, capsys):
@@ -191,3 +268,26 @@ def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
             assert torch.equal(rank["state_dict"][key], value), (r, key)
     # so the accuracy the two ranks measured together is the saved model's, as one process measures it
     assert evaluate_checkpoint(out / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]
+
+
+def test_compare_cells_keep_the_quantizer_settings(tmp_path, monkeypatch):
+    """``compare --set quant.act.init=mse`` reaches every cell's recipe, like first/last/overrides."""
+    from asqpost import compare
+
+    seen = []
+
+    def fake_fit(config, out):
+        seen.append(config.qat_config())
+        out.mkdir(parents=True)
+        (out / "final.json").write_text(
+            json.dumps({"test_acc": 0.5, "shift_acc": 0.4, "size_bytes": 1024, "float_size_bytes": 4096})
+        )
+
+    monkeypatch.setattr(compare, "fit", fake_fit)
+    quant = {"recipe": "lsq", "bits": 8, "last": "float", "act": {"init": "percentile", "adapter_form": "scale"}}
+    base = RunConfig(**{**TINY, "quant": quant})
+    compare.run_grid(base, "float.pt", tmp_path, methods=("lsq-lsq", "post-asq"), bits=(3,), seeds=(0,))
+    assert [(q.act.method, q.act.bits, q.act.init, q.act.adapter_form, q.last) for q in seen] == [
+        ("lsq", 3, "percentile", "scale", "float"),
+        ("asq", 3, "percentile", "scale", "float"),
+    ]

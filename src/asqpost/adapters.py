@@ -1,8 +1,30 @@
 """The ASQ step adapter: activation statistics -> a positive per-sample factor ``beta``.
 
-Paper (arXiv 2504.17263, ASQ): ``beta = positive(W2 relu(W1 GAP(x) + b1) + b2)``, with ``W1: C -> C/4`` and
-``W2: C/4 -> 1`` (a single ``C -> 1`` linear when ``C < 8``). The last layer starts with weights
-``N(0, 0.01)`` and a bias chosen so that ``beta`` is 1 at the start.
+Two forms, chosen by ``form`` (``QuantizerConfig.adapter_form``):
+
+``"paper"`` (arXiv 2504.17263, ASQ; the default)::
+
+    beta = positive(W2 relu(W1 m(x) + b1) + b2)
+
+with ``m(x)`` the channel means (global average pooling), ``W1: C -> C/4`` and ``W2: C/4 -> 1`` (a single
+``C -> 1`` linear when ``C < 8``). The last layer starts with weights ``N(0, 0.01)`` and a bias chosen so
+that ``beta`` is 1 at the start. Nothing ties ``beta`` to the input's scale: it moves only as far as
+training teaches it to.
+
+``"scale"`` (scale-following)::
+
+    r(x) = max(mean |x|, R_FLOOR)                      over channels and positions (per token: channels)
+    beta = (r(x) / r_ref) ** gamma * positive(mlp(m(x) / r(x)))
+
+``mlp`` is the paper form's network, initialised the same way (so ``positive(mlp(.)) = 1`` at the start,
+up to the ``N(0, 0.01)`` last weights), fed with the channel means divided by ``r(x)``; ``r_ref`` is a
+buffer that calibration sets to the mean of ``r`` over the calibration inputs (1 before); ``gamma`` is a
+learned scalar that starts at 1. Because ``m(k x) / r(k x) = m(x) / r(x)`` for any gain ``k > 0``, this
+``beta`` is positively homogeneous of degree ``gamma``: ``beta(k x) = k ** gamma * beta(x)`` at every point
+of training (up to float rounding, and while ``r`` stays above the floor), so with ``gamma = 1`` the
+activation step ``s * beta`` follows the input's gain exactly and ``x / (s * beta)`` does not change with it.
+Training can still learn ``gamma`` and shape-dependent corrections through the MLP. ``R_FLOOR`` (1e-12)
+keeps an all-zero input finite: its ``beta`` is tiny but positive and its codes are 0 either way.
 
 ``positive`` is ``softplus`` by default: its gradient never vanishes, so an adapter cannot "die". The paper's
 public code uses ``relu`` clamped at 1e-8, which kills a sample's output for good once its pre-activation
@@ -18,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITIVE_MAPS = ("softplus", "exp", "relu")
+ADAPTER_FORMS = ("paper", "scale")
 RELU_FLOOR = 1e-8
+R_FLOOR = 1e-12
 
 
 def _positive(z: torch.Tensor, kind: str) -> torch.Tensor:
@@ -35,22 +59,35 @@ def _bias_for_unit_beta(kind: str) -> float:
 
 
 class StepAdapter(nn.Module):
-    """Per-sample step multiplier ``beta > 0`` from a layer input's channel means.
+    """Per-sample step multiplier ``beta > 0`` from a layer input (the module docstring has both forms' maths).
 
     Input ``x``: ``(N, C, H, W)`` (pooled over H, W), ``(N, C)``, or ``(N, T, C)`` (pooled over T, or one
     beta per token with ``per_token=True``). Output: ``beta`` shaped to broadcast against ``x``:
     ``(N, 1, 1, 1)``, ``(N, 1)``, ``(N, 1, 1)`` or ``(N, T, 1)``.
+
+    ``form="scale"`` adds the buffer ``r_ref`` (set by :meth:`set_reference_scale_`) and the parameter
+    ``gamma``; the paper form has neither, so its state dict is what it always was.
     """
 
-    def __init__(self, channels: int, reduction: int = 4, positive: str = "softplus", per_token: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 4,
+        positive: str = "softplus",
+        per_token: bool = False,
+        form: str = "paper",
+    ):
         super().__init__()
         if positive not in POSITIVE_MAPS:
             raise ValueError(f"unknown adapter positive map {positive!r}; choose one of {POSITIVE_MAPS}")
+        if form not in ADAPTER_FORMS:
+            raise ValueError(f"unknown adapter form {form!r}; choose one of {ADAPTER_FORMS}")
         if channels < 1:
             raise ValueError(f"adapter needs at least one channel, got {channels}")
         self.channels = channels
         self.positive = positive
         self.per_token = per_token
+        self.form = form
         hidden = channels // reduction
         if channels < 8 or hidden < 1:
             self.hidden = None
@@ -60,6 +97,9 @@ class StepAdapter(nn.Module):
             self.out = nn.Linear(hidden, 1)
         nn.init.normal_(self.out.weight, std=0.01)
         nn.init.constant_(self.out.bias, _bias_for_unit_beta(positive))
+        if form == "scale":
+            self.register_buffer("r_ref", torch.ones(()))
+            self.gamma = nn.Parameter(torch.ones(()))
 
     def statistics(self, x: torch.Tensor) -> torch.Tensor:
         """Channel means: ``(N, C)``, or ``(N, T, C)`` per token."""
@@ -68,6 +108,22 @@ class StepAdapter(nn.Module):
         if x.dim() == 3 and not self.per_token:
             return x.mean(dim=1)
         return x
+
+    def input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``r(x)``: mean ``|x|`` over channels and positions, one per sample (or token), floored at ``R_FLOOR``.
+
+        In the adapter's dtype, shaped like :meth:`statistics` with the channel dimension kept as 1: ``(N, 1)``
+        or ``(N, T, 1)``.
+        """
+        r = self.statistics(x.abs()).mean(dim=-1, keepdim=True)
+        return r.to(self.out.weight.dtype).clamp_min(R_FLOOR)
+
+    @torch.no_grad()
+    def set_reference_scale_(self, r_ref: float) -> None:
+        """Scale form: set ``r_ref`` (calibration's mean of ``r(x)``), floored at ``R_FLOOR``."""
+        if self.form != "scale":
+            raise ValueError(f"only the scale-following adapter has a reference scale (this one is {self.form!r})")
+        self.r_ref.fill_(max(float(r_ref), R_FLOOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel_dim = 1 if x.dim() == 4 else -1
@@ -80,9 +136,17 @@ class StepAdapter(nn.Module):
         z = self.statistics(x)
         if z.dtype != out.weight.dtype:  # a float64 or half input into a float32 adapter
             z = z.to(out.weight.dtype)
+        if self.form == "scale":
+            r = self.input_scale(x)
+            z = z / r
         # F.linear on the layers' parameters: the same maths as calling them, without the module-call overhead
         # that dominates these tiny layers at batch 1
         if self.hidden is not None:
             z = F.relu(F.linear(z, self.hidden.weight, self.hidden.bias))
         beta = _positive(F.linear(z, out.weight, out.bias), self.positive)  # (N, 1) or (N, T, 1)
+        if self.form == "scale":
+            beta = torch.pow(r / self.r_ref, self.gamma) * beta
         return beta.reshape(beta.shape + (1,) * (x.dim() - beta.dim()))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, positive={self.positive}, per_token={self.per_token}, form={self.form}"

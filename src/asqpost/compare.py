@@ -23,7 +23,7 @@ from .beta_report import DEFAULT_GAINS, NoASQLayersError, write_beta_report
 from .config import split_recipe
 from .files import atomic_write_bytes
 from .registry import FLOAT, get_method
-from .runconfig import RunConfig
+from .runconfig import RECIPE_SETTINGS, RunConfig
 from .train.run import beta_report_checkpoint, fit
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def run_grid(
         cell_dir = out / "cells" / cell_name(method, b, seed)
         final_path = cell_dir / "final.json"
         if not final_path.is_file():
-            policy = {k: v for k, v in (base.quant or {}).items() if k in ("first", "last", "overrides")}
+            policy = {k: v for k, v in (base.quant or {}).items() if k in RECIPE_SETTINGS}
             quant = None if method == FLOAT else {**policy, "recipe": method, "bits": b}
             log.info("compare: running %s", cell_dir.name)
             fit(base.replace(quant=quant, init=init, seed=seed, stop_after=None), cell_dir)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .adapters import POSITIVE_MAPS
+from .adapters import ADAPTER_FORMS, POSITIVE_MAPS
 from .levels import check_bits
 from .registry import FLOAT, get_method, methods_for
 
@@ -59,6 +59,9 @@ class QuantizerConfig:
     bits: 2..8, sign included when signed.
     signed: activations only; ``None`` decides at calibration (signed if any calibration input is negative).
     adapter: ASQ only: the adapter's positive map (``softplus``, ``exp`` or the paper's ``relu``).
+    adapter_form: ASQ only: ``paper`` (beta from the channel means, as published) or ``scale`` (beta follows the
+        input's mean |x| by construction: ``beta = (r(x) / r_ref)^gamma * positive(mlp(m(x) / r(x)))``; see
+        :mod:`asqpost.adapters`).
     per_token: ASQ on ``(N, T, C)`` inputs: one beta per token instead of per sample.
     init: scale initialisation: ``lsq`` (LSQ's ``2 mean|x| / sqrt(qmax)``; uniform grids only), ``mse``
         (search for the least squared error) or ``percentile`` (99th percentile of |x| on the top level, as
@@ -70,6 +73,7 @@ class QuantizerConfig:
     bits: int
     signed: bool | None = None
     adapter: str = "softplus"
+    adapter_form: str = "paper"
     per_token: bool = False
     init: str | None = None
 
@@ -80,6 +84,8 @@ class QuantizerConfig:
             raise ValueError(f"signed must be true, false or null, got {self.signed!r}")
         if self.adapter not in POSITIVE_MAPS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {POSITIVE_MAPS}")
+        if self.adapter_form not in ADAPTER_FORMS:
+            raise ValueError(f"unknown adapter_form {self.adapter_form!r}; choose one of {ADAPTER_FORMS}")
         if self.init not in (None, *INITS):
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         if self.init is not None and self.init not in method.inits:
@@ -138,6 +144,18 @@ def _apply_part(q: QuantizerConfig | None, value: Any, role: str) -> QuantizerCo
             return QuantizerConfig(**value)
         return dataclasses.replace(q, **value)
     raise ValueError(f"a {role} override is 'float', an integer bit width or a mapping, got {value!r}")
+
+
+def _recipe_part(method: str, bits: int, fields_: dict[str, Any] | None, role: str) -> QuantizerConfig:
+    """A recipe's quantizer for ``role``: ``method`` at ``bits``, with ``fields_`` set on top."""
+    if fields_ is None:
+        return QuantizerConfig(method, bits)
+    if not isinstance(fields_, dict):
+        raise ValueError(f"recipe {role} settings are a mapping of quantizer fields, got {fields_!r}")
+    _reject_unknown(QuantizerConfig, fields_, f"recipe {role}")
+    if "method" in fields_:
+        raise ValueError(f"the recipe names the {role} method; {role}.method cannot be set next to it")
+    return QuantizerConfig(**{"method": method, "bits": bits, **fields_})
 
 
 def apply_edge(spec: LayerQuant, value: Any) -> LayerQuant:
@@ -208,10 +226,25 @@ class QATConfig:
         return LayerQuant(self.weight, self.act)
 
     @classmethod
-    def recipe(cls, name: str, bits: int, **kwargs: Any) -> QATConfig:
-        """A config from a ``<weight method>-<activation method>`` name (:func:`split_recipe`)."""
+    def recipe(
+        cls,
+        name: str,
+        bits: int,
+        *,
+        weight: dict[str, Any] | None = None,
+        act: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> QATConfig:
+        """A config from a ``<weight method>-<activation method>`` name (:func:`split_recipe`).
+
+        ``weight`` / ``act``: :class:`QuantizerConfig` fields for the recipe's weight / activation quantizer
+        (not ``method``: the recipe names it), e.g. ``act={"init": "mse", "adapter_form": "scale"}``.
+        Other keyword arguments (``first``, ``last``, ``overrides``) go to the constructor.
+        """
         weight_method, act_method = split_recipe(name)
-        return cls(QuantizerConfig(weight_method, bits), QuantizerConfig(act_method, bits), **kwargs)
+        return cls(
+            _recipe_part(weight_method, bits, weight, "weight"), _recipe_part(act_method, bits, act, "act"), **kwargs
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -3,8 +3,8 @@
 In-memory sets (Fashion-MNIST, MNIST, MNIST-5k, digits, MNIST-1D, CIFAR-10, synthetic) are held as uint8/float
 tensors and batched by :class:`TensorBatches` (a seeded permutation per epoch, sharded across ranks).
 ImageNet-style folders (``imagefolder``) are decoded batch by batch from disk.
-Augmentation (random crop with padding, horizontal flip) and the distribution shift used by
-``asqpost eval --shift`` are batched tensor ops written once here.
+Augmentation (random crop with padding, horizontal flip, an opt-in random gain) and the distribution
+shift used by ``asqpost eval --shift`` are batched tensor ops written once here.
 """
 
 from __future__ import annotations
@@ -378,11 +378,26 @@ def shift_distribution(
     Applied to [0, 1] inputs before normalisation; seeded, so a given batch order always gets the same shift.
     """
     gen = torch.Generator().manual_seed(seed)
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    log_lo, log_hi = math.log(gain[0]), math.log(gain[1])
-    g = torch.exp(torch.empty(shape).uniform_(log_lo, log_hi, generator=gen))
+    shape = _per_sample(x)
+    g = _log_uniform(shape, gain, gen)
     o = torch.empty(shape).uniform_(-offset, offset, generator=gen)
     return x * g.to(x.device) + o.to(x.device)
+
+
+def random_gain(x: torch.Tensor, max_gain: float, gen: torch.Generator) -> torch.Tensor:
+    """The gain augmentation: each sample times a log-uniform gain in ``[1 / max_gain, max_gain]``.
+
+    Applied, like :func:`shift_distribution`'s gain, to [0, 1] inputs before normalisation.
+    """
+    return x * _log_uniform(_per_sample(x), (1 / max_gain, max_gain), gen).to(x.device)
+
+
+def _per_sample(x: torch.Tensor) -> tuple[int, ...]:
+    return (x.shape[0],) + (1,) * (x.dim() - 1)
+
+
+def _log_uniform(shape: tuple[int, ...], bounds: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    return torch.exp(torch.empty(shape).uniform_(math.log(bounds[0]), math.log(bounds[1]), generator=gen))
 
 
 @dataclass
@@ -391,6 +406,9 @@ class TensorBatches:
 
     ``epoch`` seeds the shuffle (and augmentation) so a resumed run sees exactly the same batches.
     With ``world_size > 1`` each rank takes every ``world_size``-th sample of the permutation.
+    ``gain_augment`` (``g > 1``; ``None`` or 0: off) multiplies each sample by a random gain, log-uniform in
+    ``[1/g, g]`` (:func:`random_gain`), drawn from its own seeded stream: the shuffle and crops stay those of
+    the same run without it.
     """
 
     data: ImageSet
@@ -403,12 +421,14 @@ class TensorBatches:
     world_size: int = 1
     drop_last: bool = False
     shift_seed: int | None = None
+    gain_augment: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
+        check_gain_augment(self.gain_augment)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -417,6 +437,7 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        gain_gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch + GAIN_STREAM)
         order = torch.randperm(len(self.data), generator=gen) if self.shuffle else torch.arange(len(self.data))
         order = order[self.rank :: self.world_size][: (len(self.data) // self.world_size)]
         for i in range(len(self)):
@@ -425,9 +446,18 @@ class TensorBatches:
             if self.augment != "none" and x.dim() == 4:
                 pad = max(1, x.shape[-1] // 8)
                 x = random_crop_flip(x, pad, flip=self.augment == "crop+flip", gen=gen)
+            if self.gain_augment:
+                x = random_gain(x, self.gain_augment, gain_gen)
             if self.shift_seed is not None:
                 x = shift_distribution(x, self.shift_seed * 7919 + i)
             yield self.normalizer(x), self.data.labels[idx]
 
 
 AUGMENTS = ("none", "crop", "crop+flip")
+GAIN_STREAM = 1 << 40  # offsets the gain augmentation's seed from the shuffle's
+
+
+def check_gain_augment(value: float | None) -> None:
+    """``None`` or 0 (off), or a maximum gain ``>= 1``."""
+    if value is not None and value != 0 and not (isinstance(value, int | float) and value >= 1):
+        raise ValueError(f"gain_augment is the largest gain (>= 1; 0 or null: off), got {value!r}")

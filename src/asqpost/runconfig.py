@@ -16,18 +16,26 @@ from typing import Any
 import yaml
 
 from .config import QATConfig
-from .data import AUGMENTS
+from .data import AUGMENTS, check_gain_augment
+
+RECIPE_SETTINGS = ("first", "last", "overrides", "act", "weight")  # what a recipe's quant may add to its bits
+RECIPE_KEYS = ("recipe", "bits", *RECIPE_SETTINGS)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One training run (float, or QAT when ``quant`` is set).
 
-    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``), or a full
-        QAT config mapping (``weight``, ``act``, ...); ``None`` trains in float.
+    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``, and ``act`` /
+        ``weight``: quantizer fields for the recipe's activation / weight quantizer, e.g. ``{"init": "mse",
+        "adapter_form": "scale"}``), or a full QAT config mapping (``weight``, ``act``, ...); ``None`` trains
+        in float.
     init: a float checkpoint to start from (its architecture and input normalisation are used).
     train_subset / test_subset: use a fixed random subset of that many samples (``None``: all).
     stop_after: stop this invocation after that many epochs (continue later with ``--resume``).
+    adapter_lr_mult: the ASQ step adapters' learning rate (``gamma`` included) is ``lr * adapter_lr_mult``.
+    gain_augment: train-time gain augmentation: each training sample times a random gain, log-uniform in
+        ``[1/g, g]`` for ``g = gain_augment`` (on the [0, 1] images, as ``eval --shift``); ``None`` or 0: off.
     """
 
     model: str = "resnet20"
@@ -40,9 +48,11 @@ class RunConfig:
     batch_size: int = 128
     eval_batch_size: int = 500
     lr: float = 0.01
+    adapter_lr_mult: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
     augment: str = "crop"
+    gain_augment: float | None = None
     seed: int = 0
     quant: dict | None = None
     init: str | None = None
@@ -57,10 +67,12 @@ class RunConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "calib_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "adapter_lr_mult"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
+        check_gain_augment(self.gain_augment)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.quant is not None:
@@ -72,9 +84,9 @@ class RunConfig:
             return None
         quant = dict(self.quant)
         if "recipe" in quant:
-            unknown = sorted(set(quant) - {"recipe", "bits", "first", "last", "overrides"})
+            unknown = sorted(set(quant) - set(RECIPE_KEYS))
             if unknown:
-                raise ValueError(f"unknown quant key(s) {unknown}; with 'recipe' use bits, first, last, overrides")
+                raise ValueError(f"unknown quant key(s) {unknown}; with 'recipe' use {', '.join(RECIPE_KEYS[1:])}")
             if "bits" not in quant:
                 raise ValueError("quant.recipe needs quant.bits")
             overrides = tuple(tuple(o) for o in quant.pop("overrides", ()))
@@ -116,7 +128,7 @@ def _check_types(config: RunConfig) -> None:
         value = getattr(config, f.name)
         if not _accepts(hints[f.name], value):
             raise ValueError(f"config key {f.name!r} must be {hints[f.name]}, got {value!r}")
-        if hints[f.name] == float | None or hints[f.name] is float:
+        if value is not None and (hints[f.name] == float | None or hints[f.name] is float):
             object.__setattr__(config, f.name, float(value))
 
 

@@ -46,6 +46,11 @@ CASES = {
     "unknown recipe": (lambda: QATConfig.recipe("post-pact", 4), ValueError, "unknown recipe"),
     "method in wrong role": (lambda: QATConfig(QuantizerConfig("asq", 4), None), ValueError, "cannot quantize weights"),
     "unknown adapter": (lambda: QuantizerConfig("asq", 4, adapter="tanh"), ValueError, "unknown adapter"),
+    "unknown adapter form": (
+        lambda: QuantizerConfig("asq", 4, adapter_form="rms"),
+        ValueError,
+        "unknown adapter_form 'rms'",
+    ),
     "unknown model": (lambda: create_model("resnet1000"), ValueError, "unknown model 'resnet1000'"),
     "bad model args": (lambda: create_model("resnet20", 10, (3, 8, 8), depth=7), ValueError, "bad arguments"),
     "model for images given 1-D": (lambda: create_model("resnet20", 10, (1, 40)), ValueError, "takes images"),

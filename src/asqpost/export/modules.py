@@ -102,7 +102,12 @@ def _adapter_meta(adapter: StepAdapter | None) -> dict | None:
     """The constructor arguments that rebuild ``adapter`` (its weights travel as tensors)."""
     if adapter is None:
         return None
-    return {"channels": adapter.channels, "positive": adapter.positive, "per_token": adapter.per_token}
+    return {
+        "channels": adapter.channels,
+        "positive": adapter.positive,
+        "per_token": adapter.per_token,
+        "form": adapter.form,  # absent in exports made before the scale form: StepAdapter's default, "paper"
+    }
 
 
 class PackedInput(nn.Module):

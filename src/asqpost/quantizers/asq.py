@@ -21,6 +21,10 @@ class ASQQuantizer(LSQQuantizer):
     ``beta = adapter(x)`` is one positive factor per sample (per token with ``per_token``), shaped to
     broadcast against ``x``. LSQ's gradient scale applies to ``s`` only, so ``ds = beta * dx_hat/ds_a``
     (scaled) and ``dbeta = s * dx_hat/ds_a`` (method.md). With beta = 1 this is exactly :class:`LSQQuantizer`.
+
+    The step ``s`` is initialised as LSQ's (``init``: ``lsq``, ``mse`` or ``percentile``, searched with
+    ``beta = 1``). With ``adapter_form="scale"`` calibration also sets the adapter's ``r_ref`` to the mean of
+    ``r(x)`` over the calibration samples (tokens, with ``per_token``), so ``beta`` is about 1 on them.
     """
 
     roles = ("act",)
@@ -29,7 +33,31 @@ class ASQQuantizer(LSQQuantizer):
     def __init__(self, config: QuantizerConfig, role: str, *, channels: int | None = None, **_: object):
         super().__init__(config, role, channels=channels)
         assert channels is not None
-        self.adapter = StepAdapter(channels, positive=config.adapter, per_token=config.per_token)
+        self.adapter = StepAdapter(
+            channels, positive=config.adapter, per_token=config.per_token, form=config.adapter_form
+        )
+
+    def _reset_observations(self) -> None:
+        super()._reset_observations()
+        self._r_sum = 0.0
+        self._r_count = 0
+
+    @torch.no_grad()
+    def observe_(self, x: torch.Tensor) -> None:
+        """LSQ's statistics, plus (scale-following adapter) the sum of ``r(x)`` over samples or tokens."""
+        super().observe_(x)
+        if self.adapter.form == "scale":
+            r = self.adapter.input_scale(x)
+            self._r_sum += float(r.double().sum())
+            self._r_count += r.numel()
+
+    @torch.no_grad()
+    def finalize_(self) -> None:
+        """LSQ's step initialisation (``self.init``); the scale-following adapter's ``r_ref = mean r(x)``."""
+        r_ref = self._r_sum / self._r_count if self._r_count else None
+        super().finalize_()
+        if r_ref is not None:
+            self.adapter.set_reference_scale_(r_ref)
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(x)

@@ -24,7 +24,9 @@ import torch
 import yaml
 from torch import nn
 
+from ..adapters import StepAdapter
 from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs, require_asq
+from ..config import QATConfig
 from ..convert import calibrate, prepare_qat
 from ..data import ImageSet, Normalizer, TensorBatches, load_dataset
 from ..export import read_packed
@@ -101,11 +103,27 @@ def _batches(config: RunConfig, prep: Prepared, dist_info: distributed.DistInfo,
         prep.normalizer,
         shuffle=train,
         augment=config.augment if train else "none",
+        gain_augment=config.gain_augment if train else None,
         seed=config.seed,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         drop_last=train and dist_info.enabled,
     )
+
+
+def param_groups(model: nn.Module, lr: float, adapter_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one at ``lr``, or, with ``adapter_lr_mult != 1``, the ASQ step
+    adapters' parameters (``gamma`` included) in a second group at ``lr * adapter_lr_mult``.
+
+    The scheduler scales each group from its own starting rate, so the ratio holds all through training.
+    """
+    params = list(model.parameters())
+    if adapter_lr_mult == 1.0:
+        return [{"params": params}]
+    in_adapters = {id(p) for m in model.modules() if isinstance(m, StepAdapter) for p in m.parameters()}
+    adapter = [p for p in params if id(p) in in_adapters]
+    groups = [{"params": [p for p in params if id(p) not in in_adapters]}]
+    return groups + ([{"params": adapter, "lr": lr * adapter_lr_mult}] if adapter else [])
 
 
 def _calibrate(model: nn.Module, config: RunConfig, prep: Prepared, device: torch.device) -> None:
@@ -155,7 +173,10 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = torch.optim.SGD(
-        trained.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        param_groups(trained, config.lr, config.adapter_lr_mult),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(train_batches))
     if resume_payload is not None:
@@ -208,12 +229,28 @@ def final_metrics(
 
 def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Module) -> None:
     saved = RunConfig.from_dict(payload["run"])
-    same = ("model", "model_args", "data", "quant", "seed", "epochs", "batch_size", "train_subset", "init")
+    same = (
+        "model",
+        "model_args",
+        "data",
+        "quant",
+        "seed",
+        "epochs",
+        "batch_size",
+        "train_subset",
+        "init",
+        "adapter_lr_mult",  # decides the optimizer's parameter groups
+    )
     diff = [k for k in same if getattr(saved, k) != getattr(config, k)]
     if diff:
         raise CheckpointError(f"cannot resume: the checkpoint was made with different {diff}")
-    if payload["qat"] != qat_json(model):
+    if _parsed_qat(payload["qat"]) != _parsed_qat(qat_json(model)):
         raise CheckpointError("cannot resume: the checkpoint's quantization config differs from this run's")
+
+
+def _parsed_qat(text: str | None) -> QATConfig | None:
+    """Configs compare parsed, so a field added since a checkpoint was written takes its default there."""
+    return None if text is None else QATConfig.from_json(text)
 
 
 def _save(
