@@ -10,12 +10,14 @@ import torch
 from asqpost.cli import main
 from asqpost.data import (
     DATASETS,
+    SHIFTS,
     DataNotFoundError,
     ImageSet,
     Normalizer,
     TensorBatches,
     describe_dataset,
     load_dataset,
+    noise_distribution,
     random_crop_flip,
     random_gain,
     read_idx,
@@ -192,6 +194,25 @@ def test_crop_flip_and_shift():
     assert torch.equal(s1, s2)
     ratio = (s1 - s1.mean(dim=(1, 2, 3), keepdim=True)).std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
     assert ratio.min() >= 0.2 and ratio.max() <= 4.2 and ratio.max() / ratio.min() > 1.5
+
+
+def test_noise_shift_is_seeded_per_sample_gaussian():
+    x = torch.full((64, 1, 32, 32), 0.5)
+    n1, n2 = noise_distribution(x, 3), noise_distribution(x, 3)
+    assert torch.equal(n1, n2) and not torch.equal(n1, noise_distribution(x, 4))
+    std = (n1 - x).std(dim=(1, 2, 3))
+    assert std.min() > 0.04 and std.max() < 0.31 and std.max() / std.min() > 2  # one std per sample, in range
+    assert (n1 - x).mean().abs() < 0.01
+
+
+def test_batches_apply_the_named_shift():
+    data = ImageSet((torch.rand(8, 1, 8, 8) * 255).to(torch.uint8), torch.arange(8) % 4, 4)
+    norm = Normalizer((0.0,), (1.0,))
+    for kind, shift in SHIFTS.items():
+        (x, _), *_ = TensorBatches(data, 8, norm, shift_seed=2, shift_kind=kind)
+        assert torch.equal(x, shift(data.as_float(torch.arange(8)), 2 * 7919))
+    with pytest.raises(ValueError, match="unknown shift"):
+        TensorBatches(data, 8, norm, shift_seed=2, shift_kind="blur")
 
 
 def test_gain_augment_is_seeded_and_leaves_shuffle_and_crops_alone():

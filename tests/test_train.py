@@ -65,6 +65,9 @@ def test_cli_train_eval_compare_end_to_end(tmp_path, float_ckpt, capsys):
     assert main(["eval", str(qat_dir / "checkpoint.pt"), "--data", "synthetic", "--shift", "--json"]) == 0
     shifted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shifted["accuracy"] == pytest.approx(final["shift_acc"])
+    assert main(["eval", str(qat_dir / "checkpoint.pt"), "--data", "synthetic", "--shift", "noise", "--json"]) == 0
+    noisy = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert noisy["accuracy"] == pytest.approx(final["noise_acc"]) and noisy["shift"] == "noise"
     cmp_dir = tmp_path / "cmp"
     args = [
         "compare",
@@ -87,6 +90,7 @@ def test_cli_train_eval_compare_end_to_end(tmp_path, float_ckpt, capsys):
     assert main(args) == 0
     table = (cmp_dir / "results.md").read_text()
     assert "POST (W) + ASQ (A) | 2/2" in table and "LSQ (W) + LSQ (A) | 4/4" in table
+    assert "| shifted acc % | noise acc % | size (KiB) |" in table
     assert (cmp_dir / "accuracy.png").stat().st_size > 1000
     records = json.loads((cmp_dir / "results.json").read_text())
     assert len(records) == 5

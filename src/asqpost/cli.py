@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .beta_report import DEFAULT_GAINS, write_beta_report
 from .compare import DEFAULT_METHODS
 from .config import recipe_names
-from .data import DATASETS, DataNotFoundError
+from .data import DATASETS, SHIFTS, DataNotFoundError
 from .quantizers import NotCalibratedError
 from .train.engine import TrainingDivergedError
 from .version import __version__
@@ -103,7 +103,7 @@ def _print_accuracy(args: argparse.Namespace, result: dict[str, Any], what: str)
     if args.json:
         print(json.dumps(result))
         return
-    shifted = " (shifted)" if args.shift else ""
+    shifted = f" ({args.shift}-shifted)" if args.shift else ""
     print(
         f"{args.data}/{args.split}{shifted}: accuracy {result['accuracy'] * 100:.2f}% "
         f"over {result['samples']} samples{what}"
@@ -191,7 +191,14 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder with the dataset's files")
     p.set_defaults(data_root_flag="--data-root DIR")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--shift", action="store_true", help="scale each image by a random gain (0.25x..4x) plus offset")
+    p.add_argument(
+        "--shift",
+        nargs="?",
+        const="gain",
+        choices=sorted(SHIFTS),
+        help="evaluate under a per-image shift: gain (the default: a random gain 0.25x..4x plus offset) or noise "
+        "(Gaussian, std 0.05..0.3 per image)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -135,6 +135,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": len(rs),
                 "test": _mean_spread([r["test_acc"] for r in rs]),
                 "shift": _mean_spread([r["shift_acc"] for r in rs]),
+                "noise": _mean_spread([r["noise_acc"] for r in rs]) if all("noise_acc" in r for r in rs) else "-",
                 "test_mean": statistics.fmean(r["test_acc"] for r in rs),
                 "size_kib": rs[0]["size_bytes"] / 1024,
                 **{key: statistics.fmean(r[key] for r in rs) for key in BETA_RATIOS if all(key in r for r in rs)},
@@ -145,15 +146,16 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     with_beta = _has_beta(records)
-    extra = "".join(f" {c} |" for c in BETA_COLUMNS) if with_beta else ""
-    lines = [
-        f"| method | bits (W/A) | seeds | test acc % | shifted acc % | size (KiB) |{extra}",
-        "|---|---|---|---|---|---|" + "---|" * (len(BETA_COLUMNS) if with_beta else 0),
-    ]
+    with_noise = any("noise_acc" in r for r in records)  # cells run before the noise shift existed lack it
+    columns = ["method", "bits (W/A)", "seeds", "test acc %", "shifted acc %"]
+    columns += ["noise acc %"] if with_noise else []
+    columns += ["size (KiB)", *(BETA_COLUMNS if with_beta else ())]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in summarize(records):
         bits = "32" if row["bits"] is None else f"{row['bits']}/{row['bits']}"
         label = method_label(row["method"])
-        line = f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} | {row['size_kib']:.1f} |"
+        noise = f" {row['noise']} |" if with_noise else ""
+        line = f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} |{noise} {row['size_kib']:.1f} |"
         if with_beta:
             line += "".join(f" {row[k]:.3f} |" if k in row else " - |" for k in BETA_RATIOS)
         lines.append(line)
@@ -166,7 +168,8 @@ def write_report(records: list[dict[str, Any]], out: Path, base: RunConfig, init
         f"epoch(s), batch {base.batch_size}, lr {base.lr}, train subset {base.train_subset or 'all'}. "
         "Mean ± sample std over seeds. First/last layer policy: "
         f"{(base.quant or {}).get('first', 8)}/{(base.quant or {}).get('last', 8)}. Shifted: each test image "
-        "times a log-uniform gain in [0.25, 4] plus an offset in [-0.2, 0.2].\n\n"
+        "times a log-uniform gain in [0.25, 4] plus an offset in [-0.2, 0.2]; noise: each test image plus Gaussian "
+        "noise of a std uniform in [0.05, 0.3].\n\n"
     )
     if _has_beta(records):
         header += (

@@ -384,6 +384,21 @@ def shift_distribution(
     return x * g.to(x.device) + o.to(x.device)
 
 
+def noise_distribution(x: torch.Tensor, seed: int, sigma: tuple[float, float] = (0.05, 0.3)) -> torch.Tensor:
+    """The eval noise shift: each sample plus Gaussian noise whose std is drawn per sample, uniform in ``sigma``.
+
+    Applied to [0, 1] inputs before normalisation; seeded like :func:`shift_distribution`. Unlike the gain shift
+    it changes a sample's statistics without scaling it (its mean |x| grows with the noise).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    std = torch.empty(_per_sample(x)).uniform_(*sigma, generator=gen)
+    noise = torch.empty(x.shape).normal_(generator=gen)
+    return x + (std * noise).to(x.device)
+
+
+SHIFTS = {"gain": shift_distribution, "noise": noise_distribution}  # eval shifts by name; "gain" is --shift's
+
+
 def random_gain(x: torch.Tensor, max_gain: float, gen: torch.Generator) -> torch.Tensor:
     """The gain augmentation: each sample times a log-uniform gain in ``[1 / max_gain, max_gain]``.
 
@@ -405,6 +420,7 @@ class TensorBatches:
     """Batches of an in-memory :class:`ImageSet`: normalised float inputs and labels.
 
     ``epoch`` seeds the shuffle (and augmentation) so a resumed run sees exactly the same batches.
+    ``shift_seed`` (``None``: off) applies the eval shift named by ``shift_kind`` (:data:`SHIFTS`).
     With ``world_size > 1`` each rank takes every ``world_size``-th sample of the permutation.
     ``gain_augment`` (``g > 1``; ``None`` or 0: off) multiplies each sample by a random gain, log-uniform in
     ``[1/g, g]`` (:func:`random_gain`), drawn from its own seeded stream: the shuffle and crops stay those of
@@ -421,6 +437,7 @@ class TensorBatches:
     world_size: int = 1
     drop_last: bool = False
     shift_seed: int | None = None
+    shift_kind: str = "gain"
     gain_augment: float | None = None
 
     def __post_init__(self) -> None:
@@ -429,6 +446,8 @@ class TensorBatches:
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
         check_gain_augment(self.gain_augment)
+        if self.shift_kind not in SHIFTS:
+            raise ValueError(f"unknown shift {self.shift_kind!r}; choose one of {sorted(SHIFTS)}")
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -449,7 +468,7 @@ class TensorBatches:
             if self.gain_augment:
                 x = random_gain(x, self.gain_augment, gain_gen)
             if self.shift_seed is not None:
-                x = shift_distribution(x, self.shift_seed * 7919 + i)
+                x = SHIFTS[self.shift_kind](x, self.shift_seed * 7919 + i)
             yield self.normalizer(x), self.data.labels[idx]
 
 

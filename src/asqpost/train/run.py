@@ -215,13 +215,15 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
 def final_metrics(
     model: nn.Module, test_batches: TensorBatches, device: torch.device, clean: EpochStats | None = None
 ) -> dict[str, Any]:
-    """Clean (``clean`` if the last epoch just measured it) and shifted test accuracy, and the model size."""
+    """Clean (``clean`` if the last epoch just measured it), gain-shifted and noise-shifted test accuracy, and the
+    model size."""
     clean = clean or evaluate(model, test_batches, device)
-    shifted_batches = dataclasses.replace(test_batches, shift_seed=SHIFT_SEED)
-    shifted = evaluate(model, shifted_batches, device)
+    shifted = evaluate(model, dataclasses.replace(test_batches, shift_seed=SHIFT_SEED), device)
+    noisy = evaluate(model, dataclasses.replace(test_batches, shift_seed=SHIFT_SEED, shift_kind="noise"), device)
     return {
         "test_acc": clean.accuracy,
         "shift_acc": shifted.accuracy,
+        "noise_acc": noisy.accuracy,
         "size_bytes": model_size_bytes(model),
         "float_size_bytes": model_size_bytes(model, as_float=True),
     }
@@ -299,7 +301,8 @@ def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, 
     if tuple(input_shape) != dataset.input_shape:
         raise ValueError(f"{source} expects inputs {tuple(input_shape)}; {data!r} has {dataset.input_shape}")
     normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
-    return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None)
+    kind = "gain" if shift is True or not shift else shift  # --shift alone is the gain shift
+    return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None, shift_kind=kind)
 
 
 def _evaluate_model(model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source):
@@ -313,7 +316,7 @@ def evaluate_export(
     data: str,
     data_root: str | None = None,
     split: str = "test",
-    shift: bool = False,
+    shift: bool | str = False,
     batch_size: int = 500,
     device: str = "auto",
 ) -> dict[str, Any]:
@@ -330,7 +333,7 @@ def evaluate_checkpoint(
     data: str,
     data_root: str | None = None,
     split: str = "test",
-    shift: bool = False,
+    shift: bool | str = False,
     batch_size: int = 500,
     device: str = "auto",
 ) -> dict[str, Any]:
@@ -355,7 +358,7 @@ def beta_report_checkpoint(
     data: str,
     data_root: str | None = None,
     split: str = "test",
-    shift: bool = False,
+    shift: bool | str = False,
     gains: tuple[float, ...] = DEFAULT_GAINS,
     batch_size: int = 500,
     device: str = "auto",
