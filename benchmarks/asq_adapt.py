@@ -127,6 +127,7 @@ def plot(records: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     bits_list = sorted({r["bits"] for r in records if "beta_by_gain" in r})
     if not bits_list:
@@ -143,6 +144,10 @@ def plot(records: list[dict], path: Path) -> None:
             ax.plot(gains, means, marker="o", label=name)
         ax.plot(gains, gains, "k--", linewidth=0.8, label="beta = gain (full following)")
         ax.set(xscale="log", yscale="log", xlabel="input gain", ylabel="mean beta / beta at gain 1")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(FixedLocator(gains))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_locator(NullLocator())
         ax.set_title(f"W{bits}A{bits}: mean over layers and seeds")
         ax.legend(fontsize=7)
     fig.tight_layout()
