@@ -43,7 +43,7 @@ def _set_adapter(quantizer, weight, bias):
 def _asq_net(per_token=False):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(2), nn.Linear(4, 4))
-    asq = QuantizerConfig("asq", 4, adapter="exp", per_token=per_token)
+    asq = QuantizerConfig("asq", 4, adapter="exp", adapter_form="paper", per_token=per_token)
     model = prepare_qat(net, QATConfig(QuantizerConfig("lsq", 4), asq, first=None, last=None), inplace=True)
     calibrate(model, [torch.rand(8, 2, 4, 4)])
     return model

@@ -141,7 +141,7 @@ def test_packed_model_matches_fake_quant(name, shape, recipe, tmp_path):
 @pytest.fixture
 def export_file(tmp_path):
     model = create_model("smallcnn", 4, (1, 12, 12), width=8)
-    q = prepare_qat(model, QATConfig.recipe("post-asq", 3)).eval()
+    q = prepare_qat(model, QATConfig.recipe("post-asq", 3, act={"adapter_form": "paper"})).eval()
     calibrate(q, [torch.randn(8, 1, 12, 12)])
     path = tmp_path / "m.safetensors"
     save_packed(

@@ -16,7 +16,7 @@ def _act(method="lsq", bits=4, channels=8, **kw):
 
 def test_lsq_init_rule_and_range():
     x = torch.rand(16, 8, 4, 4) * 3
-    q = _act().calibrate_(x)
+    q = _act(init="lsq").calibrate_(x)
     assert q.signed is False and q.qrange == (0, 15)
     assert q.init == "lsq"
     assert torch.allclose(q.step, 2 * x.abs().mean() / 15**0.5)
@@ -55,7 +55,7 @@ def _reference_asq(x, s, beta, qmin, qmax):
 
 @pytest.mark.parametrize("shape", [(6, 8, 5, 5), (6, 8), (6, 5, 8)])
 def test_asq_gradients_match_method(shape):
-    q = _act("asq", bits=3, channels=8).double()
+    q = _act("asq", bits=3, channels=8, adapter_form="paper").double()
     gain = torch.linspace(0.5, 4, shape[0], dtype=torch.float64).reshape((-1,) + (1,) * (len(shape) - 1))
     x = torch.rand(shape, dtype=torch.float64) * gain  # per-sample scale, so beta varies per sample
     q.calibrate_(x)
@@ -89,7 +89,7 @@ def _adapter_input_grad(q, x, d_beta):
 def test_asq_with_unit_beta_equals_lsq(shape):
     x = torch.rand(shape, dtype=torch.float64) * 2
     lsq = _act("lsq", channels=8).double().calibrate_(x)
-    asq = _act("asq", channels=8).double().calibrate_(x)
+    asq = _act("asq", channels=8, adapter_form="paper").double().calibrate_(x)
     with torch.no_grad():
         asq.adapter.out.weight.zero_()
         asq.adapter.out.bias.fill_(torch.log(torch.expm1(torch.tensor(1.0, dtype=torch.float64))))
@@ -330,7 +330,7 @@ def test_scale_adapter_survives_an_all_zero_input():
 
 
 def test_paper_adapter_state_is_unchanged_and_scale_state_round_trips():
-    paper = _act("asq", channels=16)
+    paper = _act("asq", channels=16, adapter_form="paper")
     assert sorted(paper.adapter.state_dict()) == ["hidden.bias", "hidden.weight", "out.bias", "out.weight"]
     assert paper.adapter.form == "paper"
     q = _act("asq", channels=16, adapter_form="scale").calibrate_(torch.rand(4, 16, 2, 2) * 5)
@@ -343,7 +343,7 @@ def test_paper_adapter_state_is_unchanged_and_scale_state_round_trips():
     assert copy.adapter.gamma.item() == 0.75
     assert torch.equal(copy(x), q(x))
     with pytest.raises(RuntimeError, match="gamma"):
-        _act("asq", channels=16).load_state_dict(q.state_dict())  # a paper adapter refuses scale-form state
+        _act("asq", channels=16, adapter_form="paper").load_state_dict(q.state_dict())  # a paper adapter refuses scale-form state
 
 
 @pytest.mark.parametrize("init", ["lsq", "mse", "percentile"])

@@ -9,6 +9,7 @@ import torch
 
 from asqpost.adapters import StepAdapter
 from asqpost.cli import main
+from asqpost.config import QATConfig
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from asqpost.train.run import evaluate_checkpoint, fit, param_groups, prepare
@@ -118,17 +119,29 @@ def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
         fit(config.replace(seed=5), tmp_path / "stopped", resume=True)
 
 
-def test_resume_from_a_checkpoint_written_before_adapter_form(tmp_path, float_ckpt):
-    config = RunConfig(**{**TINY, "epochs": 2, "init": str(float_ckpt), "quant": {"recipe": "post-asq", "bits": 2}})
-    fit(config.replace(stop_after=1), tmp_path)
+def test_resume_from_a_version_1_checkpoint(tmp_path, float_ckpt):
+    """Version-1 configs (no adapter_form, init null) meant the paper adapter and LSQ's act init."""
+    v1_defaults = {"adapter_form": "paper", "init": "lsq"}
+    quant = {"recipe": "post-asq", "bits": 2}
+    config = RunConfig(**{**TINY, "epochs": 2, "init": str(float_ckpt), "quant": quant})
+    as_v1 = config.replace(quant={**quant, "act": v1_defaults})
+    fit(as_v1.replace(stop_after=1), tmp_path)
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
     qat = json.loads(payload["qat"])
-    assert qat["act"].pop("adapter_form") == "paper"
-    save_checkpoint(tmp_path / "checkpoint.pt", {**payload, "qat": json.dumps(qat, sort_keys=True)})
-    assert "history" in fit(config, tmp_path, resume=True)
-    with pytest.raises(CheckpointError, match="cannot resume"):
-        quant = {**config.quant, "act": {"adapter_form": "scale"}}
-        fit(config.replace(quant=quant), tmp_path, resume=True)
+    assert qat["version"] == 2 and {k: qat["act"][k] for k in v1_defaults} == v1_defaults
+    del qat["act"]["adapter_form"]
+    qat["act"]["init"], qat["version"] = None, 1
+    run = {**payload["run"], "quant": quant}
+    save_checkpoint(tmp_path / "checkpoint.pt", {**payload, "run": run, "qat": json.dumps(qat, sort_keys=True)})
+    with pytest.raises(CheckpointError, match="quant.act.adapter_form=paper --set quant.act.init=lsq"):
+        fit(config, tmp_path, resume=True)
+    assert "history" in fit(as_v1, tmp_path, resume=True)
+
+
+def test_post_asq_defaults_to_the_scale_adapter_and_mse_init():
+    qat = QATConfig.recipe("post-asq", 4)
+    assert (qat.act.adapter_form, qat.act.init_for("act"), qat.weight.init_for("weight")) == ("scale", "mse", "mse")
+    assert QATConfig.recipe("lsq", 4).act.init_for("act") == "mse"
 
 
 SCALE_ASQ = {"recipe": "post-asq", "bits": 4, "act": {"adapter_form": "scale", "init": "mse"}}
@@ -224,12 +237,12 @@ def test_yaml_then_set_overrides(tmp_path):
 def test_set_reaches_the_recipes_quantizer_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: mlp\nquant:\n  recipe: post-asq\n  bits: 4\n")
-    sets = ["quant.act.init=mse", "quant.act.adapter_form=scale", "quant.weight.init=percentile"]
+    sets = ["quant.act.init=percentile", "quant.act.adapter_form=paper", "quant.weight.init=percentile"]
     qat = load_run_config(path, sets).qat_config()
-    assert (qat.act.method, qat.act.bits, qat.act.init, qat.act.adapter_form) == ("asq", 4, "mse", "scale")
+    assert (qat.act.method, qat.act.bits, qat.act.init, qat.act.adapter_form) == ("asq", 4, "percentile", "paper")
     assert (qat.weight.method, qat.weight.bits, qat.weight.init) == ("post", 4, "percentile")
     plain = load_run_config(path).qat_config()
-    assert (plain.act.init, plain.act.adapter_form, plain.weight.init) == (None, "paper", None)
+    assert (plain.act.init, plain.act.adapter_form, plain.weight.init) == (None, "scale", None)
 
 
 def test_cli_reports_user_errors(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Two forms, chosen by ``form`` (``QuantizerConfig.adapter_form``):
 
-``"paper"`` (arXiv 2504.17263, ASQ; the default)::
+``"paper"`` (arXiv 2504.17263, ASQ; ``StepAdapter``'s default, so exports made before the scale form load as
+they were; configs default to ``"scale"``, see ``QuantizerConfig.adapter_form``)::
 
     beta = positive(W2 relu(W1 m(x) + b1) + b2)
 

@@ -16,9 +16,12 @@ from .adapters import ADAPTER_FORMS, POSITIVE_MAPS
 from .levels import check_bits
 from .registry import FLOAT, get_method, methods_for
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# Version 1 (before issue 13) defaulted ASQ to the paper's adapter and activations to LSQ's init; its dicts
+# still load, with those defaults written in (``_upgrade_v1``).
+V1_ACT_DEFAULTS = {"adapter_form": "paper", "init": "lsq"}
 INITS = ("lsq", "mse", "percentile")
-DEFAULT_INIT = {"weight": "mse", "act": "lsq"}
+DEFAULT_INIT = {"weight": "mse", "act": "mse"}
 
 
 def split_recipe(name: str) -> tuple[str, str]:
@@ -59,21 +62,22 @@ class QuantizerConfig:
     bits: 2..8, sign included when signed.
     signed: activations only; ``None`` decides at calibration (signed if any calibration input is negative).
     adapter: ASQ only: the adapter's positive map (``softplus``, ``exp`` or the paper's ``relu``).
-    adapter_form: ASQ only: ``paper`` (beta from the channel means, as published) or ``scale`` (beta follows the
-        input's mean |x| by construction: ``beta = (r(x) / r_ref)^gamma * positive(mlp(m(x) / r(x)))``; see
-        :mod:`asqpost.adapters`).
+    adapter_form: ASQ only: ``scale`` (the default: beta follows the input's mean |x| by construction,
+        ``beta = (r(x) / r_ref)^gamma * positive(mlp(m(x) / r(x)))``; see :mod:`asqpost.adapters`) or ``paper``
+        (beta from the channel means, as published). The README's "Does ASQ's step follow the sample?" says why.
     per_token: ASQ on ``(N, T, C)`` inputs: one beta per token instead of per sample.
     init: scale initialisation: ``lsq`` (LSQ's ``2 mean|x| / sqrt(qmax)``; uniform grids only), ``mse``
         (search for the least squared error) or ``percentile`` (99th percentile of |x| on the top level, as
-        the public POST code), among those the method implements. ``None``: ``mse`` for weights, ``lsq`` for
-        activations (the paper's rule), or the method's first init if it lacks that one.
+        the public POST code), among those the method implements. ``None``: ``mse`` for weights and
+        activations (ahead of LSQ's rule on clean and shifted data in issue 13's grid), or the method's first
+        init if it lacks that one.
     """
 
     method: str
     bits: int
     signed: bool | None = None
     adapter: str = "softplus"
-    adapter_form: str = "paper"
+    adapter_form: str = "scale"
     per_token: bool = False
     init: str | None = None
 
@@ -124,6 +128,19 @@ class LayerQuant:
     @property
     def is_float(self) -> bool:
         return self.weight is None and self.act is None
+
+
+def _upgrade_v1_act(act: Any) -> Any:
+    """A version-1 activation quantizer mapping with the defaults it was made with written in."""
+    if not isinstance(act, dict) or "method" not in act:
+        return act
+    act = dict(act)
+    if act["method"] == "asq":  # the only method with an adapter
+        act.setdefault("adapter_form", V1_ACT_DEFAULTS["adapter_form"])
+    if act.get("init") is None and act["method"] in methods_for("act"):
+        if V1_ACT_DEFAULTS["init"] in get_method(act["method"]).inits:
+            act["init"] = V1_ACT_DEFAULTS["init"]
+    return act
 
 
 def _with_bits(q: QuantizerConfig | None, bits: int) -> QuantizerConfig | None:
@@ -271,6 +288,8 @@ class QATConfig:
             not isinstance(o, list | tuple) or len(o) != 2 for o in overrides
         ):
             raise ValueError(f"overrides must be a list of [pattern, value] pairs, got {overrides!r}")
+        if data.get("version") == 1:
+            data = {**data, "act": _upgrade_v1_act(data["act"]), "version": CONFIG_VERSION}
         return cls(
             weight=QuantizerConfig.from_dict(data["weight"]),
             act=QuantizerConfig.from_dict(data["act"]),

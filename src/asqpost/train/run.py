@@ -235,7 +235,6 @@ def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Modul
         "model",
         "model_args",
         "data",
-        "quant",
         "seed",
         "epochs",
         "batch_size",
@@ -246,12 +245,26 @@ def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Modul
     diff = [k for k in same if getattr(saved, k) != getattr(config, k)]
     if diff:
         raise CheckpointError(f"cannot resume: the checkpoint was made with different {diff}")
-    if _parsed_qat(payload["qat"]) != _parsed_qat(qat_json(model)):
-        raise CheckpointError("cannot resume: the checkpoint's quantization config differs from this run's")
+    saved_qat, qat = _parsed_qat(payload["qat"]), _parsed_qat(qat_json(model))
+    if saved_qat != qat:  # compared resolved, so `quant` may spell the same config differently
+        raise CheckpointError(
+            "cannot resume: the checkpoint was made with a different quantization config"
+            + _v1_hint(payload["qat"])
+            + f"\n  checkpoint: {saved_qat and saved_qat.to_json()}\n  this run:   {qat and qat.to_json()}"
+        )
+
+
+def _v1_hint(saved_qat_json: str | None) -> str:
+    if saved_qat_json is None or json.loads(saved_qat_json).get("version") != 1:
+        return ""
+    return (
+        " (it predates config version 2, whose ASQ uses the scale adapter and activations the MSE init: resume "
+        "it with --set quant.act.adapter_form=paper --set quant.act.init=lsq)"
+    )
 
 
 def _parsed_qat(text: str | None) -> QATConfig | None:
-    """Configs compare parsed, so a field added since a checkpoint was written takes its default there."""
+    """Configs compare parsed: a version-1 config gets the defaults it was made with (``QATConfig.from_dict``)."""
     return None if text is None else QATConfig.from_json(text)
 
 
