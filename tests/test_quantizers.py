@@ -342,8 +342,8 @@ def test_paper_adapter_state_is_unchanged_and_scale_state_round_trips():
     assert copy.adapter.r_ref.item() == q.adapter.r_ref.item() != 1.0
     assert copy.adapter.gamma.item() == 0.75
     assert torch.equal(copy(x), q(x))
-    with pytest.raises(RuntimeError, match="gamma"):
-        _act("asq", channels=16, adapter_form="paper").load_state_dict(q.state_dict())  # a paper adapter refuses scale-form state
+    with pytest.raises(RuntimeError, match="gamma"):  # a paper adapter refuses scale-form state
+        _act("asq", channels=16, adapter_form="paper").load_state_dict(q.state_dict())
 
 
 @pytest.mark.parametrize("init", ["lsq", "mse", "percentile"])

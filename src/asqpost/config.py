@@ -137,9 +137,9 @@ def _upgrade_v1_act(act: Any) -> Any:
     act = dict(act)
     if act["method"] == "asq":  # the only method with an adapter
         act.setdefault("adapter_form", V1_ACT_DEFAULTS["adapter_form"])
-    if act.get("init") is None and act["method"] in methods_for("act"):
-        if V1_ACT_DEFAULTS["init"] in get_method(act["method"]).inits:
-            act["init"] = V1_ACT_DEFAULTS["init"]
+    known = act["method"] in methods_for("act")
+    if act.get("init") is None and known and V1_ACT_DEFAULTS["init"] in get_method(act["method"]).inits:
+        act["init"] = V1_ACT_DEFAULTS["init"]
     return act
 
 
