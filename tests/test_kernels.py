@@ -313,7 +313,6 @@ def test_grouped_conv_takes_the_reference_path():
         (nn.Conv2d(1, 8, 3, padding=1), (3, 1, 6, 6), "lsq-lsq", 8),  # a first layer: signed input, 8-bit codes
         (nn.Conv2d(8, 8, 3, padding=1, groups=4), (2, 8, 5, 5), "post-asq", 4),  # grouped
         (nn.Linear(12, 5), (4, 12), "lsq-lsq", 8),  # a last layer
-        (nn.Linear(12, 5), (2, 3, 12), "post-asq", 4),  # tokens, signed input, per-sample steps
     ],
 )
 def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, recipe, bits, monkeypatch):
@@ -381,3 +380,154 @@ def test_native_equals_reference_with_the_scale_following_adapter(kind, per_toke
     assert torch.equal(outs["native"], outs["reference"])
     with torch.no_grad():
         assert torch.allclose(outs["native"], q(x), rtol=1e-4, atol=1e-4)
+
+
+def _signed_plan(codes: torch.Tensor, lut, zero: int, offset: int) -> native.NativePlan:
+    """A plan for ``codes`` (N, K) through ``lut`` whose activation codes enter offset by ``offset``."""
+    n = codes.shape[0]
+    table_even, table_odd = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
+    table_even[: lut.even.numel()], table_odd[: lut.odd.numel()] = lut.even.to(torch.int8), lut.odd.to(torch.int8)
+    plan = native.NativePlan(
+        weights=native.kernel_weights(codes, zero),
+        lut_even=table_even,
+        lut_odd=table_odd,
+        has_odd=True,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+    )
+    return native.with_offset(plan, offset, lut.even[codes], lut.odd[codes])
+
+
+@needs_native
+@pytest.mark.parametrize("grid", ["post", "uniform"])
+@pytest.mark.parametrize("act_bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 5, 3), (1, 300, 80), (3, 127, 5), (9, 64, 48), (64, 129, 33)])
+def test_native_signed_accumulators_equal_reference_exactly(grid, act_bits, m, k, n):
+    """Signed codes in [-2^(b-1), 2^(b-1) - 1] enter as code + 2^(b-1); the kernel subtracts the offset's share."""
+    levels = make_levels(grid, 4)
+    lut = integer_lut(levels.table(dtype=torch.float64))
+    codes = torch.randint(0, len(levels), (n, k))
+    zero = int(((lut.even == 0) & (lut.odd == 0)).nonzero()[0])
+    offset = 2 ** (act_bits - 1)
+    plan = _signed_plan(codes, lut, zero, offset)
+    x = torch.randint(-offset, offset, (m, k))
+    x[0, :] = -offset  # the extremes of the range in every product
+    x[-1, : k // 2] = offset - 1
+    expected_even, expected_odd = x @ lut.even[codes].T, x @ lut.odd[codes].T
+    for path in native.available_paths():
+        even, odd = native.lut_matmul((x + offset).to(torch.uint8), replace(plan, path=path))
+        assert torch.equal(even.long(), expected_even), path
+        assert torch.equal(odd.long(), expected_odd), path
+
+
+def _signed_layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A layer and a signed input with odd sizes (rows, features, channels not multiples of 8 or 16)."""
+    if kind == "linear":
+        return nn.Linear(37, 11), torch.randn(5, 37)
+    if kind == "tokens":
+        return nn.Linear(24, 19), torch.randn(3, 7, 24)
+    return nn.Conv2d(5, 7, 3, stride=2, padding=1), torch.randn(3, 5, 9, 11)
+
+
+def _packed(layer: nn.Module, x: torch.Tensor, recipe: str, act: dict, weight_bits: int = 4):
+    config = QATConfig.recipe(recipe, weight_bits, act=act, first=None, last=None)
+    q = prepare_qat(nn.Sequential(layer), config).eval()
+    calibrate(q, [x])
+    return q, convert_to_packed(q)[0]
+
+
+def _outputs_on_every_path(packed, x, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reference output and the native one on every CPU path (the layer's plan, each path in turn)."""
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    with torch.no_grad():
+        ref = packed_forward(packed, x)
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+    outs = {}
+    for path in native.available_paths():
+        with torch.no_grad():
+            outs[path] = packed_forward(packed, x, replace(native.prepare(packed), path=path))
+    return ref, outs
+
+
+SIGNED_CASES = [
+    (kind, recipe, act)
+    for kind in ("linear", "tokens", "conv")
+    for recipe, act in [
+        ("lsq-lsq", {}),
+        ("post-lsq", {}),
+        ("post-asq", {}),  # one step per sample
+        ("uniform-asq", {"adapter_form": "paper"}),
+    ]
+] + [("tokens", "post-asq", {"per_token": True})]  # one step per token
+
+
+@needs_native
+@pytest.mark.parametrize(("kind", "recipe", "act"), SIGNED_CASES)
+@pytest.mark.parametrize("act_bits", [2, 3, 4, 6, 8])
+def test_native_signed_input_layer_equals_reference(kind, recipe, act, act_bits, monkeypatch):
+    layer, x = _signed_layer(kind)
+    q, packed = _packed(layer, x, recipe, {**act, "bits": act_bits, "signed": True})
+    assert packed.input_quant.qmin == -(2 ** (act_bits - 1)) and packed.input_quant.qmax == 2 ** (act_bits - 1) - 1
+    plan = native.prepare(packed)
+    assert plan is not None, native.state(packed).reason
+    assert plan.offset == 2 ** (act_bits - 1)
+    ref, outs = _outputs_on_every_path(packed, x, monkeypatch)
+    for path, out in outs.items():
+        assert out.shape == ref.shape
+        assert torch.equal(out, ref), path
+    with torch.no_grad():
+        assert torch.allclose(ref, q(x), rtol=1e-4, atol=1e-4), "and the packed layer is the fake-quant one"
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["linear", "tokens"])
+def test_native_signed_input_propagates_nan_rows_like_the_reference(kind, monkeypatch):
+    layer, x = _signed_layer(kind)
+    _, packed = _packed(layer, x, "post-asq", {"per_token": kind == "tokens"})
+    assert native.prepare(packed).offset > 0
+    x = x.clone()
+    x.view(-1, x.shape[-1])[1, 3] = float("nan")
+    ref, outs = _outputs_on_every_path(packed, x, monkeypatch)
+    nan = torch.isnan(ref)
+    assert nan.any() and not nan.all()
+    for path, out in outs.items():
+        assert torch.equal(torch.isnan(out), nan), path
+        assert torch.equal(out[~nan], ref[~nan]), path
+
+
+@needs_native
+def test_native_takes_a_token_input_without_copying_it():
+    """(N, T, C) float32 rows reach the kernel as a view: the input's storage is read in place."""
+    layer, x = _signed_layer("tokens")
+    _, packed = _packed(layer, x, "post-asq", {"per_token": True})
+    rows = x.reshape(-1, x.shape[-1])
+    assert rows.data_ptr() == x.data_ptr() and rows.is_contiguous()
+    with torch.no_grad():
+        y = native.forward(packed, x, native.prepare(packed))
+    assert y.shape == (3, 7, 19)
+
+
+@needs_native
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    """The kernel splits rows and tiles over torch's intra-op threads; every split gives the same bits."""
+    layer, x = nn.Linear(200, 300), torch.randn(2, 600, 200)
+    _, packed = _packed(layer, x[:, :8], "post-asq", {"per_token": True})
+    conv, xc = nn.Conv2d(24, 40, 3, padding=1), torch.randn(2, 24, 20, 20)
+    _, packed_conv = _packed(conv, xc, "post-lsq", {})
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert native.threads() == threads, "the kernel reads torch's thread count"
+            with torch.no_grad():
+                outs[threads] = [
+                    native.forward(packed, x[:1, :1], native.prepare(packed)),  # one row: tiles split
+                    native.forward(packed, x, native.prepare(packed)),  # 1200 rows: row blocks split too
+                    native.forward(packed_conv, xc, native.prepare(packed_conv)),
+                ]
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(outs[1], outs[2], strict=True):
+        assert torch.equal(one, two)
