@@ -531,3 +531,79 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for one, two in zip(outs[1], outs[2], strict=True):
         assert torch.equal(one, two)
+
+
+def _mixed_float() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(36, 20), nn.Linear(20, 16))
+    return model.append(nn.ReLU()).append(nn.Linear(16, 3))
+
+
+def _mixed_model() -> tuple[nn.Module, torch.Tensor]:
+    """A packed model whose layers take every path: a signed-input 4-bit linear (native), an 8-bit POST linear
+    (float), a grouped conv (torch sums) and a float-weight linear."""
+    model = _mixed_float()
+    overrides = (("3", 8), ("5", {"weight": "float"}))
+    config = QATConfig.recipe("post-asq", 4, first=None, last=None, overrides=overrides)
+    q = prepare_qat(model, config).eval()
+    x = torch.randn(6, 4, 3, 3)
+    calibrate(q, [x])
+    return convert_to_packed(q), x
+
+
+@needs_native
+def test_kernel_report_names_each_layers_path_and_reason(monkeypatch):
+    from asqpost.export import kernel_report, kernel_summary
+
+    packed, x = _mixed_model()
+    report = {entry.name: entry for entry in kernel_report(packed)}
+    assert list(report) == ["0", "2", "3", "5"]
+    fastest = f"native {native.capability()}"
+    assert (report["2"].kind, report["2"].path, report["2"].reason) == ("linear", fastest, "signed input, offset codes")
+    assert report["0"].path == "torch sums" and "grouped conv" in report["0"].reason
+    assert report["3"].path == "float" and "no small-integer form" in report["3"].reason  # 8-bit POST
+    assert report["5"].path == "float" and report["5"].reason == "float weight"
+    summary = kernel_summary(list(report.values()))
+    assert summary.startswith("4 packed layers: ") and f"1 {fastest} (signed input" in summary
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    assert kernel_report(packed)[1].path == "reference"
+    # the report is what runs: the native layer's output is the native kernel's
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    layer = packed[2]
+    with torch.no_grad():
+        h = packed[1](packed[0](x))
+        assert torch.equal(layer(h), native.forward(layer, h, native.prepare(layer)))
+
+
+@needs_native
+def test_one_log_line_per_packed_model(tmp_path, caplog):
+    from asqpost.export import load_packed, save_packed
+
+    model, _ = _mixed_model()
+    path = tmp_path / "m.safetensors"
+    save_packed(model, path)
+    with caplog.at_level("INFO", logger="asqpost.export.modules"):
+        load_packed(path, _mixed_float())
+    lines = [r.getMessage() for r in caplog.records if r.name == "asqpost.export.modules"]
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: 4 packed layers: "), lines
+
+
+@needs_native
+def test_cli_run_prints_the_kernel_plan(tmp_path, capsys):
+    import json
+
+    from asqpost.cli import main
+    from asqpost.export import save_packed
+    from asqpost.models import create_model
+
+    model = create_model("smallcnn", 4, (1, 16, 16))
+    q = prepare_qat(model, QATConfig.recipe("post-asq", 4)).eval()
+    calibrate(q, [torch.rand(8, 1, 16, 16)])
+    spec = {"name": "smallcnn", "num_classes": 4, "input_shape": [1, 16, 16], "kwargs": {}}
+    save_packed(convert_to_packed(q), tmp_path / "m.safetensors", spec)
+    assert main(["run", str(tmp_path / "m.safetensors"), "--data", "synthetic", "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["layer", "kind", "path", "reason"]
+    assert "native" in out and "accuracy" in out
+    assert main(["run", str(tmp_path / "m.safetensors"), "--data", "synthetic", "--kernels", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"name", "kind", "path", "reason"} == set(result["kernels"][0])
