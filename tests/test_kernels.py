@@ -497,21 +497,28 @@ def test_native_signed_input_propagates_nan_rows_like_the_reference(kind, monkey
 
 
 @needs_native
-def test_native_takes_a_token_input_without_copying_it():
-    """(N, T, C) float32 rows reach the kernel as a view: the input's storage is read in place."""
+def test_native_takes_a_token_input_without_copying_it(monkeypatch):
+    """(N, T, C) float32 rows reach the kernel as a view of the input: its storage is read in place."""
     layer, x = _signed_layer("tokens")
     _, packed = _packed(layer, x, "post-asq", {"per_token": True})
-    rows = x.reshape(-1, x.shape[-1])
-    assert rows.data_ptr() == x.data_ptr() and rows.is_contiguous()
+    module, seen = native.extension(), []
+    kernel = module.lut_linear_forward
+
+    def spy(rows, step, qmin, qmax, plan):
+        seen.append((rows.data_ptr(), tuple(rows.shape), tuple(step.shape)))
+        return kernel(rows, step, qmin, qmax, plan)
+
+    monkeypatch.setattr(module, "lut_linear_forward", spy)
     with torch.no_grad():
         y = native.forward(packed, x, native.prepare(packed))
+    assert seen == [(x.data_ptr(), (21, 24), (21,))], "one call, on the input's own storage, one step per token"
     assert y.shape == (3, 7, 19)
 
 
 @needs_native
 def test_kernel_results_do_not_depend_on_the_thread_count():
     """The kernel splits rows and tiles over torch's intra-op threads; every split gives the same bits."""
-    layer, x = nn.Linear(200, 300), torch.randn(2, 600, 200)
+    layer, x = nn.Linear(512, 1024), torch.randn(2, 300, 512)  # one row: 64 tiles, enough to split
     _, packed = _packed(layer, x[:, :8], "post-asq", {"per_token": True})
     conv, xc = nn.Conv2d(24, 40, 3, padding=1), torch.randn(2, 24, 20, 20)
     _, packed_conv = _packed(conv, xc, "post-lsq", {})
