@@ -614,3 +614,37 @@ def test_cli_run_prints_the_kernel_plan(tmp_path, capsys):
     assert main(["run", str(tmp_path / "m.safetensors"), "--data", "synthetic", "--kernels", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"name", "kind", "path", "reason"} == set(result["kernels"][0])
+
+
+@needs_native
+@pytest.mark.parametrize("per_token", [False, True])
+def test_tiny_bert_runs_every_linear_layer_natively_and_exactly(per_token, monkeypatch):
+    """A transformer's Linear inputs are signed: all of them take the native kernel, bit-identical to the
+    reference, and the packed model is the fake-quant one within float rounding."""
+    transformers = pytest.importorskip("transformers")
+    from asqpost.export import kernel_report
+
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = transformers.BertModel(config).eval()
+    qat = QATConfig.recipe("post-asq", 4, act={"per_token": per_token}, first=None, last=None)
+    q = prepare_qat(model, qat).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    calibrate(q, [ids])
+    packed = convert_to_packed(q)
+    report = kernel_report(packed)
+    assert len(report) == 13 and {e.path for e in report} == {f"native {native.capability()}"}
+    outs = {}
+    for kernel in ("reference", "native"):
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        with torch.no_grad():
+            outs[kernel] = packed(ids).last_hidden_state
+    assert torch.equal(outs["native"], outs["reference"])
+    with torch.no_grad():
+        assert torch.allclose(outs["native"], q(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
