@@ -23,6 +23,7 @@ from asqpost import (
     quant_layers,
     quantized_state,
 )
+from asqpost.export import convert_to_packed, load_packed, save_packed
 from asqpost.masking import (
     as_token_mask,
     current_mask,
@@ -433,3 +434,21 @@ def test_sentence_transformer_encode_of_padded_batches_matches_encoding_alone(tm
     for i, sentence in enumerate(SENTENCES):
         alone = q.encode([sentence], convert_to_tensor=True)
         torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-6)
+
+
+def test_a_packed_export_masks_padding_after_loading(tmp_path, monkeypatch):
+    """``load_packed`` rebuilds the model with the mask hooks, so its ASQ adapters skip padding too."""
+    monkeypatch.setenv("ASQPOST_KERNEL", "reference")  # the kernels agree (tests/test_kernels.py); no build here
+    torch.manual_seed(8)
+    q = calibrate(prepare_qat(_bert(), QATConfig.recipe("post-asq", 4)), _calibration_batches())
+    for m in q.modules():
+        if isinstance(m, StepAdapter):
+            nn.init.normal_(m.out.weight, std=0.5)
+    save_packed(convert_to_packed(q), tmp_path / "bert.asq")
+    packed = load_packed(tmp_path / "bert.asq", model=_bert())
+    pair = _padded([5, 11])
+    with torch.no_grad():
+        alone = packed(input_ids=pair["input_ids"][:1, :5]).last_hidden_state[0]
+        padded = packed(**pair).last_hidden_state[0, :5]
+        assert not torch.allclose(packed.forward(**pair).last_hidden_state[0, :5], alone, rtol=0, atol=1e-4)
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-6)

@@ -66,7 +66,9 @@ def prepare_qat(model: nn.Module, config: QATConfig, inplace: bool = False) -> n
     """Swap every ``Conv2d``/``Linear`` for its quantized version; returns the model (a copy unless inplace).
 
     Layers whose resolved spec is all-float stay float modules. The config is kept on the model
-    (``model.asqpost_config``) so :func:`quantized_state` can save it.
+    (``model.asqpost_config``) so :func:`quantized_state` can save it. Hooks on the returned model's root
+    (:func:`asqpost.masking.install_mask_hooks`) make an ``attention_mask`` in a call mask padded tokens in its
+    quantizers for that forward.
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("model is already prepared for QAT")
