@@ -15,6 +15,9 @@ mask when it fits an activation (``x`` is ``(N, T, C)`` with ``(N, T)`` the mask
 masked), :func:`valid_tokens` the real tokens' rows, :func:`token_mean` the mean over real tokens only.
 Calibration observers and the ASQ step adapter use them, so padding never enters calibration statistics or a
 per-sample step, in calibration and in training alike.
+
+The mask lives only while the forward runs. Activation recomputation outside it (gradient checkpointing during
+``backward``) does not see it: run that backward inside ``token_mask(mask)``.
 """
 
 from __future__ import annotations
