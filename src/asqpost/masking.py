@@ -16,8 +16,8 @@ masked), :func:`valid_tokens` the real tokens' rows, :func:`token_mean` the mean
 Calibration observers and the ASQ step adapter use them, so padding never enters calibration statistics or a
 per-sample step, in calibration and in training alike.
 
-The mask lives only while the forward runs. Activation recomputation outside it (gradient checkpointing during
-``backward``) does not see it: run that backward inside ``token_mask(mask)``.
+The mask lives only while the forward runs (in its thread): activation recomputation after it (gradient
+checkpointing during ``backward``) does not see it, so per-sample means recomputed there include padding.
 """
 
 from __future__ import annotations
