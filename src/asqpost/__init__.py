@@ -13,6 +13,7 @@ from .convert import (
     resolve_layer_specs,
 )
 from .levels import LevelSet, make_levels
+from .masking import install_mask_hooks, token_mask
 from .nn import QuantConv2d, QuantLinear
 from .quantizers import NotCalibratedError, Quantizer, build_quantizer
 from .registry import methods_for, register_quantizer
@@ -32,6 +33,7 @@ __all__ = [
     "build_quantizer",
     "calibrate",
     "dequantize",
+    "install_mask_hooks",
     "load_quantized",
     "make_levels",
     "methods_for",
@@ -41,4 +43,5 @@ __all__ = [
     "quantized_state",
     "register_quantizer",
     "resolve_layer_specs",
+    "token_mask",
 ]

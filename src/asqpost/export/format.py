@@ -30,6 +30,7 @@ from torch import nn
 
 from ..convert import CONFIG_ATTR, quant_layers
 from ..files import atomic_write_bytes
+from ..masking import install_mask_hooks
 from ..models import model_from_spec
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, log_kernel_plan
 
@@ -171,4 +172,4 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
         if w is not None and w.lut() is None and not torch.isfinite(w.table).all():
             raise ExportError(f"{path}: layer {name!r} has a non-finite level table")
     log_kernel_plan(model, str(path))
-    return model.eval(), meta
+    return install_mask_hooks(model).eval(), meta  # attention_mask reaches the ASQ adapters, as when prepared

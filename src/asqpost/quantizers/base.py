@@ -30,6 +30,7 @@ from torch import nn
 from ..adapters import StepAdapter
 from ..config import QuantizerConfig
 from ..functional import Rounder
+from ..masking import valid_tokens
 from ..registry import get_method
 from .init import mse_scale, percentile_scale, subsample
 
@@ -206,11 +207,16 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def observe_(self, x: torch.Tensor) -> None:
-        """Accumulate calibration statistics (weights: the tensor itself; activations: a subsample)."""
-        check_finite(x, f"{self.role} calibration input")
+        """Accumulate calibration statistics (weights: the tensor itself; activations: a subsample).
+
+        Activations ``(N, T, C)`` under a fitting token mask (:mod:`asqpost.masking`) count real tokens only.
+        """
         if self.role == "weight":
+            check_finite(x, "weight calibration input")
             self._samples = [x.detach().float().reshape(x.shape[0], -1)]
             return
+        x = valid_tokens(x)
+        check_finite(x, "act calibration input")
         self._samples.append(subsample(x))
         self._abs_sum += float(x.detach().abs().sum())
         self._count += x.numel()
