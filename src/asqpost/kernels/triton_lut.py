@@ -307,9 +307,11 @@ def _quantize(x, step, qmin, qmax, valid, quotient: tl.constexpr, dot_int8: tl.c
     q = tl.math.div_rn(x.to(tl.float32), step[:, None])
     if quotient == 1:
         q = q.to(tl.float16).to(tl.float32)
-    elif quotient == 2:
-        q = q.to(tl.bfloat16).to(tl.float32)
     nan = (q != q) & valid
+    if quotient == 2:  # round to bfloat16 (nearest even) in the bits: the interpreter's cast truncates
+        bits = q.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        q = bits.to(tl.float32, bitcast=True)
     q = tl.where(valid & (q == q), q, 0.0)
     q = tl.minimum(tl.maximum(q, qmin), qmax)
     low = tl.math.floor(q)

@@ -1,0 +1,209 @@
+"""The Triton LUT kernel against the float64 reference, bit for bit.
+
+On a CPU-only machine the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton
+loads): the same program, tile by tile, in numpy. The ``cuda`` variants (``pytest -m cuda``) run the same
+checks compiled on a GPU, where the sums go through tensor cores. Without triton the module skips.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost.export import convert_to_packed
+from asqpost.kernels import packed_forward, triton_lut
+from asqpost.kernels.reference import integer_forward_reference
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is jitted (first use, after this)
+pytest.importorskip("triton")
+pytest.importorskip("numpy")  # the interpreter's arrays
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if name == "cpu" and not triton_lut.interpreted():
+        pytest.skip("triton is compiled for CUDA here: CPU tensors need TRITON_INTERPRET=1")
+    return torch.device(name)
+
+
+def _packed(layer: nn.Module, x: torch.Tensor, recipe: str, bits: int, **act):
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, bits, act=act or None, first=None, last=None))
+    q.eval()
+    calibrate(q, [x])
+    return convert_to_packed(q)[0]
+
+
+def _reference(packed, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return integer_forward_reference(packed, x)
+
+
+def _kernel(packed, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        y = triton_lut.forward(packed, x, strict=True)
+    assert y is not None, "the Triton kernel takes this layer"
+    return y
+
+
+def _assert_same(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan], ref[~nan]), f"max diff {(y[~nan].double() - ref[~nan].double()).abs().max()}"
+
+
+# (m, k, n): single elements, k and n off every block size, several k chunks, more rows than one tile
+SHAPES = [(1, 1, 1), (3, 37, 19), (5, 130, 70), (17, 65, 33), (40, 200, 5), (2, 64, 16), (9, 129, 65)]
+RECIPES = ["post-asq", "post-lsq", "lsq-lsq", "uniform-asq", "pot-lsq", "apot-asq"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_equals_reference_exactly(bits, recipe, signed, device):
+    m, k, n = SHAPES[(bits + RECIPES.index(recipe)) % len(SHAPES)]
+    x = torch.randn(m, k) if signed else torch.rand(m, k) * 2
+    x.view(-1)[0] = -1.0 if signed else 0.5  # the calibration sees a negative input: signed codes
+    packed = _packed(nn.Linear(k, n), x, recipe, bits)
+    if packed.weight.lut() is None:
+        pytest.skip(f"{recipe} at {bits} bits has no small-integer table: the decoded-float path runs")
+    on = _device(device)
+    packed, x = packed.to(on), x.to(on)
+    assert (packed.input_quant.qmin < 0) == signed
+    _assert_same(_kernel(packed, x), _reference(packed, x))
+
+
+def test_every_dot_form_is_exercised():
+    """The parametrized test above covers int8 dots, fp16 dots, fp16 with split levels, and both table kinds."""
+    forms = set()
+    for recipe, bits in [("post-asq", 4), ("lsq-lsq", 6), ("lsq-lsq", 8), ("uniform-asq", 8), ("post-asq", 6)]:
+        x = torch.rand(3, 20)
+        plan = triton_lut.prepare(_packed(nn.Linear(20, 4), x, recipe, bits), x.device)
+        forms.add((plan.dot_int8, plan.split, plan.register_table, plan.has_odd))
+    assert forms == {
+        (True, False, True, True),  # 4-bit POST: int8, odd levels, table in registers
+        (True, False, False, False),  # 6-bit LSQ: int8, table in memory
+        (False, False, False, False),  # 8-bit LSQ with unsigned 8-bit inputs: fp16
+        (False, True, False, False),  # 8-bit uniform grid (levels up to 4191): fp16 in two digits
+        (False, True, False, True),  # 6-bit POST (levels up to 2^15): both splits
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_token_inputs_with_per_sample_and_per_token_steps(bits, per_token, device):
+    x = torch.rand(3, 5, 70) * torch.logspace(-2, 2, 3, base=2).reshape(3, 1, 1)
+    packed = _packed(nn.Linear(70, 21), x, "post-asq" if bits < 5 else "lsq-asq", bits, per_token=per_token)
+    on = _device(device)
+    packed, x = packed.to(on), x.to(on)
+    step = packed.input_quant.step_of(x)
+    assert step.shape == ((3, 5, 1) if per_token else (3, 1, 1))
+    _assert_same(_kernel(packed, x), _reference(packed, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("recipe", ["post-lsq", "post-asq"])
+def test_half_precision_inputs_quantize_as_the_reference(recipe, dtype, device):
+    """``x / s_a`` rounds to the half dtype first (as torch computes it), then round and clamp."""
+    x = torch.rand(6, 77) * 3
+    packed = _packed(nn.Linear(77, 13), x, recipe, 4)
+    on = _device(device)
+    packed, x = packed.to(on), x.to(on, dtype)
+    _assert_same(_kernel(packed, x), _reference(packed, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_round_half_to_even_and_nan_rows_propagate(device):
+    packed = _packed(nn.Linear(40, 9), torch.rand(4, 40), "lsq-lsq", 4)
+    with torch.no_grad():
+        packed.input_quant.step.fill_(0.25)
+    x = torch.arange(4 * 40, dtype=torch.float32).reshape(4, 40) % 64 * 0.125 - 0.5  # every code, every half
+    x[2, 7] = float("nan")
+    on = _device(device)
+    packed, x = packed.to(on), x.to(on)
+    y, ref = _kernel(packed, x), _reference(packed, x)
+    assert torch.isnan(ref[2]).all() and not torch.isnan(ref[[0, 1, 3]]).any()
+    _assert_same(y, ref)
+
+
+CONVS = [
+    (nn.Conv2d(5, 7, 3, stride=2, padding=1), (3, 5, 9, 11)),
+    (nn.Conv2d(3, 19, (3, 2), stride=(2, 1), padding=(0, 2), dilation=(2, 1)), (2, 3, 10, 7)),
+    (nn.Conv2d(24, 6, 1, bias=False), (2, 24, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recipe", ["post-asq", "lsq-lsq"])
+@pytest.mark.parametrize("conv", range(len(CONVS)))
+def test_conv_via_im2col_equals_reference(conv, recipe, device):
+    layer, shape = CONVS[conv]
+    x = torch.rand(*shape) * 2
+    packed = _packed(layer, x, recipe, 4)
+    on = _device(device)
+    packed, x = packed.to(on), x.to(on)
+    _assert_same(_kernel(packed, x), _reference(packed, x))
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "dtype"),
+    [
+        (nn.Conv2d(8, 8, 3, padding=1, groups=4), (2, 8, 5, 5), torch.float32),  # grouped conv
+        (nn.Linear(12, 5), (4, 12), torch.float64),  # float64 input: x / s_a in float64
+    ],
+)
+def test_layers_the_kernel_does_not_take_run_the_reference(layer, shape, dtype, monkeypatch):
+    x = torch.rand(*shape)
+    packed = _packed(layer, x, "post-asq", 4)
+    _device("cpu")
+    x = x.to(dtype)
+    with torch.no_grad():
+        assert triton_lut.forward(packed, x) is None
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "triton")
+        _assert_same(packed(x), _reference(packed, x))
+
+
+def test_asqpost_kernel_triton_selects_the_kernel_and_auto_leaves_cpu_alone(monkeypatch):
+    x = torch.rand(3, 30)
+    packed = _packed(nn.Linear(30, 7), x, "post-asq", 4)
+    _device("cpu")
+    calls = []
+    run = triton_lut.forward
+    monkeypatch.setattr(triton_lut, "forward", lambda *args, **kw: calls.append(kw) or run(*args, **kw))
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "triton")
+    with torch.no_grad():
+        y = packed(x)
+    assert calls == [{"strict": True}]
+    _assert_same(y, _reference(packed, x))
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    with torch.no_grad():
+        packed_forward(packed, x)
+    assert len(calls) == 1, "auto never runs the Triton kernel on CPU tensors"
+
+
+def test_asqpost_kernel_triton_fails_loudly_where_it_cannot_run(monkeypatch):
+    x = torch.rand(3, 30)
+    packed = _packed(nn.Linear(30, 7), x, "post-asq", 4)
+    monkeypatch.setattr(triton_lut, "runs_on", lambda x: False)
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="ASQPOST_KERNEL=triton needs triton and a CUDA tensor"):
+        packed(x)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_code_words_hold_every_code(bits):
+    codes = torch.randint(0, 2**bits, (5, 23))
+    words = triton_lut._code_words(codes, bits).long() & 0xFFFFFFFF
+    per_word = 32 // bits
+    k = torch.arange(23)
+    unpacked = (words[k // per_word] >> ((k % per_word) * bits)[:, None]) & (2**bits - 1)
+    assert torch.equal(unpacked.T, codes)
