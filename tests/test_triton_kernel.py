@@ -13,6 +13,7 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed
+from asqpost.export.packing import pack_codes
 from asqpost.kernels import packed_forward, triton_lut
 from asqpost.kernels.reference import integer_forward_reference
 
@@ -207,3 +208,24 @@ def test_code_words_hold_every_code(bits):
     k = torch.arange(23)
     unpacked = (words[k // per_word] >> ((k % per_word) * bits)[:, None]) & (2**bits - 1)
     assert torch.equal(unpacked.T, codes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("recipe", "bits"), [("lsq-lsq", 8), ("uniform-asq", 8), ("post-asq", 6), ("post-asq", 4)])
+def test_largest_sums_stay_exact(recipe, bits, device):
+    """Every activation at qmax and every weight at the largest level: the chunk and total sums at their
+    largest (on CUDA this checks the tensor cores' float32 chunk sums are exact up to the stated bound)."""
+    k, n = 300, 24
+    x = torch.rand(4, k) * 2
+    packed = _packed(nn.Linear(k, n), x, recipe, bits)
+    lut = packed.weight.lut()
+    largest = int((lut.even.abs() + lut.odd.abs()).argmax())
+    with torch.no_grad():
+        packed.weight.codes.copy_(pack_codes(torch.full((n * k,), largest), bits))
+    packed.weight._cache.clear()
+    x = torch.full((4, k), 1e4)
+    on = _device(device)
+    packed, x = packed.to(on), x.to(on)
+    y, ref = _kernel(packed, x), _reference(packed, x)
+    assert ref.abs().min() > 0
+    _assert_same(y, ref)

@@ -318,9 +318,8 @@ def _quantize(x, step, qmin, qmax, valid, quotient: tl.constexpr, dot_int8: tl.c
     frac = q - low
     low_is_odd = (low - 2.0 * tl.math.floor(low * 0.5)) != 0.0
     q = tl.where((frac > 0.5) | ((frac == 0.5) & low_is_odd), low + 1.0, low)
-    if dot_int8:
-        return q.to(tl.int8), nan.to(tl.int32)
-    return q.to(tl.float16), nan.to(tl.int32)
+    codes = q.to(tl.int8) if dot_int8 else q.to(tl.float16)
+    return codes, nan.to(tl.int32)
 
 
 def _lookup(
@@ -344,17 +343,15 @@ def _lookup(
         raw = word >> ((codes % per_word) * entry_bits).to(tl.int64)
     else:
         raw = tl.load(table_ptr + codes)
-    if dot_int8:
-        return raw.to(tl.int8)
-    return raw.to(tl.int16).to(tl.float16)
+    levels = raw.to(tl.int8) if dot_int8 else raw.to(tl.int16).to(tl.float16)
+    return levels
 
 
 def _accumulate(acc, a, b, dot_int8: tl.constexpr):
     """``acc + a @ b`` exactly: int8 dots accumulate in int32; fp16 dots sum one chunk in float32 (exact under the
     module's bound) and carry it in int32."""
-    if dot_int8:
-        return tl.dot(a, b, acc, out_dtype=tl.int32)
-    return acc + tl.dot(a, b, out_dtype=tl.float32).to(tl.int32)
+    acc = tl.dot(a, b, acc, out_dtype=tl.int32) if dot_int8 else acc + tl.dot(a, b, out_dtype=tl.float32).to(tl.int32)
+    return acc
 
 
 def _lut_kernel(
