@@ -5,7 +5,10 @@ loads): the same program, tile by tile, in numpy. The ``cuda`` variants (``pytes
 checks compiled on a GPU, where the sums go through tensor cores. Without triton the module skips.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -229,3 +232,48 @@ def test_largest_sums_stay_exact(recipe, bits, device):
     y, ref = _kernel(packed, x), _reference(packed, x)
     assert ref.abs().min() > 0
     _assert_same(y, ref)
+
+
+COMPILE_FOR_SM90 = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from asqpost.kernels import triton_lut
+found = {}
+forms = [(4, 1, 1, 0, "fp32", "fp32"), (8, 0, 0, 1, "bf16", "fp64")]
+for bits, int8, odd, split, x, y in forms:
+    table = "i64" if bits <= 4 else ("i8" if int8 else "i16")
+    names = ["x", "step", "words", "table", "col_scale", "bias", "sqrt1_2", "y"]
+    types = [x, "fp32", "i32", table, "fp64", "fp64", "fp64", y]
+    signature = {f"{name}_ptr": f"*{t}" for name, t in zip(names, types)}
+    signature.update({name: "i32" for name in ["m", "n", "k", "stride_xm", "stride_step", "qmin", "qmax"]})
+    entry_bits = 8 if int8 else 16
+    constants = dict(bits=bits, per_word=32 // bits, register_table=bits <= 4, entry_bits=entry_bits,
+                     table_words=-(-(2**bits) // (64 // entry_bits)) if bits <= 4 else 0, table_stride=4,
+                     dot_int8=bool(int8), has_odd=bool(odd), split=bool(split), has_bias=True,
+                     quotient={"fp32": 0, "fp16": 1, "bf16": 2}[x], block_m=64, block_n=64, block_k=64)
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=triton_lut._kernel(), signature=signature, constexprs=constants)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+    found[f"{bits}-{int8}-{split}"] = sorted({line.split()[0] for line in map(str.strip, ptx.splitlines())
+                                              if line.startswith(("wgmma.mma_async", "div.", "fma.rn.f64"))})
+print(json.dumps(found))
+"""
+
+
+def test_kernel_compiles_for_cuda_without_a_gpu(tmp_path):
+    """The interpreter accepts programs the compiler rejects: compile two forms to sm_90 PTX (no GPU needed) and
+    check the instructions the exactness claim rests on: tensor-core MMAs of the right types, IEEE division, and
+    no fused float64 multiply-add in the rescale."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found == {
+        "4-1-0": ["div.rn.f32", "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"],
+        "8-0-1": ["div.rn.f32", "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"],
+    }

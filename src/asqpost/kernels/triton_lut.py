@@ -418,7 +418,7 @@ def _lut_kernel(
     # the rescale in float64, operation by operation as the reference: acc * (scale * unit) * s_a + bias
     acc = acc_even.to(tl.float64)
     if split:
-        acc = acc + acc_even_hi.to(tl.float64) * 1024.0
+        acc = acc + acc_even_hi.to(tl.float64) * 1024.0  # SPLIT_BASE
     if has_odd:
         odd = acc_odd.to(tl.float64)
         if split:
