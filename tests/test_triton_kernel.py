@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
-from asqpost.export import convert_to_packed
+from asqpost.export import convert_to_packed, integer_lut
 from asqpost.export.packing import pack_codes
 from asqpost.kernels import packed_forward, triton_lut
 from asqpost.kernels.reference import integer_forward_reference
+from asqpost.levels import make_levels
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is jitted (first use, after this)
@@ -65,23 +66,32 @@ def _assert_same(y: torch.Tensor, ref: torch.Tensor) -> None:
 # (m, k, n): single elements, k and n off every block size, several k chunks, more rows than one tile
 SHAPES = [(1, 1, 1), (3, 37, 19), (5, 130, 70), (17, 65, 33), (40, 200, 5), (2, 64, 16), (9, 129, 65)]
 RECIPES = ["post-asq", "post-lsq", "lsq-lsq", "uniform-asq", "pot-lsq", "apot-asq"]
+# tables with no small-integer form (POST at 7-8 bits, POT at 6-8) run the decoded-float path, no LUT kernel
+NO_LUT = {("post", 7), ("post", 8), ("pot", 6), ("pot", 7), ("pot", 8)}
+LUT_CASES = [(r, b) for r in RECIPES for b in range(2, 9) if (r.split("-")[0], b) not in NO_LUT]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
-@pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_linear_equals_reference_exactly(bits, recipe, signed, device):
+@pytest.mark.parametrize(("recipe", "bits"), LUT_CASES)
+def test_linear_equals_reference_exactly(recipe, bits, signed, device):
     m, k, n = SHAPES[(bits + RECIPES.index(recipe)) % len(SHAPES)]
     x = torch.randn(m, k) if signed else torch.rand(m, k) * 2
     x.view(-1)[0] = -1.0 if signed else 0.5  # the calibration sees a negative input: signed codes
     packed = _packed(nn.Linear(k, n), x, recipe, bits)
-    if packed.weight.lut() is None:
-        pytest.skip(f"{recipe} at {bits} bits has no small-integer table: the decoded-float path runs")
+    assert packed.weight.lut() is not None
     on = _device(device)
     packed, x = packed.to(on), x.to(on)
     assert (packed.input_quant.qmin < 0) == signed
     _assert_same(_kernel(packed, x), _reference(packed, x))
+
+
+def test_tables_without_integer_form_are_the_known_ones():
+    for recipe in RECIPES:
+        grid = recipe.split("-")[0]
+        for bits in range(2, 9):
+            table = None if grid == "lsq" else make_levels(grid, bits).table(dtype=torch.float64)
+            assert (table is not None and integer_lut(table) is None) == ((grid, bits) in NO_LUT), (grid, bits)
 
 
 def test_every_dot_form_is_exercised():
