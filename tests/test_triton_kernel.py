@@ -64,7 +64,7 @@ def _assert_same(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 # (m, k, n): single elements, k and n off every block size, several k chunks, more rows than one tile
-SHAPES = [(1, 1, 1), (3, 37, 19), (5, 130, 70), (17, 65, 33), (40, 200, 5), (2, 64, 16), (9, 129, 65)]
+SHAPES = [(1, 1, 1), (3, 37, 19), (5, 130, 70), (17, 65, 33), (40, 200, 5), (2, 64, 16), (70, 129, 65)]
 RECIPES = ["post-asq", "post-lsq", "lsq-lsq", "uniform-asq", "pot-lsq", "apot-asq"]
 # tables with no small-integer form (POST at 7-8 bits, POT at 6-8) run the decoded-float path, no LUT kernel
 NO_LUT = {("post", 7), ("post", 8), ("pot", 6), ("pot", 7), ("pot", 8)}
@@ -202,6 +202,22 @@ def test_asqpost_kernel_triton_selects_the_kernel_and_auto_leaves_cpu_alone(monk
     with torch.no_grad():
         packed_forward(packed, x)
     assert len(calls) == 1, "auto never runs the Triton kernel on CPU tensors"
+
+
+@pytest.mark.cuda
+def test_auto_takes_the_triton_kernel_for_cuda_inputs(monkeypatch):
+    x = torch.rand(3, 30)
+    packed = _packed(nn.Linear(30, 7), x, "post-asq", 4)
+    on = _device("cuda")
+    packed, x = packed.to(on), x.to(on)
+    calls = []
+    run = triton_lut.forward
+    monkeypatch.setattr(triton_lut, "forward", lambda *args, **kw: calls.append(kw) or run(*args, **kw))
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    with torch.no_grad():
+        y = packed(x)
+    assert calls == [{"strict": False}]
+    _assert_same(y, _reference(packed, x))
 
 
 def test_asqpost_kernel_triton_fails_loudly_where_it_cannot_run(monkeypatch):

@@ -1,4 +1,5 @@
-"""Kernels for packed layers: the float64 reference (the oracle and the fallback) and the native CPU kernel.
+"""Kernels for packed layers: the float64 reference (the oracle and the fallback), the native CPU kernel and the
+Triton kernel for CUDA inputs (:mod:`asqpost.kernels.triton_lut`, ``ASQPOST_KERNEL=triton``).
 
 :func:`packed_forward` picks the path for a layer: the native LUT kernel when it is built and the layer is
 eligible (see :mod:`asqpost.kernels.native`); else, for a quantized input and a table with a small-integer
