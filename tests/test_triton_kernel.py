@@ -303,3 +303,11 @@ def test_kernel_compiles_for_cuda_without_a_gpu(tmp_path):
         "4-1-0": ["div.rn.f32", "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"],
         "8-0-1": ["div.rn.f32", "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"],
     }
+
+
+def test_importing_asqpost_does_not_import_triton():
+    """triton loads on first use of the kernel: start-up stays fast and TRITON_INTERPRET may be set until then."""
+    script = "import sys, asqpost, asqpost.export, asqpost.kernels; print('triton' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False"], result.stderr[-2000:]

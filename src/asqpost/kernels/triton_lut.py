@@ -189,6 +189,8 @@ def forward(layer: PackedLayer, x: torch.Tensor, strict: bool = False) -> torch.
         return None
     if layer.kind == "conv2d":
         return _conv_forward(layer, x, step, plan, quotient)
+    if x.numel() >= 2**31:  # the kernel's offsets are int32
+        return None
     rows = x.reshape(-1, x.shape[-1])
     step_rows = step.expand(*x.shape[:-1], 1).reshape(-1) if step.numel() != 1 else step.reshape(1)
     y = lut_linear(rows, step_rows, layer.input_quant.qmin, layer.input_quant.qmax, plan, quotient)
@@ -203,13 +205,15 @@ def _representable(layer: PackedLayer, dtype: torch.dtype) -> bool:
 
 def _conv_forward(
     layer: PackedLayer, x: torch.Tensor, step: torch.Tensor, plan: TritonPlan, quotient: torch.dtype
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     g = layer.geometry
     batch, _, height, width = x.shape
     kh, kw = g["kernel_size"]
     out_h = (height + 2 * g["padding"][0] - g["dilation"][0] * (kh - 1) - 1) // g["stride"][0] + 1
     out_w = (width + 2 * g["padding"][1] - g["dilation"][1] * (kw - 1) - 1) // g["stride"][1] + 1
     cols = F.unfold(x, (kh, kw), dilation=g["dilation"], padding=g["padding"], stride=g["stride"])
+    if cols.numel() >= 2**31:  # the kernel's offsets are int32
+        return None
     rows = cols.transpose(1, 2).reshape(batch * out_h * out_w, -1)  # one row per output pixel
     if step.numel() == 1:
         step_rows = step.reshape(1)
