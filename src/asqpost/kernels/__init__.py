@@ -1,4 +1,5 @@
-"""Kernels for packed layers: the float64 reference (the oracle and the fallback) and the native CPU kernel.
+"""Kernels for packed layers: the float64 reference (the oracle and the fallback), the native CPU kernel and the
+Triton kernel for CUDA inputs (:mod:`asqpost.kernels.triton_lut`, ``ASQPOST_KERNEL=triton``).
 
 :func:`packed_forward` picks the path for a layer: the native LUT kernel when it is built and the layer is
 eligible (see :mod:`asqpost.kernels.native`); else, for a quantized input and a table with a small-integer
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import native
+from . import native, triton_lut
 from .native import NativePlan
 from .reference import integer_accumulators, integer_forward_reference
 
@@ -22,11 +23,12 @@ if TYPE_CHECKING:
 
 
 def kernel_choice() -> str:
-    """``auto`` (default), ``native`` (fail if the extension cannot be built) or ``reference``, from
-    ``ASQPOST_KERNEL``. Layers the native kernel cannot take run the reference path in every mode."""
+    """``auto`` (default), ``native`` (fail if the extension cannot be built), ``triton`` (fail without triton and
+    a CUDA input; auto takes it for CUDA inputs where triton imports) or ``reference``, from ``ASQPOST_KERNEL``.
+    Layers a kernel cannot take run the reference path in every mode."""
     choice = os.environ.get("ASQPOST_KERNEL", "auto")
-    if choice not in ("auto", "native", "reference"):
-        raise ValueError(f"ASQPOST_KERNEL must be auto, native or reference, got {choice!r}")
+    if choice not in ("auto", "native", "triton", "reference"):
+        raise ValueError(f"ASQPOST_KERNEL must be auto, native, triton or reference, got {choice!r}")
     return choice
 
 
@@ -75,6 +77,9 @@ def packed_forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan | None 
     if layer.input_quant is None or weight is None or weight.lut() is None:
         return layer.float_forward(x)
     choice = kernel_choice()
+    if choice == "triton" or (choice == "auto" and x.is_cuda and triton_lut.available()):
+        y = triton_lut.forward(layer, x, strict=choice == "triton")
+        return integer_forward_reference(layer, x) if y is None else y
     if x.dtype != torch.float32 or not x.is_cpu:  # native code rounds y to float32 once, as float32 models do
         choice = "reference"
     own = None
