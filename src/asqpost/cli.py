@@ -19,6 +19,7 @@ from .compare import DEFAULT_METHODS
 from .config import recipe_names
 from .data import DATASETS, SHIFTS, DataNotFoundError
 from .quantizers import NotCalibratedError
+from .text import MissingExtraError
 from .train.engine import TrainingDivergedError
 from .version import __version__
 
@@ -27,7 +28,14 @@ if TYPE_CHECKING:
     from .runconfig import RunConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
-USER_ERRORS = (ValueError, FileNotFoundError, NotCalibratedError, TrainingDivergedError, DataNotFoundError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotCalibratedError,
+    TrainingDivergedError,
+    DataNotFoundError,
+    MissingExtraError,
+)
 
 
 def config_path(name: str | None) -> Path | None:
@@ -71,6 +79,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = fit(config, out, resume=args.resume)
     if "stopped_after_epoch" in result:
         print(f"stopped after epoch {result['stopped_after_epoch']}; continue with: asqpost train ... --resume")
+    elif "test_cos_mean" in result:
+        print(
+            f"held-out cosine to the float model: mean {result['test_cos_mean']:.4f}  min {result['test_cos_min']:.4f}"
+            f"  size {result['size_bytes'] / 2**20:.1f} MiB  ->  {out / 'checkpoint.pt'}"
+        )
     else:
         print(
             f"test accuracy {result['test_acc'] * 100:.2f}%  shifted {result['shift_acc'] * 100:.2f}%  "
@@ -104,6 +117,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _print_accuracy(args: argparse.Namespace, result: dict[str, Any], what: str) -> None:
     if args.json:
         print(json.dumps(result))
+        return
+    if "cos_mean" in result:
+        print(
+            f"{args.data}/{args.split}: cosine to the float model mean {result['cos_mean']:.4f} "
+            f"min {result['cos_min']:.4f} over {result['samples']} texts{what}"
+        )
         return
     shifted = f" ({args.shift}-shifted)" if args.shift else ""
     print(
