@@ -103,7 +103,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = beta_report_checkpoint(
             args.checkpoint, args.data, args.data_root, args.split, args.shift, gains, device=args.device
         )
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
+    )
     if report is not None:
         paths = write_beta_report(report, args.beta_report)
         if args.json:
@@ -206,7 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = _kernel_report(args.export, args.device) if args.kernels else None
     if report is not None and not args.json:
         print(format_kernel_report(report) + "\n")
-    result = evaluate_export(args.export, args.data, args.data_root, args.split, args.shift, device=args.device)
+    result = evaluate_export(
+        args.export, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
+    )
     if report is not None:
         result["kernels"] = [dataclasses.asdict(entry) for entry in report]
     _print_accuracy(args, result, " (packed model)")
@@ -235,6 +239,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "(Gaussian, std 0.05..0.3 per image)",
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--subset", type=int, metavar="N", help="a fixed random subset of N samples (a run's test_subset: the same)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

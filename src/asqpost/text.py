@@ -205,11 +205,17 @@ def encoder_from_spec(spec: dict[str, Any]) -> SentenceEncoder:
 
 def pretrained_encoder(spec: dict[str, Any]) -> SentenceEncoder:
     """The spec's architecture with the float weights of its folder (offline; missing weights are an error)."""
+    transformers = _transformers()
     config, model_class = _config_and_class(spec["hf_config"])
     path = model_path(spec["name"], spec["kwargs"])
-    auto_model, info = model_class.from_pretrained(
-        path, config=config, local_files_only=True, output_loading_info=True, **_init_kwargs(model_class)
-    )
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists the unused pooler; we check what matters
+    try:
+        auto_model, info = model_class.from_pretrained(
+            path, config=config, local_files_only=True, output_loading_info=True, **_init_kwargs(model_class)
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ValueError(
             f"{path}: weights do not fit {model_class.__name__} (missing {sorted(info['missing_keys'])[:5]}, "

@@ -463,8 +463,10 @@ def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, 
     return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None, shift_kind=kind)
 
 
-def _evaluate_model(model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source):
-    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source)
+def _evaluate_model(
+    model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None
+):
+    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset)
     stats = evaluate(model, batches, next(model.buffers()).device)
     return {"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples, "shift": shift}
 
@@ -499,16 +501,20 @@ def evaluate_export(
     shift: bool | str = False,
     batch_size: int = 500,
     device: str = "auto",
+    subset: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy of an exported (packed) model, computed from its packed form (text models: cosine to the float
-    model, :func:`evaluate_text_model`)."""
+    model, :func:`evaluate_text_model`); ``subset``: a fixed random subset of that many samples."""
     model, meta = read_packed(path)
     model = model.to(resolve_device(device))
-    if is_text_spec(meta.get("model")):
+    spec = meta.get("model")
+    if is_text_spec(spec):
         _no_shift_for_text(shift)
-        return evaluate_text_model(model, meta["model"], data, data_root, split, min(batch_size, 64))
+        return evaluate_text_model(model, spec, data, data_root, split, min(batch_size, 64), subset=subset)
+    if not spec:
+        raise ValueError(f"{path} records no model spec, so not its input shape; evaluate it from Python")
     return _evaluate_model(
-        model, meta["model"]["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path
+        model, spec["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path, subset
     )
 
 
@@ -520,15 +526,19 @@ def evaluate_checkpoint(
     shift: bool | str = False,
     batch_size: int = 500,
     device: str = "auto",
+    subset: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a checkpoint on a dataset split (optionally under the per-sample gain/offset shift); text
-    models: cosine to the float model (:func:`evaluate_text_model`)."""
+    models: cosine to the float model (:func:`evaluate_text_model`). ``subset``: a fixed random subset of that
+    many samples (a run's ``test_subset`` picks the same)."""
     payload = load_checkpoint(path)
     model = build_from_checkpoint(payload).to(resolve_device(device))
     if is_text_spec(payload["model"]):
         _no_shift_for_text(shift)
         max_length = payload.get("run", {}).get("max_length", 128)
-        return evaluate_text_model(model, payload["model"], data, data_root, split, min(batch_size, 64), max_length)
+        return evaluate_text_model(
+            model, payload["model"], data, data_root, split, min(batch_size, 64), max_length, subset
+        )
     return _evaluate_model(
         model,
         payload["model"]["input_shape"],
@@ -539,6 +549,7 @@ def evaluate_checkpoint(
         shift,
         batch_size,
         path,
+        subset,
     )
 
 
