@@ -33,7 +33,7 @@ LAYERS = (
     ("asqpost.quantizers",),
     ("asqpost.nn",),
     ("asqpost.convert",),
-    ("asqpost.models", "asqpost.data", "asqpost.size", "asqpost.runconfig", "asqpost.beta_report"),
+    ("asqpost.models", "asqpost.data", "asqpost.size", "asqpost.runconfig", "asqpost.beta_report", "asqpost.text"),
     ("asqpost.kernels",),
     ("asqpost.export",),
     ("asqpost.train",),
