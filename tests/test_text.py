@@ -286,7 +286,14 @@ def test_distill_run_stops_and_resumes_bit_identical(tmp_path, st_dir, fortune_d
 
 def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir, capsys):
     run = tmp_path / "run"
-    fit(_distill_config(st_dir, fortune_dir, epochs=1), run)
+    final = fit(_distill_config(st_dir, fortune_dir, epochs=1), run)
+    data = ["--data", "fortunes", "--data-root", str(fortune_dir)]
+    assert main(["eval", str(run / "checkpoint.pt"), *data, "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["cos_mean"] == pytest.approx(final["test_cos_mean"], abs=1e-6)
+    assert evaluated["samples"] == final["test_samples"]
+    assert main(["eval", str(run / "checkpoint.pt"), *data, "--shift"]) == 2
+    assert "without one" in capsys.readouterr().err
     export = tmp_path / "model.safetensors"
     assert main(["export", str(run / "checkpoint.pt"), str(export)]) == 0
     loaded = load_packed(export)  # no model=: the file records the transformers config
@@ -303,10 +310,9 @@ def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir
     save_packed(reference, tmp_path / "api.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(load_packed(tmp_path / "api.safetensors")(**inputs), out, atol=0, rtol=0)
-    args = ["--data", "fortunes", "--data-root", str(fortune_dir), "--json"]
-    assert main(["run", str(export), *args]) == 0
+    assert main(["run", str(export), *data, "--subset", "10", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0.5 < result["cos_min"] <= result["cos_mean"] <= 1.0 + 1e-9 and result["samples"] > 0
+    assert 0.5 < result["cos_min"] <= result["cos_mean"] <= 1.0 + 1e-9 and result["samples"] == 10
 
 
 @pytest.mark.parametrize(
