@@ -233,7 +233,7 @@ def test_distillation_loss_decreases(st_dir, fortune_dir, hidden_states):
     teacher = pretrained_encoder(spec)
     student = prepare_qat(teacher, QATConfig.recipe("post-asq", 3))
     batches = _tiny_batches(st_dir, fortune_dir)
-    calibrate(student, [torch.tensor([i]) for i in range(len(batches))], forward=lambda m, i: m(**batches[int(i)]))
+    calibrate(student, batches)
     distill = Distillation(teacher, hidden_states=hidden_states, hidden_weight=0.5)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -306,6 +306,9 @@ def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir
         torch.testing.assert_close(out, reference(**inputs), atol=0, rtol=0)
     st = as_sentence_transformer(loaded, st_dir)
     torch.testing.assert_close(torch.tensor(st.encode(_sentences())), out, atol=1e-6, rtol=1e-5)
+    # the padding mask reaches the packed encoder inside sentence-transformers: a text alone or padded agree
+    alone, padded = st.encode(["w12"]), st.encode(["w12", _sentences()[1]], batch_size=2)
+    torch.testing.assert_close(torch.tensor(padded[0]), torch.tensor(alone[0]), atol=1e-5, rtol=1e-4)
     # a packed encoder saved from Python without a spec records its config too
     save_packed(reference, tmp_path / "api.safetensors")
     with torch.no_grad():

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import install_mask_hooks
+
 TEXT_MODELS = ("hf", "minilm")
 POOLINGS = ("mean", "cls")
 SPEC_KEYS = ("name", "kwargs", "hf_config", "pooling", "normalize")
@@ -251,6 +253,9 @@ def as_sentence_transformer(model: nn.Module, path: str | Path, device: str | No
         raise ValueError(
             f"{path} holds a {type(first.auto_model).__name__}, the model a {type(model.auto_model).__name__}"
         )
+    # sentence-transformers calls the encoder's forward method (no hooks run): the mask hooks go on its module,
+    # whose features dict holds attention_mask, so padding stays out of the ASQ steps there too
+    install_mask_hooks(first)
     if isinstance(getattr(type(first), "auto_model", None), property):
         first.model = model.auto_model  # sentence-transformers >= 5: auto_model reads .model
     else:

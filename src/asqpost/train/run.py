@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ import yaml
 from torch import nn
 
 from ..adapters import StepAdapter
-from ..batches import call_model, to_device
 from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs, require_asq
 from ..config import QATConfig
 from ..convert import calibrate, prepare_qat
@@ -187,15 +185,9 @@ def _calibrate(model: nn.Module, config: RunConfig, prep: Prepared, device: torc
     if distributed.active() and torch.distributed.get_rank() != 0:
         distributed.broadcast_state(model)
         return
-    if prep.is_text:
+    if prep.is_text:  # dict batches: the attention mask reaches the model, and through it the observers
         batches = TextBatches(prep.train, prep.tokenizer, config.batch_size, config.max_length, True, config.seed)  # type: ignore[arg-type]
-        encoded = list(itertools.islice(batches, config.calib_batches))
-        # each calibration batch is its index: calibrate() is called with tensors, the dicts reach the model by name
-        calibrate(
-            model,
-            [torch.tensor([i]) for i in range(len(encoded))],
-            forward=lambda m, i: call_model(m, to_device(encoded[int(i)], device)),
-        )
+        calibrate(model, batches, max_batches=config.calib_batches)
     else:
         batches = TensorBatches(prep.train, config.batch_size, prep.normalizer, shuffle=True, seed=config.seed)
         calibrate(model, batches, max_batches=config.calib_batches, forward=lambda m, x: m(x.to(device)))
