@@ -169,6 +169,11 @@ def test_text_model_spec_errors(tmp_path, st_dir):
         text_model_spec("hf", {"path": str(tmp_path)})
     with pytest.raises(ValueError, match="unknown model_args"):
         text_model_spec("hf", {"path": str(st_dir), "pooler": "mean"})
+    spec = text_model_spec("hf", {"path": str(st_dir)})
+    with pytest.raises(ValueError, match="with a model_type"):
+        encoder_from_spec({**spec, "hf_config": {"hidden_size": 32}})
+    with pytest.raises(ValueError, match="lacks"):
+        encoder_from_spec({"name": "hf", "kwargs": {}})
 
 
 def test_minilm_spec_reads_the_package_offline():

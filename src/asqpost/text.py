@@ -183,6 +183,8 @@ def _config_and_class(hf_config: dict[str, Any]) -> tuple[Any, type]:
     transformers = _transformers()
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    if not isinstance(hf_config, dict) or "model_type" not in hf_config:
+        raise ValueError("a text model spec's hf_config is a transformers config mapping with a model_type")
     values = dict(hf_config)
     config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
     try:
