@@ -22,6 +22,7 @@ from .batches import Forward, call_model, split_batch, to_device
 from .config import LayerQuant, QATConfig, QuantizerConfig, apply_edge, apply_override, pattern_matches
 from .nn import QUANT_LAYERS, QuantConv2d, QuantEmbedding, QuantLinear, smoothing_factors
 from .policy import LayerPlan, embedding_layers, excluded_layers, plan_layers, quantizable_layers
+from .quantizers import Quantizer
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "asqpost_config"
@@ -142,6 +143,12 @@ def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLin
             yield name, m
 
 
+def input_quantizers(model: nn.Module) -> list[Quantizer]:
+    """Every activation quantizer of the quantized layers, once each (Q, K and V may share one)."""
+    unique = {id(q): q for _, layer in quant_layers(model) if (q := layer.input_quantizer) is not None}
+    return list(unique.values())
+
+
 @contextmanager
 def _observing(model: nn.Module) -> Iterator[None]:
     acts = [q for _, layer in quant_layers(model) if (q := layer.input_quantizer) is not None]
@@ -198,9 +205,8 @@ def calibrate(
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate() got no batches")
-        for _, layer in layers:
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.finalize_()
+        for q in input_quantizers(model):  # a quantizer shared by Q, K and V finalizes once
+            q.finalize_()
     finally:
         model.train(was_training)
     log.info("calibrated %d layers from %d batches", len(layers), seen)
