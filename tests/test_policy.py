@@ -371,3 +371,40 @@ def test_adapter_size_is_a_choice_and_its_cost_is_reported(act, hidden, tmp_path
     save_packed(packed, tmp_path / "m.safetensors")
     with torch.no_grad():
         assert torch.equal(_tokens(load_packed(tmp_path / "m.safetensors", model=_bert()), x), _tokens(packed, x))
+
+
+def test_exports_made_before_adapter_size_and_smoothing_still_load(tmp_path):
+    """Older exports have no ``reduction`` / ``hidden_size`` adapter fields and no ``smooth`` layer field."""
+    import json
+
+    import safetensors.torch
+
+    from asqpost.export.format import _digest
+    from asqpost.models import create_model
+
+    spec = {"name": "smallcnn", "num_classes": 4, "input_shape": [1, 12, 12], "kwargs": {"width": 8}}
+    q = prepare_qat(create_model("smallcnn", 4, (1, 12, 12), width=8), QATConfig.recipe("post-asq", 3))
+    calibrate(q, [torch.randn(8, 1, 12, 12)])
+    path = tmp_path / "m.safetensors"
+    save_packed(convert_to_packed(q.eval()), path, spec)
+    before = load_packed(path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["asqpost"])
+    for layer in meta["layers"].values():
+        assert layer.pop("smooth") is False
+        if layer["input"] and layer["input"]["adapter"]:
+            assert (layer["input"]["adapter"].pop("reduction"), layer["input"]["adapter"].pop("hidden_size")) == (
+                4,
+                None,
+            )
+    meta["sha256"] = _digest(safetensors.torch.load(raw), meta)
+    header["__metadata__"]["asqpost"] = json.dumps(meta)
+    body = json.dumps(header).encode()
+    body += b" " * ((-len(body)) % 8)
+    path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+    old = load_packed(path)
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(old(x), before(x))
