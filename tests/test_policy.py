@@ -394,11 +394,9 @@ def test_exports_made_before_adapter_size_and_smoothing_still_load(tmp_path):
     meta = json.loads(header["__metadata__"]["asqpost"])
     for layer in meta["layers"].values():
         assert layer.pop("smooth") is False
-        if layer["input"] and layer["input"]["adapter"]:
-            assert (layer["input"]["adapter"].pop("reduction"), layer["input"]["adapter"].pop("hidden_size")) == (
-                4,
-                None,
-            )
+        adapter = layer["input"] and layer["input"]["adapter"]
+        if adapter:
+            assert (adapter.pop("reduction"), adapter.pop("hidden_size")) == (4, None)
     meta["sha256"] = _digest(safetensors.torch.load(raw), meta)
     header["__metadata__"]["asqpost"] = json.dumps(meta)
     body = json.dumps(header).encode()
