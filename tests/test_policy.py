@@ -406,3 +406,11 @@ def test_exports_made_before_adapter_size_and_smoothing_still_load(tmp_path):
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
         assert torch.equal(old(x), before(x))
+
+
+def test_a_plan_from_another_model_is_refused():
+    from asqpost.models import create_model
+
+    state = quantized_state(prepare_qat(_bert(), QATConfig.recipe("lsq", 4)))
+    with pytest.raises(ValueError, match="layer plan names"):
+        load_quantized(create_model("mlp", 4, (1, 4, 4)), state)

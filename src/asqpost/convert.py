@@ -1,9 +1,11 @@
 """Model conversion: swap float layers for quantized ones, calibrate them, save and rebuild.
 
 ``prepare_qat(model, config)`` -> a copy whose ``Conv2d``/``Linear`` layers are :class:`QuantConv2d` /
-:class:`QuantLinear` (per-layer policy from the config); ``calibrate(model, batches)`` initialises every
-quantizer from data; ``quantized_state(model)`` / ``load_quantized(float_model, state)`` round-trip a model
-through a plain dict of tensors and JSON (no pickled objects).
+:class:`QuantLinear` (per-layer policy from the config and the layer plan of :mod:`asqpost.policy`; Q, K and V
+share one input quantizer; embeddings optionally :class:`QuantEmbedding`); ``calibrate(model, batches)``
+initialises every quantizer from data (SmoothQuant factors first, where configured);
+``quantized_state(model)`` / ``load_quantized(float_model, state)`` round-trip a model through a plain dict of
+tensors and JSON (no pickled objects).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def resolve_layer_specs(model: nn.Module, config: QATConfig, plan: LayerPlan | N
     """
     names = [name for name, _ in quantizable_layers(model)]
     plan = plan or plan_layers(model, config)
+    unknown = sorted({*plan.first, *plan.last, *plan.unused, *(n for g in plan.shared for n in g)} - set(names))
+    if unknown:
+        raise ValueError(f"the layer plan names {unknown[:5]}, which are no Conv2d/Linear layers of this model")
     untouched = excluded_layers(model, config) | set(plan.unused)
     specs = {name: config.default_layer() for name in names}
     for edge, value in ((plan.first, config.first), (plan.last, config.last)):
