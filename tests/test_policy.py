@@ -94,6 +94,10 @@ def test_cnn_plan_is_what_it_was():
     assert (plan.first, plan.last, plan.unused, plan.shared) == ((names[0],), ("fc",), (), ())
     probed = plan_layers(model, QATConfig.recipe("post-asq", 4), example_inputs=torch.randn(2, 3, 16, 16))
     assert (probed.first, probed.last) == ((names[0],), ("fc",))
+    # a probe sees that a downsampling block's conv1 and shortcut read one tensor: they share its quantizer
+    assert ("layer2.0.conv1", "layer2.0.shortcut.0") in probed.shared
+    q = prepare_qat(model, QATConfig.recipe("post-asq", 4), plan=probed)
+    assert q.layer2[0].conv1.input_quantizer is q.layer2[0].shortcut[0].input_quantizer
 
 
 @pytest.mark.parametrize(
