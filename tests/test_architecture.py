@@ -19,7 +19,15 @@ PACKAGE = Path(asqpost.__file__).parent
 
 # bottom to top; a module may import from its own layer or any layer below
 LAYERS = (
-    ("asqpost.version", "asqpost.files", "asqpost.registry", "asqpost.levels", "asqpost.functional", "asqpost.batches"),
+    (
+        "asqpost.version",
+        "asqpost.files",
+        "asqpost.registry",
+        "asqpost.levels",
+        "asqpost.functional",
+        "asqpost.batches",
+        "asqpost.masking",
+    ),
     ("asqpost.adapters",),
     ("asqpost.config",),
     ("asqpost.quantizers",),

@@ -313,7 +313,6 @@ def test_grouped_conv_takes_the_reference_path():
         (nn.Conv2d(1, 8, 3, padding=1), (3, 1, 6, 6), "lsq-lsq", 8),  # a first layer: signed input, 8-bit codes
         (nn.Conv2d(8, 8, 3, padding=1, groups=4), (2, 8, 5, 5), "post-asq", 4),  # grouped
         (nn.Linear(12, 5), (4, 12), "lsq-lsq", 8),  # a last layer
-        (nn.Linear(12, 5), (2, 3, 12), "post-asq", 4),  # tokens, signed input, per-sample steps
     ],
 )
 def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, recipe, bits, monkeypatch):
@@ -381,3 +380,271 @@ def test_native_equals_reference_with_the_scale_following_adapter(kind, per_toke
     assert torch.equal(outs["native"], outs["reference"])
     with torch.no_grad():
         assert torch.allclose(outs["native"], q(x), rtol=1e-4, atol=1e-4)
+
+
+def _signed_plan(codes: torch.Tensor, lut, zero: int, offset: int) -> native.NativePlan:
+    """A plan for ``codes`` (N, K) through ``lut`` whose activation codes enter offset by ``offset``."""
+    n = codes.shape[0]
+    table_even, table_odd = torch.zeros(16, dtype=torch.int8), torch.zeros(16, dtype=torch.int8)
+    table_even[: lut.even.numel()], table_odd[: lut.odd.numel()] = lut.even.to(torch.int8), lut.odd.to(torch.int8)
+    plan = native.NativePlan(
+        weights=native.kernel_weights(codes, zero),
+        lut_even=table_even,
+        lut_odd=table_odd,
+        has_odd=True,
+        n=n,
+        col_scale=torch.ones(n, dtype=torch.float64),
+        bias=torch.zeros(0, dtype=torch.float64),
+    )
+    return native.with_offset(plan, offset, lut.even[codes], lut.odd[codes])
+
+
+@needs_native
+@pytest.mark.parametrize("grid", ["post", "uniform"])
+@pytest.mark.parametrize("act_bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 5, 3), (1, 300, 80), (3, 127, 5), (9, 64, 48), (64, 129, 33)])
+def test_native_signed_accumulators_equal_reference_exactly(grid, act_bits, m, k, n):
+    """Signed codes in [-2^(b-1), 2^(b-1) - 1] enter as code + 2^(b-1); the kernel subtracts the offset's share."""
+    levels = make_levels(grid, 4)
+    lut = integer_lut(levels.table(dtype=torch.float64))
+    codes = torch.randint(0, len(levels), (n, k))
+    zero = int(((lut.even == 0) & (lut.odd == 0)).nonzero()[0])
+    offset = 2 ** (act_bits - 1)
+    plan = _signed_plan(codes, lut, zero, offset)
+    x = torch.randint(-offset, offset, (m, k))
+    x[0, :] = -offset  # the extremes of the range in every product
+    x[-1, : k // 2] = offset - 1
+    expected_even, expected_odd = x @ lut.even[codes].T, x @ lut.odd[codes].T
+    for path in native.available_paths():
+        even, odd = native.lut_matmul((x + offset).to(torch.uint8), replace(plan, path=path))
+        assert torch.equal(even.long(), expected_even), path
+        assert torch.equal(odd.long(), expected_odd), path
+
+
+def _signed_layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A layer and a signed input with odd sizes (rows, features, channels not multiples of 8 or 16)."""
+    if kind == "linear":
+        return nn.Linear(37, 11), torch.randn(5, 37)
+    if kind == "tokens":
+        return nn.Linear(24, 19), torch.randn(3, 7, 24)
+    return nn.Conv2d(5, 7, 3, stride=2, padding=1), torch.randn(3, 5, 9, 11)
+
+
+def _packed(layer: nn.Module, x: torch.Tensor, recipe: str, act: dict, weight_bits: int = 4):
+    config = QATConfig.recipe(recipe, weight_bits, act=act, first=None, last=None)
+    q = prepare_qat(nn.Sequential(layer), config).eval()
+    calibrate(q, [x])
+    return q, convert_to_packed(q)[0]
+
+
+def _outputs_on_every_path(packed, x, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reference output and the native one on every CPU path (the layer's plan, each path in turn)."""
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    with torch.no_grad():
+        ref = packed_forward(packed, x)
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+    outs = {}
+    for path in native.available_paths():
+        with torch.no_grad():
+            outs[path] = packed_forward(packed, x, replace(native.prepare(packed), path=path))
+    return ref, outs
+
+
+SIGNED_CASES = [
+    (kind, recipe, act)
+    for kind in ("linear", "tokens", "conv")
+    for recipe, act in [
+        ("lsq-lsq", {}),
+        ("post-lsq", {}),
+        ("post-asq", {}),  # one step per sample
+        ("uniform-asq", {"adapter_form": "paper"}),
+    ]
+] + [("tokens", "post-asq", {"per_token": True})]  # one step per token
+
+
+@needs_native
+@pytest.mark.parametrize(("kind", "recipe", "act"), SIGNED_CASES)
+@pytest.mark.parametrize("act_bits", [2, 3, 4, 6, 8])
+def test_native_signed_input_layer_equals_reference(kind, recipe, act, act_bits, monkeypatch):
+    layer, x = _signed_layer(kind)
+    q, packed = _packed(layer, x, recipe, {**act, "bits": act_bits, "signed": True})
+    assert packed.input_quant.qmin == -(2 ** (act_bits - 1)) and packed.input_quant.qmax == 2 ** (act_bits - 1) - 1
+    plan = native.prepare(packed)
+    assert plan is not None, native.state(packed).reason
+    assert plan.offset == 2 ** (act_bits - 1)
+    ref, outs = _outputs_on_every_path(packed, x, monkeypatch)
+    for path, out in outs.items():
+        assert out.shape == ref.shape
+        assert torch.equal(out, ref), path
+    with torch.no_grad():
+        assert torch.allclose(ref, q(x), rtol=1e-4, atol=1e-4), "and the packed layer is the fake-quant one"
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["linear", "tokens"])
+def test_native_signed_input_propagates_nan_rows_like_the_reference(kind, monkeypatch):
+    layer, x = _signed_layer(kind)
+    _, packed = _packed(layer, x, "post-asq", {"per_token": kind == "tokens"})
+    assert native.prepare(packed).offset > 0
+    x = x.clone()
+    x.view(-1, x.shape[-1])[1, 3] = float("nan")
+    ref, outs = _outputs_on_every_path(packed, x, monkeypatch)
+    nan = torch.isnan(ref)
+    assert nan.any() and not nan.all()
+    for path, out in outs.items():
+        assert torch.equal(torch.isnan(out), nan), path
+        assert torch.equal(out[~nan], ref[~nan]), path
+
+
+@needs_native
+def test_native_takes_a_token_input_without_copying_it(monkeypatch):
+    """(N, T, C) float32 rows reach the kernel as a view of the input: its storage is read in place."""
+    layer, x = _signed_layer("tokens")
+    _, packed = _packed(layer, x, "post-asq", {"per_token": True})
+    module, seen = native.extension(), []
+    kernel = module.lut_linear_forward
+
+    def spy(rows, step, qmin, qmax, plan):
+        seen.append((rows.data_ptr(), tuple(rows.shape), tuple(step.shape)))
+        return kernel(rows, step, qmin, qmax, plan)
+
+    monkeypatch.setattr(module, "lut_linear_forward", spy)
+    with torch.no_grad():
+        y = native.forward(packed, x, native.prepare(packed))
+    assert seen == [(x.data_ptr(), (21, 24), (21,))], "one call, on the input's own storage, one step per token"
+    assert y.shape == (3, 7, 19)
+
+
+@needs_native
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    """The kernel splits rows and tiles over torch's intra-op threads; every split gives the same bits."""
+    layer, x = nn.Linear(512, 1024), torch.randn(2, 300, 512)  # one row: 64 tiles, enough to split
+    _, packed = _packed(layer, x[:, :8], "post-asq", {"per_token": True})
+    conv, xc = nn.Conv2d(24, 40, 3, padding=1), torch.randn(2, 24, 20, 20)
+    _, packed_conv = _packed(conv, xc, "post-lsq", {})
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert native.threads() == threads, "the kernel reads torch's thread count"
+            with torch.no_grad():
+                outs[threads] = [
+                    native.forward(packed, x[:1, :1], native.prepare(packed)),  # one row: tiles split
+                    native.forward(packed, x, native.prepare(packed)),  # 1200 rows: row blocks split too
+                    native.forward(packed_conv, xc, native.prepare(packed_conv)),
+                ]
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(outs[1], outs[2], strict=True):
+        assert torch.equal(one, two)
+
+
+def _mixed_float() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(36, 20), nn.Linear(20, 16))
+    return model.append(nn.ReLU()).append(nn.Linear(16, 3))
+
+
+def _mixed_model() -> tuple[nn.Module, torch.Tensor]:
+    """A packed model whose layers take every path: a signed-input 4-bit linear (native), an 8-bit POST linear
+    (float), a grouped conv (torch sums) and a float-weight linear."""
+    model = _mixed_float()
+    overrides = (("3", 8), ("5", {"weight": "float"}))
+    config = QATConfig.recipe("post-asq", 4, first=None, last=None, overrides=overrides)
+    q = prepare_qat(model, config).eval()
+    x = torch.randn(6, 4, 3, 3)
+    calibrate(q, [x])
+    return convert_to_packed(q), x
+
+
+@needs_native
+def test_kernel_report_names_each_layers_path_and_reason(monkeypatch):
+    from asqpost.export import kernel_report, kernel_summary
+
+    packed, x = _mixed_model()
+    report = {entry.name: entry for entry in kernel_report(packed)}
+    assert list(report) == ["0", "2", "3", "5"]
+    fastest = f"native {native.capability()}"
+    assert (report["2"].kind, report["2"].path, report["2"].reason) == ("linear", fastest, "signed input, offset codes")
+    assert report["0"].path == "torch sums" and "grouped conv" in report["0"].reason
+    assert report["3"].path == "float" and "no small-integer form" in report["3"].reason  # 8-bit POST
+    assert report["5"].path == "float" and report["5"].reason == "float weight"
+    summary = kernel_summary(list(report.values()))
+    assert summary.startswith("4 packed layers: ") and f"1 {fastest} (signed input" in summary
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    assert kernel_report(packed)[1].path == "reference"
+    # the report is what runs: the native layer's output is the native kernel's
+    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    layer = packed[2]
+    with torch.no_grad():
+        h = packed[1](packed[0](x))
+        assert torch.equal(layer(h), native.forward(layer, h, native.prepare(layer)))
+
+
+@needs_native
+def test_one_log_line_per_packed_model(tmp_path, caplog):
+    from asqpost.export import load_packed, save_packed
+
+    model, _ = _mixed_model()
+    path = tmp_path / "m.safetensors"
+    save_packed(model, path)
+    with caplog.at_level("INFO", logger="asqpost.export.modules"):
+        load_packed(path, _mixed_float())
+    lines = [r.getMessage() for r in caplog.records if r.name == "asqpost.export.modules"]
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: 4 packed layers: "), lines
+
+
+@needs_native
+def test_cli_run_prints_the_kernel_plan(tmp_path, capsys):
+    import json
+
+    from asqpost.cli import main
+    from asqpost.export import save_packed
+    from asqpost.models import create_model
+
+    model = create_model("smallcnn", 4, (1, 16, 16))
+    q = prepare_qat(model, QATConfig.recipe("post-asq", 4)).eval()
+    calibrate(q, [torch.rand(8, 1, 16, 16)])
+    spec = {"name": "smallcnn", "num_classes": 4, "input_shape": [1, 16, 16], "kwargs": {}}
+    save_packed(convert_to_packed(q), tmp_path / "m.safetensors", spec)
+    assert main(["run", str(tmp_path / "m.safetensors"), "--data", "synthetic", "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["layer", "kind", "path", "reason"]
+    assert "native" in out and "accuracy" in out
+    assert main(["run", str(tmp_path / "m.safetensors"), "--data", "synthetic", "--kernels", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"name", "kind", "path", "reason"} == set(result["kernels"][0])
+
+
+@needs_native
+@pytest.mark.parametrize("per_token", [False, True])
+def test_tiny_bert_runs_every_linear_layer_natively_and_exactly(per_token, monkeypatch):
+    """A transformer's Linear inputs are signed: all of them take the native kernel, bit-identical to the
+    reference, and the packed model is the fake-quant one within float rounding."""
+    transformers = pytest.importorskip("transformers")
+    from asqpost.export import kernel_report
+
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = transformers.BertModel(config).eval()
+    qat = QATConfig.recipe("post-asq", 4, act={"per_token": per_token}, first=None, last=None)
+    q = prepare_qat(model, qat).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    calibrate(q, [ids])
+    packed = convert_to_packed(q)
+    report = kernel_report(packed)
+    assert len(report) == 13 and {e.path for e in report} == {f"native {native.capability()}"}
+    outs = {}
+    for kernel in ("reference", "native"):
+        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        with torch.no_grad():
+            outs[kernel] = packed(ids).last_hidden_state
+    assert torch.equal(outs["native"], outs["reference"])
+    with torch.no_grad():
+        assert torch.allclose(outs["native"], q(ids).last_hidden_state, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ from .convert import (
     resolve_layer_specs,
 )
 from .levels import LevelSet, make_levels
+from .masking import install_mask_hooks, token_mask
 from .nn import QuantConv2d, QuantEmbedding, QuantLinear
 from .policy import LayerPlan, plan_layers
 from .quantizers import NotCalibratedError, Quantizer, build_quantizer
@@ -37,6 +38,7 @@ __all__ = [
     "calibrate",
     "calibrate_smoothing",
     "dequantize",
+    "install_mask_hooks",
     "load_quantized",
     "make_levels",
     "methods_for",
@@ -48,4 +50,5 @@ __all__ = [
     "quantized_state",
     "register_quantizer",
     "resolve_layer_specs",
+    "token_mask",
 ]

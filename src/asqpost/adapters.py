@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import token_mean
+
 POSITIVE_MAPS = ("softplus", "exp", "relu")
 ADAPTER_FORMS = ("paper", "scale")
 RELU_FLOOR = 1e-8
@@ -111,15 +113,21 @@ class StepAdapter(nn.Module):
             self.gamma = nn.Parameter(torch.ones(()))
 
     def statistics(self, x: torch.Tensor) -> torch.Tensor:
-        """Channel means: ``(N, C)``, or ``(N, T, C)`` per token."""
+        """Channel means: ``(N, C)``, or ``(N, T, C)`` per token.
+
+        Per sample on ``(N, T, C)``, the mean is over the real tokens only when the current token mask
+        (:mod:`asqpost.masking`) fits ``x``, so padding does not move a sample's ``beta``.
+        """
         if x.dim() == 4:
             return x.mean(dim=(2, 3))
         if x.dim() == 3 and not self.per_token:
-            return x.mean(dim=1)
+            return token_mean(x)
         return x
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """``r(x)``: mean ``|x|`` over channels and positions, one per sample (or token), floored at ``R_FLOOR``.
+
+        Positions are the real tokens only when a token mask fits ``x`` (as in :meth:`statistics`).
 
         In the adapter's dtype, shaped like :meth:`statistics` with the channel dimension kept as 1: ``(N, 1)``
         or ``(N, T, 1)``.

@@ -7,6 +7,7 @@ Every command is a thin layer over the library; errors the user can fix are prin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from .train.engine import TrainingDivergedError
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .export import LayerKernel
     from .runconfig import RunConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -179,11 +181,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .export import format_kernel_report
     from .train.run import evaluate_export
 
+    report = _kernel_report(args.export, args.device) if args.kernels else None
+    if report is not None and not args.json:
+        print(format_kernel_report(report) + "\n")
     result = evaluate_export(args.export, args.data, args.data_root, args.split, args.shift, device=args.device)
+    if report is not None:
+        result["kernels"] = [dataclasses.asdict(entry) for entry in report]
     _print_accuracy(args, result, " (packed model)")
     return 0
+
+
+def _kernel_report(export: str, device: str) -> list[LayerKernel]:
+    """The packed model's per-layer kernel plan on ``device`` (the model is loaded once more for it)."""
+    from .export import kernel_report, load_packed
+    from .train.run import resolve_device
+
+    return kernel_report(load_packed(export).to(resolve_device(device)))
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -274,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="evaluate an exported (packed) model on a dataset split")
     p.add_argument("export")
     _add_eval_args(p)
+    p.add_argument(
+        "--kernels", action="store_true", help="also print each packed layer's kernel path and why (JSON: 'kernels')"
+    )
     p.set_defaults(func=cmd_run)
 
     return parser

@@ -13,15 +13,16 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .batches import Forward, call_model, split_batch, to_device
+from .batches import Forward, batch_size, call_model, split_batch, to_device
 from .config import LayerQuant, QATConfig, QuantizerConfig, apply_edge, apply_override, pattern_matches
+from .masking import install_mask_hooks
 from .nn import QUANT_LAYERS, QuantConv2d, QuantEmbedding, QuantLinear, smoothing_factors
 from .policy import LayerPlan, embedding_layers, excluded_layers, plan_layers, quantizable_layers
 from .quantizers import Quantizer
@@ -111,7 +112,9 @@ def prepare_qat(
     as the model is called, or through ``forward(model, inputs)``), or else decided from the layer names.
     Layers whose resolved spec is all-float stay float modules; ``config.embeddings`` swaps the embeddings
     for :class:`QuantEmbedding`. The config and plan are kept on the model (``model.asqpost_config``,
-    ``model.asqpost_plan``) so :func:`quantized_state` can save them.
+    ``model.asqpost_plan``) so :func:`quantized_state` can save them. Hooks on the returned model's root
+    (:func:`asqpost.masking.install_mask_hooks`) make an ``attention_mask`` in a call mask padded tokens in its
+    quantizers for that forward.
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("model is already prepared for QAT")
@@ -139,7 +142,7 @@ def prepare_qat(
         shared,
         embeddings,
     )
-    return model
+    return install_mask_hooks(model)  # model(..., attention_mask=m) masks padding in quantizers (asqpost.masking)
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:
@@ -166,13 +169,22 @@ def _observing(model: nn.Module) -> Iterator[None]:
             q.observing = False
 
 
-def _inputs_of(batch: Any) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, list | tuple) else batch
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"calibration batches must be tensors or (inputs, ...) tuples, got {type(x).__name__}")
-    if x.numel() == 0 or x.shape[0] == 0:
-        raise ValueError(f"calibration batch is empty (shape {tuple(x.shape)})")
-    return x
+def _looks_like_ids_and_mask(inputs: Any, target: Any) -> bool:
+    """``(input_ids, attention_mask)`` passed where ``(inputs, target)`` is read: two integer ``(N, T)``
+    tensors of one shape, the second holding only 0 and 1."""
+    tensors = isinstance(inputs, torch.Tensor) and isinstance(target, torch.Tensor)
+    if not tensors or inputs.dim() != 2 or inputs.shape != target.shape:
+        return False
+    if inputs.is_floating_point() or inputs.is_complex() or target.is_floating_point() or target.is_complex():
+        return False
+    return bool(((target == 0) | (target == 1)).all())
+
+
+def _inputs_of(batch: Any) -> tuple[Any, bool]:
+    """``(model inputs, whether the batch looks like (input_ids, attention_mask))``; refuses empty batches."""
+    inputs, target = split_batch(batch)
+    batch_size(inputs)  # a clear ValueError for an empty batch or one without a tensor
+    return inputs, _looks_like_ids_and_mask(inputs, target)
 
 
 @torch.no_grad()
@@ -180,14 +192,23 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     max_batches: int | None = None,
-    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+    forward: Forward | None = None,
 ) -> nn.Module:
     """Initialise every quantizer of a prepared model from data, in one explicit step.
 
     Weight quantizers are initialised from their layer's weight; activation quantizers observe their inputs
-    during float forward passes over ``batches`` (tensors or ``(inputs, targets)`` tuples; at most
-    ``max_batches``), then initialise. The model runs in eval mode (BN statistics are not touched) and gets
-    its mode back afterwards. Raises ``ValueError`` on no data, empty batches, or non-finite values.
+    during float forward passes over ``batches`` (at most ``max_batches``), then initialise. A batch is what
+    :mod:`asqpost.batches` defines: a tensor (``model(x)``), a mapping such as a tokenizer's
+    ``BatchEncoding`` (``model(**batch)``, so ``attention_mask`` reaches the model and, through the hooks
+    :func:`prepare_qat` installs, the observers: padded tokens are not observed), or ``(inputs, target)``
+    whose inputs take either form or are a tuple of positional inputs (``((input_ids, mask), labels)``);
+    the target is not used. ``forward(model, inputs)`` replaces the call for models taking their inputs
+    another way. Inputs are moved to the model's device.
+
+    A batch ``(input_ids, attention_mask)`` reads as ``(inputs, target)``, which would drop the mask; when a
+    batch looks like one, a warning says how to pass it. The model runs in eval mode (BN statistics are not
+    touched) and gets its mode back afterwards. Raises ``ValueError`` on no data, empty batches, or
+    non-finite values.
     """
     layers = list(quant_layers(model))
     if not layers:
@@ -200,13 +221,21 @@ def calibrate(
     was_training = model.training
     model.eval()
     seen = 0
+    warned = False
     try:
         with _observing(model):
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
                     break
-                x = _inputs_of(batch).to(device)
-                (forward or (lambda m, t: m(t)))(model, x)
+                inputs, ids_and_mask = _inputs_of(batch)
+                if ids_and_mask and not warned:
+                    warned = True
+                    log.warning(
+                        "calibrate: a batch of two integer (N, T) tensors, the second all 0/1, is read as (inputs, "
+                        "target) and its second tensor is not used; if it is (input_ids, attention_mask), pass "
+                        "{'input_ids': ids, 'attention_mask': mask} or ((ids, mask), target)"
+                    )
+                call_model(model, to_device(inputs, device), forward)
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate() got no batches")

@@ -5,8 +5,9 @@ be ``None`` (float). ``from_float`` builds one from a float layer (same device, 
 ``to_float`` gives the float layer back with the latent weights.
 
 SmoothQuant (``act.smooth``): a layer with the buffer ``smooth_scale`` ``s`` (one per input channel, 1 until
-calibration sets it) quantizes ``x / s`` and ``W * s`` instead of ``x`` and ``W``; in float the product is
-unchanged. Several layers may hold the same ``s`` tensor (Q, K and V sharing one input quantizer).
+calibration sets it from the real tokens' channel maxima) quantizes ``x / s`` and ``W * s`` instead of ``x``
+and ``W``; in float the product is unchanged. Several layers may hold the same ``s`` tensor (Q, K and V sharing
+one input quantizer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerQuant, QuantizerConfig
+from .masking import valid_tokens
 from .quantizers import Quantizer, build_quantizer
 
 SMOOTH_FLOOR = 1e-5  # channel maxima below this count as this (an all-zero channel or weight column)
@@ -74,10 +76,11 @@ class _QuantMixin:
         """``x / s`` (SmoothQuant), or ``x``; while observing for smoothing, records max ``|x|`` per channel."""
         if self.smooth_scale is None:
             return x
-        if self.smooth_observing:
+        if self.smooth_observing:  # padded tokens (asqpost.masking) do not count
             with torch.no_grad():
-                dims = [d for d in range(x.dim()) if d != (1 if isinstance(self, nn.Conv2d) else x.dim() - 1)]
-                peak = x.detach().abs().amax(dim=dims).float()
+                seen = x.detach() if isinstance(self, nn.Conv2d) else valid_tokens(x.detach())
+                dims = [d for d in range(seen.dim()) if d != (1 if isinstance(self, nn.Conv2d) else seen.dim() - 1)]
+                peak = seen.abs().amax(dim=dims).float()
                 self.smooth_max = peak if self.smooth_max is None else torch.maximum(self.smooth_max, peak)
         return x / self._channel_view(self.smooth_scale, x.dim()).to(x.dtype)
 

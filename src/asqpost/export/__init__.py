@@ -2,20 +2,36 @@
 
 from .format import ExportError, convert_to_packed, load_packed, read_export, read_packed, save_packed
 from .lut import IntegerLUT, integer_lut
-from .modules import PackedConv2d, PackedInput, PackedLayer, PackedLinear, PackedWeight
+from .modules import (
+    LayerKernel,
+    PackedConv2d,
+    PackedInput,
+    PackedLayer,
+    PackedLinear,
+    PackedWeight,
+    format_kernel_report,
+    kernel_report,
+    kernel_summary,
+    log_kernel_plan,
+)
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
     "ExportError",
     "IntegerLUT",
+    "LayerKernel",
     "PackedConv2d",
     "PackedInput",
     "PackedLayer",
     "PackedLinear",
     "PackedWeight",
     "convert_to_packed",
+    "format_kernel_report",
     "integer_lut",
+    "kernel_report",
+    "kernel_summary",
     "load_packed",
+    "log_kernel_plan",
     "pack_codes",
     "packed_nbytes",
     "read_export",

@@ -30,8 +30,9 @@ from torch import nn
 
 from ..convert import CONFIG_ATTR, quant_embeddings, quant_layers
 from ..files import atomic_write_bytes
+from ..masking import install_mask_hooks
 from ..models import model_from_spec
-from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer
+from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, log_kernel_plan
 
 FORMAT = "asqpost-packed"
 VERSION = 2  # 2: the checksum covers the metadata too (version 1 covered the tensors only)
@@ -59,6 +60,7 @@ def convert_to_packed(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer))
     _dequantize_embeddings(packed)
+    log_kernel_plan(packed, "packed model")
     return packed
 
 
@@ -177,4 +179,5 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
         w = layer.weight
         if w is not None and w.lut() is None and not torch.isfinite(w.table).all():
             raise ExportError(f"{path}: layer {name!r} has a non-finite level table")
-    return model.eval(), meta
+    log_kernel_plan(model, str(path))
+    return install_mask_hooks(model).eval(), meta  # attention_mask reaches the ASQ adapters, as when prepared

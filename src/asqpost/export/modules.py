@@ -14,7 +14,10 @@ no small-integer form, or whose input stays float, runs the same maths with deco
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import StepAdapter
-from ..kernels import packed_forward
+from ..kernels import layer_path, packed_forward
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import Quantizer
 from .lut import IntegerLUT, integer_lut
@@ -30,6 +33,8 @@ from .packing import pack_codes, packed_nbytes, unpack_codes
 
 if TYPE_CHECKING:
     from ..kernels.native import NativeState
+
+log = logging.getLogger(__name__)
 
 
 class PackedWeight(nn.Module):
@@ -303,3 +308,50 @@ class PackedConv2d(PackedLayer):
 
 PACKED_LAYERS: dict[str, type[PackedLayer]] = {"linear": PackedLinear, "conv2d": PackedConv2d}
 QUANT_TO_PACKED: dict[type[nn.Module], type[PackedLayer]] = {QuantLinear: PackedLinear, QuantConv2d: PackedConv2d}
+
+
+@dataclass(frozen=True)
+class LayerKernel:
+    """One packed layer's entry in :func:`kernel_report`: its module name, kind (``linear`` / ``conv2d``), the
+    path its float32 CPU inputs take (``native avx512_vnni``, ``native avx2``, ``native scalar``, ``torch sums``,
+    ``reference`` or ``float``; see :func:`asqpost.kernels.layer_path`) and why."""
+
+    name: str
+    kind: str
+    path: str
+    reason: str
+
+
+def kernel_report(model: nn.Module) -> list[LayerKernel]:
+    """Each packed layer of ``model`` with the kernel path it takes and why, in module order (builds the native
+    plans the first forward would build)."""
+    return [
+        LayerKernel(name, module.kind, *layer_path(module))
+        for name, module in model.named_modules()
+        if isinstance(module, PackedLayer)
+    ]
+
+
+def kernel_summary(report: list[LayerKernel]) -> str:
+    """One line: how many layers take which path, and why (most common first)."""
+    counts = Counter((entry.path, entry.reason) for entry in report)
+    parts = [f"{count} {path} ({reason})" for (path, reason), count in counts.most_common()]
+    return f"{len(report)} packed layers: " + "; ".join(parts)
+
+
+def format_kernel_report(report: list[LayerKernel]) -> str:
+    """The report as an aligned text table (name, kind, path, reason), one layer per line."""
+    rows = [("layer", "kind", "path", "reason")] + [(e.name, e.kind, e.path, e.reason) for e in report]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join([*(row[i].ljust(widths[i]) for i in range(3)), row[3]]) for row in rows]
+    return "\n".join(lines)
+
+
+def log_kernel_plan(model: nn.Module, what: str = "packed model") -> None:
+    """Log :func:`kernel_summary` of ``model`` as one INFO line (called when a packed model is made or loaded).
+    Nothing is computed unless INFO is logged (the plans are otherwise built by the first forward)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    report = kernel_report(model)
+    if report:
+        log.info("%s: %s", what, kernel_summary(report))

@@ -10,6 +10,11 @@
 // lane adds each row's 4 products into that row's own int32 lane. No horizontal sums are needed, a tile's 16
 // outputs are stored at once, and one decoded tile serves any number of activation rows (batched inputs).
 //
+// Signed activation codes (LSQ / ASQ on a signed input, codes in [-2^(b-1), 2^(b-1) - 1]) enter the u8 operand
+// offset by o = -qmin: sum_k (x_k + o) w_k = sum_k x_k w_k + o * sum_k w_k, so each output's o * sum_k w_k
+// (precomputed per row of the weight, for each of the two tables) is subtracted from its int32 sum before it is
+// stored or rescaled. Every step stays an exact integer: the result is the reference's, bit for bit.
+//
 // Activations are reached through row pointers, one per (row, tap): k = tap * Cp + c reads rows[m][tap][c]. A
 // linear layer has one tap (the row itself); a convolution reads NHWC codes, one tap per kernel position, with
 // padding taps pointing at a zero row (indirect convolution: no im2col copy).
@@ -41,6 +46,7 @@ constexpr int64_t kTile = 16;   // weight rows per tile: one int32 lane each
 constexpr int64_t kGroup = 8;   // k values per 64-byte block: 4 in the low nibbles, 4 in the high ones
 constexpr int kMaxRows = 8;     // activation rows sharing one decoded block in registers
 constexpr int64_t kRowBlock = 512;  // rows per parallel work unit of a batched product
+constexpr int64_t kMinWork = int64_t{1} << 17;  // products per thread, at least
 
 constexpr double kSqrt1_2 = 0.70710678118654757;  // == math.sqrt(0.5)
 
@@ -67,6 +73,8 @@ struct Args {
   bool has_odd;
   int32_t* out_even;  // (M, N) when not rescaling
   int32_t* out_odd;
+  const int32_t* correction_even;  // (N,) offset * sum_k lut_even[code[n, k]] to subtract, or nullptr (no offset)
+  const int32_t* correction_odd;   // the same for the odd table, or nullptr
   Rescale rescale;
 
   int64_t Kp() const { return taps * Cp; }
@@ -85,6 +93,9 @@ struct Plan {
   torch::Tensor col_scale;  // float64 (n,): scale * unit
   torch::Tensor bias;       // float64 (n,) or empty
   std::string path;         // the path requested ("auto" or one of available_paths())
+  int64_t offset;           // added to every activation code to make it unsigned (0: unsigned input)
+  torch::Tensor correction_even;  // int32 (n,): offset * sum_k lut_even[code[n, k]]; empty when offset is 0
+  torch::Tensor correction_odd;   // int32 (n,): the same for the odd table; empty when offset is 0 or no odd levels
 
   int64_t Kp() const { return weights.size(1) * 2 / kTile; }
 };
@@ -106,8 +117,18 @@ void rescale_row_scalar(const int32_t* ae, const int32_t* ao, const double* cs, 
   }
 }
 
-// count sums of row m starting at column n: stored as int32, or rescaled into y.
+// count (<= kTile) sums of row m starting at column n, less the offset's correction: stored as int32, or
+// rescaled into y.
 void store_sums(const Args& a, int64_t m, int64_t n, const int32_t* even, const int32_t* odd, int64_t count) {
+  int32_t even_corrected[kTile], odd_corrected[kTile];
+  if (a.correction_even) {
+    for (int64_t i = 0; i < count; ++i) even_corrected[i] = even[i] - a.correction_even[n + i];
+    even = even_corrected;
+  }
+  if (a.correction_odd) {
+    for (int64_t i = 0; i < count; ++i) odd_corrected[i] = odd[i] - a.correction_odd[n + i];
+    odd = odd_corrected;
+  }
   const Rescale& r = a.rescale;
   if (r.y) {
     rescale_row_scalar(even, a.has_odd ? odd : nullptr, r.col_scale + n, r.bias ? r.bias + n : nullptr,
@@ -188,6 +209,8 @@ template <bool ODD>
 ASQPOST_AVX512 inline void store_tile(const Args& a, int64_t m, int64_t t, __m512i even, __m512i odd) {
   const __mmask16 lanes = tile_lanes(a, t);
   const int64_t n = t * kTile;
+  if (a.correction_even) even = _mm512_sub_epi32(even, _mm512_maskz_loadu_epi32(lanes, a.correction_even + n));
+  if (ODD && a.correction_odd) odd = _mm512_sub_epi32(odd, _mm512_maskz_loadu_epi32(lanes, a.correction_odd + n));
   if (!a.rescale.y) {
     _mm512_mask_storeu_epi32(a.out_even + m * a.N + n, lanes, even);
     if (ODD) _mm512_mask_storeu_epi32(a.out_odd + m * a.N + n, lanes, odd);
@@ -424,7 +447,9 @@ Plan read_plan(const pybind11::handle& p) {
   Plan plan{p.attr("weights").cast<torch::Tensor>(), p.attr("lut_even").cast<torch::Tensor>(),
             p.attr("lut_odd").cast<torch::Tensor>(),  p.attr("has_odd").cast<bool>(),
             p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
-            p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>()};
+            p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>(),
+            p.attr("offset").cast<int64_t>(),         p.attr("correction_even").cast<torch::Tensor>(),
+            p.attr("correction_odd").cast<torch::Tensor>()};
   const torch::Tensor& w = plan.weights;
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
               "weights must be contiguous uint8 tiles");
@@ -438,6 +463,13 @@ Plan read_plan(const pybind11::handle& p) {
   TORCH_CHECK(plan.bias.dtype() == torch::kFloat64 && plan.bias.is_contiguous() &&
                   (plan.bias.numel() == 0 || plan.bias.numel() == plan.n),
               "bias must be float64 (n,) or empty");
+  TORCH_CHECK(plan.offset >= 0 && plan.offset <= 255, "offset must be in [0, 255]");
+  const auto is_correction = [&](const torch::Tensor& c) {
+    return c.dtype() == torch::kInt32 && c.dim() == 1 && c.is_contiguous() && c.numel() == plan.n;
+  };
+  TORCH_CHECK(plan.offset == 0 || is_correction(plan.correction_even), "correction_even must be int32 (n,)");
+  TORCH_CHECK(plan.offset == 0 || !plan.has_odd || is_correction(plan.correction_odd),
+              "correction_odd must be int32 (n,)");
   const std::vector<std::string>& paths = available_paths();
   TORCH_CHECK(plan.path == "auto" || std::find(paths.begin(), paths.end(), plan.path) != paths.end(), "path ",
               plan.path, " is not one this CPU runs (", c10::Join(", ", paths), ")");
@@ -453,10 +485,12 @@ void run_kernel(const Args& a, const Plan& plan, const std::string& chosen) {
 #else
   auto run = scalar_block;
 #endif
-  // work units: (tile, block of kRowBlock rows), tile-major; enough per unit to pay for waking a thread
+  // work units: (tile, block of kRowBlock rows), tile-major, split over torch's intra-op threads
+  // (at::get_num_threads(), torch.set_num_threads); each thread gets at least kMinWork products, enough to pay
+  // for waking it (a 384 x 384 layer at one row: two threads)
   const int64_t tiles = plan.weights.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
   const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, unit_work));
+  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, unit_work));
   at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1;) {
       const int64_t t = u / row_blocks, rb = u % row_blocks;
@@ -484,6 +518,8 @@ Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps
               plan.has_odd,
               nullptr,
               nullptr,
+              plan.offset ? plan.correction_even.data_ptr<int32_t>() : nullptr,
+              plan.offset && plan.has_odd ? plan.correction_odd.data_ptr<int32_t>() : nullptr,
               Rescale{}};
 }
 
@@ -505,15 +541,17 @@ Rescale make_rescale(torch::Tensor& y, const Plan& plan, const torch::Tensor& st
 }
 
 // Activation codes of rows [m0, m1) of K values: code = clamp(round_half_even(x / step), qmin, qmax) in float32,
-// as the reference computes it; step index m / rows_per_step. A NaN or inf flags its row in bad[m].
+// as the reference computes it, plus offset (unsigned bytes); step index m / rows_per_step. A NaN or inf flags
+// its row in bad[m].
 void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_step, int64_t K, int64_t Kp, int qmin,
-                          int qmax, uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
+                          int qmax, int offset, uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const float s = step[m / rows_per_step];
     for (int64_t k = 0; k < K; ++k) {
       const float v = std::nearbyint(x[m * K + k] / s);
       if (!std::isfinite(v)) bad[m] = 1;
-      codes[m * Kp + k] = std::isfinite(v) ? static_cast<uint8_t>(std::min<float>(std::max<float>(v, qmin), qmax)) : 0;
+      const float clamped = std::min<float>(std::max<float>(v, qmin), qmax);
+      codes[m * Kp + k] = std::isfinite(v) ? static_cast<uint8_t>(static_cast<int>(clamped) + offset) : 0;
     }
     std::memset(codes + m * Kp + K, 0, Kp - K);
   }
@@ -521,9 +559,10 @@ void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_st
 
 #if ASQPOST_X86
 ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int64_t rows_per_step, int64_t K,
-                                         int64_t Kp, int qmin, int qmax, uint8_t* codes, char* bad, int64_t m0,
-                                         int64_t m1) {
+                                         int64_t Kp, int qmin, int qmax, int offset, uint8_t* codes, char* bad,
+                                         int64_t m0, int64_t m1) {
   const __m512 lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(static_cast<float>(qmax));
+  const __m512i shift = _mm512_set1_epi32(offset);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t m = m0; m < m1; ++m) {
     const __m512 s = _mm512_set1_ps(step[m / rows_per_step]);
@@ -533,7 +572,7 @@ ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int6
       const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + m * K + k), s),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(q, q), zero, _CMP_EQ_OQ) | static_cast<__mmask16>(~lanes);
-      const __m512i c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
+      const __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)), shift);
       _mm512_mask_cvtepi32_storeu_epi8(codes + m * Kp + k, lanes, c);
     }
     std::memset(codes + m * Kp + K, 0, Kp - K);
@@ -542,20 +581,21 @@ ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int6
 }
 #endif  // ASQPOST_X86
 
-// (M, K) float32 rows -> (M + zero_rows, Kp) uint8 codes, the last zero_rows all 0; bad[m] set for rows
-// holding a NaN or inf.
+// (M, K) float32 rows -> (M + zero_rows, Kp) uint8 codes + offset, the last zero_rows holding the code of 0
+// (offset); bad[m] set for rows holding a NaN or inf.
 torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_t rows_per_step, int64_t qmin,
-                       int64_t qmax, int64_t Kp, std::vector<char>& bad, const std::string& path,
+                       int64_t qmax, int64_t offset, int64_t Kp, std::vector<char>& bad, const std::string& path,
                        int64_t zero_rows = 0) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 rows");
   TORCH_CHECK(step.dtype() == torch::kFloat32 && step.is_contiguous(), "step must be contiguous float32");
-  TORCH_CHECK(qmin >= 0 && qmax <= 255 && qmin <= qmax, "activation codes must fit uint8");
+  TORCH_CHECK(qmin <= qmax && qmin + offset >= 0 && qmax + offset <= 255,
+              "activation codes [qmin, qmax] plus the plan's offset must fit uint8");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K <= Kp, "x has more features than the weight");
   TORCH_CHECK(step.numel() == 1 || step.numel() * rows_per_step == M, "step must hold one value or one per sample");
   if (step.numel() == 1) rows_per_step = std::max<int64_t>(M, 1);
   auto codes = torch::empty({M + zero_rows, Kp}, torch::dtype(torch::kUInt8));
-  std::memset(codes.data_ptr<uint8_t>() + M * Kp, 0, zero_rows * Kp);
+  std::memset(codes.data_ptr<uint8_t>() + M * Kp, static_cast<int>(offset), zero_rows * Kp);
   bad.assign(M, 0);
 #if ASQPOST_X86
   auto fn = path == "avx512_vnni" ? quantize_rows_avx512 : quantize_rows_scalar;
@@ -564,7 +604,7 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
 #endif
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
     fn(x.data_ptr<float>(), step.data_ptr<float>(), rows_per_step, K, Kp, static_cast<int>(qmin),
-       static_cast<int>(qmax), codes.data_ptr<uint8_t>(), bad.data(), m0, m1);
+       static_cast<int>(qmax), static_cast<int>(offset), codes.data_ptr<uint8_t>(), bad.data(), m0, m1);
   });
   return codes;
 }
@@ -573,9 +613,13 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
 
 std::string capability() { return available_paths().front(); }
 
+// The intra-op threads the kernel splits its work over: torch's setting (torch.set_num_threads), read by ATen.
+int64_t threads() { return at::get_num_threads(); }
+
 std::string plan_kernel_path(pybind11::handle plan_object) { return kernel_path(read_plan(plan_object)); }
 
-// x: uint8 (M, Kp), Kp a multiple of 8 matching the plan's weights. Returns int32 (acc_even, acc_odd), each (M, n)
+// x: uint8 (M, Kp), Kp a multiple of 8 matching the plan's weights, holding codes + the plan's offset. Returns the
+// int32 sums of the codes themselves (the offset's correction subtracted) (acc_even, acc_odd), each (M, n)
 // (acc_odd empty without odd levels).
 std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_object) {
   TORCH_CHECK(x.dtype() == torch::kUInt8 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous uint8 (M, Kp)");
@@ -601,7 +645,7 @@ torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   const std::string path = kernel_path(plan);
   const int64_t Kp = plan.Kp(), M = x.size(0), N = plan.n;
   std::vector<char> bad;
-  auto codes = quantize(x, step, 1, qmin, qmax, Kp, bad, path);
+  auto codes = quantize(x, step, 1, qmin, qmax, plan.offset, Kp, bad, path);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   std::vector<double> row_steps;
@@ -664,7 +708,8 @@ torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   const int64_t M = B * offsets.size(1) * offsets.size(2);
   TORCH_CHECK(M > 0, "empty input");
   std::vector<char> bad;
-  auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, Cp, bad, path, 1);  // + the zero row
+  // + the zero row (codes of 0)
+  auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, plan.offset, Cp, bad, path, 1);
   if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) return torch::empty({0});
   auto y = torch::empty({M, plan.n}, torch::dtype(torch::kFloat32));
   Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, plan);
@@ -737,5 +782,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
   m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
   m.def("capability", &capability, "the fastest kernel path this CPU runs");
+  m.def("threads", &threads, "the intra-op threads the kernel splits its work over (torch's setting)");
   m.def("kernel_path", &plan_kernel_path, "the path a NativePlan runs on this CPU (exact for its tables)", arg("plan"));
 }

@@ -4,14 +4,21 @@ The extension is compiled with torch's C++ extension tooling into the per-user t
 pip's isolated build never has to fetch its own torch); if that fails (no compiler, no ninja), the reference
 path runs and one log line says so. ``ASQPOST_KERNEL=reference`` forces the reference path.
 
-Eligible layers: linear layers and convolutions (groups = 1) with integer activations in ``[0, 255]``
-(ASQ/LSQ after ReLU), weight codes of at most 4 bits, LUT integers in int8, and a fan-in small enough that int32
-sums cannot overflow. Convolutions run as indirect convolutions over NHWC codes (one row pointer per output
-pixel and kernel tap, no im2col copy) and return channels_last outputs. Other layers take the reference path.
+Eligible layers: linear layers and convolutions (groups = 1) whose integer activations span at most 256 codes
+(unsigned ``[0, 255]`` after ReLU; signed ``[-2^(b-1), 2^(b-1) - 1]`` enter the u8 operand offset by
+``2^(b-1)``, and ``offset * sum_k w`` per output, precomputed here, is subtracted from the exact int32 sums),
+weight codes of at most 4 bits, LUT integers in int8, and a fan-in small enough that int32 sums cannot overflow.
+Convolutions run as indirect convolutions over NHWC codes (one row pointer per output pixel and kernel tap, no
+im2col copy) and return channels_last outputs. Other layers take the torch-sums or reference path
+(:func:`ineligible_reason` says why).
+
+The kernel splits its work over torch's intra-op threads (``torch.set_num_threads``); results do not depend on
+the thread count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -76,6 +83,13 @@ def capability() -> str:
     return "reference" if module is None else module.capability()
 
 
+def threads() -> int:
+    """The intra-op threads the kernel splits its work over (torch's setting, as ATen reads it; 1 without the
+    extension)."""
+    module = extension()
+    return 1 if module is None else module.threads()
+
+
 def available_paths() -> list[str]:
     """The kernel paths this CPU runs, fastest first (chosen once, in C++; empty without the extension)."""
     module = extension()
@@ -113,6 +127,10 @@ class NativePlan:
     ``path`` asks for one kernel path (``auto``: this CPU's fastest; see :func:`kernel_path`). Tests and
     benchmarks make variants (another path, another copy of the weights) with :func:`dataclasses.replace` and
     pass them to :func:`forward` or :func:`lut_matmul`.
+
+    ``offset`` is added to every activation code to make it unsigned (``-qmin`` for a signed input, else 0);
+    ``correction_even`` / ``correction_odd`` hold ``offset * sum_k table[code[n, k]]`` per output (int32), which
+    the kernel subtracts from its sums (see :func:`with_offset`).
     """
 
     weights: torch.Tensor  # uint8 (ceil(n / 16), Kp * 8): the codes in the tile layout of kernel_weights
@@ -123,6 +141,25 @@ class NativePlan:
     col_scale: torch.Tensor  # float64 (n,): scale * unit
     bias: torch.Tensor  # float64 (n,), or empty
     path: str = "auto"
+    offset: int = 0
+    correction_even: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+    correction_odd: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+
+
+def with_offset(plan: NativePlan, offset: int, even: torch.Tensor, odd: torch.Tensor) -> NativePlan:
+    """``plan`` for activation codes entering the kernel as ``code + offset``: ``even`` / ``odd`` are the integer
+    weights ``(n, K)`` (the tables applied to the codes), whose row sums times ``offset`` are the corrections."""
+    if offset == 0:
+        return dataclasses.replace(plan, offset=0)
+
+    def correction(w: torch.Tensor) -> torch.Tensor:
+        c = offset * w.long().sum(dim=1)
+        if c.abs().max() >= 2**31:
+            raise ValueError(f"offset {offset} times a weight row's sum does not fit int32")
+        return c.to(torch.int32).contiguous()
+
+    corr_odd = correction(odd) if plan.has_odd else torch.zeros(0, dtype=torch.int32)
+    return dataclasses.replace(plan, offset=offset, correction_even=correction(even), correction_odd=corr_odd)
 
 
 class ConvOffsets:
@@ -155,11 +192,13 @@ class ConvOffsets:
 @dataclass
 class NativeState:
     """What the native code keeps on a packed weight (``PackedWeight.native_state``; dropped when state is
-    loaded): the plan (``None``: the layer is not eligible), the rescale tensors, the conv offsets per shape."""
+    loaded): the plan (``None``: the layer is not eligible, for ``reason``), the rescale tensors, the conv
+    offsets per shape."""
 
     plan: NativePlan | None
     col_scale: torch.Tensor
     bias: torch.Tensor
+    reason: str = ""
     conv_offsets: ConvOffsets = field(default_factory=ConvOffsets)
 
 
@@ -169,7 +208,9 @@ def state(layer: PackedLayer) -> NativeState:
     held = layer.weight.native_state
     if held is None:
         col_scale, bias = _rescale_tensors(layer)
-        held = NativeState(_plan(layer, col_scale, bias), col_scale, bias)
+        reason = ineligible_reason(layer)
+        plan = None if reason else _plan(layer, col_scale, bias)
+        held = NativeState(plan, col_scale, bias, reason or "")
         layer.weight.native_state = held
     return held
 
@@ -179,23 +220,42 @@ def prepare(layer: PackedLayer) -> NativePlan | None:
     return None if layer.weight.lut() is None else state(layer).plan
 
 
-def _plan(layer: PackedLayer, col_scale: torch.Tensor, bias: torch.Tensor) -> NativePlan | None:
+def input_offset(layer: PackedLayer) -> int:
+    """What the kernel adds to the layer's activation codes to make them unsigned: ``-qmin`` if signed, else 0."""
+    return max(0, -layer.input_quant.qmin)
+
+
+def ineligible_reason(layer: PackedLayer) -> str | None:
+    """Why the native kernel cannot take this layer (a layer with a quantized input and a LUT), or ``None``."""
     w, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
-    if w.bits > 4 or inp.qmin < 0 or inp.qmax > 255:
-        return None
+    if w.bits > 4:
+        return f"{w.bits}-bit weight codes (the kernel takes <= 4)"
+    if inp.qmax + input_offset(layer) > 255:
+        return f"activation codes [{inp.qmin}, {inp.qmax}] span more than 8 bits"
     if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
-        return None
+        return f"grouped conv (groups={layer.geometry['groups']})"
     biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
+    if biggest > 127:
+        return f"LUT integers up to {biggest} do not fit int8"
+    if 255 * biggest * (w.code_count // w.shape[0]) >= 2**31:
+        return "fan-in too large: int32 sums could overflow"
+    if not ((lut.even == 0) & (lut.odd == 0)).any():
+        return "no zero level to pad with"
+    return None
+
+
+def _plan(layer: PackedLayer, col_scale: torch.Tensor, bias: torch.Tensor) -> NativePlan:
+    """The plan of an eligible layer (see :func:`ineligible_reason`)."""
+    w, lut = layer.weight, layer.weight.lut()
     zero = (lut.even == 0) & (lut.odd == 0)
-    if biggest > 127 or 255 * biggest * (w.code_count // w.shape[0]) >= 2**31 or not zero.any():
-        return None
     table_even = torch.zeros(16, dtype=torch.int8)
     table_odd = torch.zeros(16, dtype=torch.int8)
     table_even[: lut.even.numel()] = lut.even.to(torch.int8)
     table_odd[: lut.odd.numel()] = lut.odd.to(torch.int8)
     zero_code = int(zero.nonzero()[0])
-    return NativePlan(
-        weights=kernel_weights(_codes_2d(layer, zero_code), zero_code),
+    codes = _codes_2d(layer, zero_code)
+    plan = NativePlan(
+        weights=kernel_weights(codes, zero_code),
         lut_even=table_even,
         lut_odd=table_odd,
         has_odd=lut.has_odd,
@@ -203,6 +263,7 @@ def _plan(layer: PackedLayer, col_scale: torch.Tensor, bias: torch.Tensor) -> Na
         col_scale=col_scale,
         bias=bias,
     )
+    return with_offset(plan, input_offset(layer), lut.even[codes], lut.odd[codes])
 
 
 def _rescale_tensors(layer: PackedLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +285,8 @@ def _codes_2d(layer: PackedLayer, zero_code: int) -> torch.Tensor:
 
 
 def lut_matmul(x_u8: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact int32 ``(acc_even, acc_odd)`` of uint8 rows ``x_u8`` ``(M, K)`` against a linear weight's plan."""
+    """Exact int32 ``(acc_even, acc_odd)`` of the codes ``x_u8 - plan.offset`` (uint8 rows ``(M, K)``) against a
+    linear weight's plan."""
     module = _module()
     k = x_u8.shape[1]
     kp = plan.weights.shape[1] * 2 // TILE
@@ -266,7 +328,7 @@ def _conv_forward(
 
 
 def forward_torch_sums(layer: PackedLayer, x: torch.Tensor) -> torch.Tensor:
-    """A layer the kernel does not take (signed input, 8-bit codes, grouped conv): torch computes the exact sums
+    """A layer the kernel does not take (8-bit codes, grouped conv, ...): torch computes the exact sums
     as the reference does, native code the float64 rescale (bit-identical to the reference, several times
     faster than torch's float64 elementwise passes)."""
     x_int, step = layer.input_quant(x)

@@ -9,6 +9,7 @@ import torch
 from ..adapters import StepAdapter
 from ..config import QuantizerConfig
 from ..functional import fake_quantize
+from ..masking import valid_tokens
 from ..registry import register_quantizer
 from .base import ActExport
 from .lsq import LSQQuantizer
@@ -49,10 +50,15 @@ class ASQQuantizer(LSQQuantizer):
 
     @torch.no_grad()
     def observe_(self, x: torch.Tensor) -> None:
-        """LSQ's statistics, plus (scale-following adapter) the sum of ``r(x)`` over samples or tokens."""
+        """LSQ's statistics, plus (scale-following adapter) the sum of ``r(x)`` over samples or tokens.
+
+        Under a token mask, ``r`` of a sample is over its real tokens, and per token only real tokens count.
+        """
         super().observe_(x)
         if self.adapter.form == "scale":
             r = self.adapter.input_scale(x)
+            if r.dim() == 3:  # per token: (N, T, 1)
+                r = valid_tokens(r)
             self._r_sum += float(r.double().sum())
             self._r_count += r.numel()
 

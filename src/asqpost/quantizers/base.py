@@ -9,6 +9,11 @@ the grid. It is built complete by its constructor (parameters have their final s
 data by an explicit :meth:`Quantizer.calibrate_` (or :func:`asqpost.calibrate` for a whole model). A forward
 before calibration raises. ``forward`` never writes to parameters.
 
+In eval mode a weight quantizer projects its weight once and reuses the result (:class:`ProjectionCache`)
+until the weight or the scale changes (in place, by loading, by ``.to()``, or replaced), or train mode returns;
+only where no autograd graph is wanted (``torch.no_grad``, ``torch.inference_mode``, or nothing requires grad),
+so gradients are never affected.
+
 A new method is one module: a subclass that declares ``roles``, ``inits`` and ``label``, implements
 :meth:`Quantizer.grid`, :meth:`Quantizer.quantize` and the export of its roles (:meth:`Quantizer.export_weight`
 / :meth:`Quantizer.export_act`), decorated with :func:`asqpost.registry.register_quantizer`.
@@ -25,6 +30,7 @@ from torch import nn
 from ..adapters import StepAdapter
 from ..config import QuantizerConfig
 from ..functional import Rounder
+from ..masking import valid_tokens
 from ..registry import get_method
 from .init import mse_scale, percentile_scale, subsample
 
@@ -45,6 +51,41 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 def positive(raw: torch.Tensor) -> torch.Tensor:
     """``|raw|`` floored at ``SCALE_FLOOR``: positive by construction; exactly ``raw`` when raw >= floor."""
     return raw.abs().clamp_min(SCALE_FLOOR)
+
+
+def _tensor_state(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's values while its storage is alive: address, version counter, layout, dtype."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+
+class ProjectionCache:
+    """One eval-mode weight projection and the state of every tensor it was computed from (the weight, the
+    quantizer's parameters and buffers). It holds aliases of those tensors, so their storage cannot be freed and
+    reused at the same address while the entry lives: a matching address and version counter mean the same
+    values. Replaced tensors, ``.to()``, in-place edits (optimizer steps, ``copy_`` in ``load_state_dict``) all
+    change the state and miss."""
+
+    def __init__(self) -> None:
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._state: tuple = ()
+        self._output: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(tensors: tuple[torch.Tensor, ...]) -> tuple:
+        return (torch.is_inference_mode_enabled(), *(_tensor_state(t) for t in tensors))
+
+    def get(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        if self._output is None or len(tensors) != len(self._inputs):
+            return None
+        return self._output if self._key(tensors) == self._state else None
+
+    def put(self, tensors: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self._inputs = tuple(t.detach() for t in tensors)
+        self._state = self._key(tensors)
+        self._output = output
+
+    def clear(self) -> None:
+        self._inputs, self._state, self._output = (), (), None
 
 
 @dataclass(frozen=True)
@@ -105,6 +146,7 @@ class Quantizer(nn.Module):
         self.raw_scale = nn.Parameter(torch.ones(shape))
         self.calibrated = False
         self.observing = False
+        self._projection = ProjectionCache()
         self._reset_observations()
 
     @property
@@ -127,7 +169,35 @@ class Quantizer(nn.Module):
                 f"{type(self).__name__} ({self.role}, {self.bits} bits) is not calibrated: call "
                 "asqpost.calibrate(model, batches) (or quantizer.calibrate_(x)) before the first forward"
             )
-        return self.quantize(x)
+        if self.role != "weight" or self.training:
+            return self.quantize(x)
+        return self._cached_quantize(x)
+
+    def _cached_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Eval-mode weight projection, computed once per state of ``w`` and the quantizer's tensors (see
+        :class:`ProjectionCache`); computed afresh whenever autograd may want a graph through it."""
+        tensors = (w, *self.parameters(), *self.buffers())
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if graph or any(t.is_inference() for t in tensors):  # a graph is wanted, or no version counters to key on
+            return self.quantize(w)
+        cached = self._projection.get(tensors)
+        if cached is None:
+            cached = self.quantize(w)
+            self._projection.put(tensors, cached)
+        return cached
+
+    def train(self, mode: bool = True) -> Quantizer:
+        self._projection.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double(): the held projection is for the old tensors
+        self._projection.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles do not carry the projection
+        state = self.__dict__.copy()
+        state["_projection"] = ProjectionCache()
+        return state
 
     def _reset_observations(self) -> None:
         self._samples: list[torch.Tensor] = []
@@ -137,11 +207,16 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def observe_(self, x: torch.Tensor) -> None:
-        """Accumulate calibration statistics (weights: the tensor itself; activations: a subsample)."""
-        check_finite(x, f"{self.role} calibration input")
+        """Accumulate calibration statistics (weights: the tensor itself; activations: a subsample).
+
+        Activations ``(N, T, C)`` under a fitting token mask (:mod:`asqpost.masking`) count real tokens only.
+        """
         if self.role == "weight":
+            check_finite(x, "weight calibration input")
             self._samples = [x.detach().float().reshape(x.shape[0], -1)]
             return
+        x = valid_tokens(x)
+        check_finite(x, "act calibration input")
         self._samples.append(subsample(x))
         self._abs_sum += float(x.detach().abs().sum())
         self._count += x.numel()
@@ -167,6 +242,7 @@ class Quantizer(nn.Module):
             scale = 2 * mean_abs / hi**0.5
         self.raw_scale.copy_(scale.clamp_min(1e-6).reshape(self.raw_scale.shape).to(self.raw_scale))
         self._reset_observations()
+        self._projection.clear()
         self.calibrated = True
 
     @torch.no_grad()
@@ -191,6 +267,7 @@ class Quantizer(nn.Module):
         return {"calibrated": self.calibrated}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._projection.clear()
         self.calibrated = bool(state["calibrated"])
 
     def extra_repr(self) -> str:
