@@ -26,13 +26,14 @@ from asqpost.export import convert_to_packed, load_packed, save_packed
 from asqpost.runconfig import load_run_config
 from asqpost.size import adapter_parameters, model_size_bytes
 
-transformers = pytest.importorskip("transformers")
-
 QKV0 = tuple(f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value"))
 LAST = "encoder.layer.1.output.dense"
 
 
 def _bert():
+    # imported here, not at collection: transformers loads triton, which must first see TRITON_INTERPRET
+    # (set when tests/test_triton_kernel.py is collected)
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=64,
