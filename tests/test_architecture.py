@@ -32,6 +32,7 @@ LAYERS = (
     ("asqpost.config",),
     ("asqpost.quantizers",),
     ("asqpost.nn",),
+    ("asqpost.policy",),
     ("asqpost.convert",),
     ("asqpost.models", "asqpost.data", "asqpost.size", "asqpost.runconfig", "asqpost.beta_report", "asqpost.text"),
     ("asqpost.kernels",),

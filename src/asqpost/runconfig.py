@@ -18,7 +18,8 @@ import yaml
 from .config import QATConfig
 from .data import AUGMENTS, check_gain_augment
 
-RECIPE_SETTINGS = ("first", "last", "overrides", "act", "weight")  # what a recipe's quant may add to its bits
+# what a recipe's quant may add to its bits
+RECIPE_SETTINGS = ("act_bits", "first", "last", "overrides", "exclude", "embeddings", "share_inputs", "act", "weight")
 RECIPE_KEYS = ("recipe", "bits", *RECIPE_SETTINGS)
 LOSSES = ("ce", "distill")
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,7 +31,8 @@ DISTILL_EMBEDDING_LOSSES = ("cosine", "mse")
 class RunConfig:
     """One training run (float, or QAT when ``quant`` is set).
 
-    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``, and ``act`` /
+    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``act_bits``, ``first``, ``last``, ``overrides``,
+        ``exclude``, ``embeddings``, ``share_inputs``, and ``act`` /
         ``weight``: quantizer fields for the recipe's activation / weight quantizer, e.g. ``{"init": "mse",
         "adapter_form": "scale"}``), or a full QAT config mapping (``weight``, ``act``, ...); ``None`` trains
         in float.

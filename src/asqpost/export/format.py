@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..convert import CONFIG_ATTR, quant_layers
+from ..convert import CONFIG_ATTR, quant_embeddings, quant_layers
 from ..files import atomic_write_bytes
 from ..masking import install_mask_hooks
 from ..models import model_from_spec
@@ -63,8 +63,16 @@ def convert_to_packed(model: nn.Module) -> nn.Module:
     packed = copy.deepcopy(model).eval()
     for name, layer in layers:
         _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer))
+    _dequantize_embeddings(packed)
     log_kernel_plan(packed, "packed model")
     return packed
+
+
+def _dequantize_embeddings(packed: nn.Module) -> None:
+    """Quantized embeddings become float ``nn.Embedding`` holding the quantized table (same outputs; no packed
+    embedding format yet)."""
+    for name, embedding in quant_embeddings(packed):
+        _set_submodule(packed, name, embedding.to_dequantized())
 
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
