@@ -112,7 +112,7 @@ def test_amp_settings():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="CUDA is not available.*device=cpu"):
+    with pytest.raises(ValueError, match=r"CUDA is not available.*device=cpu"):
         resolve_device("cuda:0")
     assert main(["train", "--set", "data=synthetic", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
