@@ -17,7 +17,7 @@ from asqpost.models import create_model
 from asqpost.runconfig import RunConfig, load_run_config
 from asqpost.train.accel import autocast, grad_scaler, graph_breaks, host_to_device, resolve_device
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint
-from asqpost.train.run import fit
+from asqpost.train.run import evaluate_checkpoint, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -52,13 +52,24 @@ def _codes(quantizer, x: torch.Tensor) -> torch.Tensor:
         return torch.round(quantizer(x).float() / step)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bf16_autocast_keeps_the_codes_and_the_adapter_in_float32(dtype):
-    model = _qat_net()
+def test_bf16_autocast_keeps_the_codes_and_the_adapter_in_float32(dtype, device):
+    device = _device(device)
+    model = _qat_net().to(device)
     layer = model[2]  # QuantConv2d with ASQ activations and POST weights
-    x = torch.relu(torch.randn(8, 16, 8, 8)).to(dtype)
+    x = torch.relu(torch.randn(8, 16, 8, 8, device=device)).to(dtype)
     reference = _codes(layer.input_quantizer, x.float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         assert torch.equal(_codes(layer.input_quantizer, x), reference)  # the same codes, bit for bit
         beta = layer.input_quantizer.beta(x)
         y = layer(x)
@@ -210,6 +221,19 @@ def test_pretrained_weights_that_do_not_fit_are_an_error(tmp_path):
     config = RunConfig(**{**TINY, "quant": None, "pretrained": str(tmp_path / "bad.pth")})
     with pytest.raises(CheckpointError, match="do not fit the model"):
         fit(config, tmp_path / "run")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_compiled_amp_run_and_checkpoint_on_cpu(tmp_path, amp):
+    _device("cuda")
+    config = RunConfig(**{**TINY, "epochs": 2, "amp": amp, "compile": True, "device": "cuda"})
+    fit(config.replace(stop_after=1), tmp_path)
+    assert json.loads((tmp_path / "compile.json").read_text())["breaks"] == 0
+    final = fit(config, tmp_path, resume=True)
+    assert [row["epoch"] for row in final["history"]] == [1, 2]
+    on_cpu = evaluate_checkpoint(tmp_path / "checkpoint.pt", "synthetic", device="cpu", subset=64)
+    assert abs(on_cpu["accuracy"] - final["test_acc"]) <= 0.05  # bf16/fp16 on the GPU vs float32 on the CPU
 
 
 def test_gpu_check_dry_run(tmp_path):
