@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..batches import call_model, to_device
+from ..nn import QuantConv2d, QuantLinear
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_MODES = ("off", *AMP_DTYPES)
@@ -99,8 +100,6 @@ def graph_breaks(model: nn.Module, inputs: Any, train: bool = True) -> GraphBrea
     """Graph breaks of ``model`` on ``inputs`` (in train or eval mode) and of each quantized layer on the input
     it gets there. Runs on a copy under a forked random state: ``model``, its BatchNorm statistics and the
     global random streams are left as they were."""
-    from ..nn import QuantConv2d, QuantLinear
-
     probe = copy.deepcopy(model).train(train)
     layer_inputs: dict[str, torch.Tensor] = {}
     hooks = [
