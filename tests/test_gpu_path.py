@@ -152,6 +152,8 @@ def test_compiled_qat_matches_eager_without_graph_breaks():
     breaks = graph_breaks(model, x)
     assert breaks.breaks == 0 and breaks.graphs == 1, breaks.reasons
     assert set(breaks.per_layer) == {"0", "2", "5"} and set(breaks.per_layer.values()) == {0}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the float32 region under autocast traces too
+        assert graph_breaks(model, x).breaks == 0
     F.cross_entropy(model(x), y).backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -161,6 +163,22 @@ def test_compiled_qat_matches_eager_without_graph_breaks():
     assert torch.allclose(loss, F.cross_entropy(model(x), y), rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         assert torch.allclose(param.grad, eager[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_compile_run_reports_graph_breaks_and_resumes(tmp_path, monkeypatch):
+    """``compile: true`` through fit: the plumbing (Dynamo's ``eager`` backend in place of inductor, whose codegen
+    the compiled-vs-eager test above covers)."""
+    import asqpost.train.run as run
+
+    compiled = []
+    monkeypatch.setattr(run, "compile_model", lambda m: compiled.append(m) or torch.compile(m, backend="eager"))
+    config = RunConfig(**{**TINY, "epochs": 2, "compile": True, "amp": "bf16", "train_subset": 64})
+    fit(config.replace(stop_after=1), tmp_path)
+    report = json.loads((tmp_path / "compile.json").read_text())
+    assert report["breaks"] == 0 and report["graphs"] == 1 and len(report["per_layer"]) == 5  # smallcnn
+    assert set(report["per_layer"].values()) == {0}
+    final = fit(config, tmp_path, resume=True)
+    assert len(compiled) == 2 and [row["epoch"] for row in final["history"]] == [1, 2]
 
 
 def _write_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 24) -> None:
