@@ -69,7 +69,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _run_config(args: argparse.Namespace, **defaults: Any):
     from .runconfig import load_run_config
 
-    sets = args.sets + ([f"device={args.device}"] if args.device else [])
+    device = getattr(args, "device", None)  # namespaces built without the flag (tests) have none
+    sets = args.sets + ([f"device={device}"] if device else [])
     return load_run_config(config_path(args.config), sets, **defaults)
 
 
