@@ -134,6 +134,14 @@ def test_host_to_device_keeps_cpu_batches_as_they_are():
     assert host_to_device(batch, torch.device("cpu"))["x"] is batch["x"]
 
 
+@pytest.mark.cuda
+def test_host_to_device_moves_nested_batches_to_cuda():
+    batch = {"x": torch.arange(6.0).reshape(2, 3), "pair": (torch.ones(2), 5)}
+    moved = host_to_device(batch, _device("cuda"))
+    assert moved["x"].is_cuda and moved["pair"][0].is_cuda and moved["pair"][1] == 5
+    assert torch.equal(moved["x"].cpu(), batch["x"])
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_training_run_and_resume(tmp_path, amp):
     config = RunConfig(**{**TINY, "epochs": 2, "amp": amp})

@@ -52,8 +52,8 @@ class RunConfig:
         normalisation is then fitted on the data (ImageNet recipes: use ``init`` for an asqpost checkpoint).
     device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; under ``torchrun`` each rank takes
         ``cuda:LOCAL_RANK``.
-    amp: mixed precision: ``bf16``, ``fp16`` (with a gradient scaler) or ``off``; fake quantization and the ASQ
-        adapter stay in float32 (:mod:`asqpost.train.accel`).
+    amp: mixed precision of the training steps: ``bf16``, ``fp16`` (with a gradient scaler) or ``off``; fake
+        quantization and the ASQ adapter stay in float32 (:mod:`asqpost.train.accel`); evaluation runs in float32.
     compile: train through ``torch.compile`` (graph breaks reported in ``compile.json``).
     """
 

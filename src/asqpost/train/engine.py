@@ -113,7 +113,9 @@ def train_one_epoch(
     return EpochStats(totals[0] / max(totals[2], 1), accuracy, int(totals[2]), time.perf_counter() - start)
 
 
-def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None):
+def _backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
     if scaler is None:
         loss.backward()
         optimizer.step()

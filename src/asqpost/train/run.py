@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,8 @@ class Prepared:
 
 def _float_model(config: RunConfig, train: ImageSet | TextSet) -> tuple[nn.Module, dict[str, Any], Normalizer | None]:
     if config.init is None and config.model in TEXT_MODELS:
+        if config.pretrained is not None:
+            raise ValueError(f"pretrained applies to image models; {config.model!r} loads its own weights")
         spec = text_model_spec(config.model, config.model_args)
         return pretrained_encoder(spec), spec, None
     if config.init is None:
@@ -337,7 +340,7 @@ def _compiled(
 def _first_samples(inputs: Any, count: int) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs[:count]
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):  # dicts and tokenizers' BatchEncoding
         return {key: _first_samples(value, count) for key, value in inputs.items()}
     return inputs
 
@@ -346,7 +349,7 @@ def _test(
     model: nn.Module, teacher: nn.Module | None, batches: Any, device: torch.device, config: RunConfig
 ) -> EpochStats | AgreementStats:
     if teacher is None:
-        return evaluate(model, batches, device, amp=config.amp)
+        return evaluate(model, batches, device)  # float32, whatever amp: the numbers `asqpost eval` reports
     return evaluate_agreement(model, teacher, batches, device, config.distill_settings()["embedding"])
 
 
