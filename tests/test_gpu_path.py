@@ -262,6 +262,16 @@ def test_cuda_compiled_amp_run_and_checkpoint_on_cpu(tmp_path, amp):
     assert abs(on_cpu["accuracy"] - final["test_acc"]) <= 0.05  # bf16/fp16 on the GPU vs float32 on the CPU
 
 
+def test_gpu_check_reads_pytest_counts_finished_or_cut_short(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    summary = "..sF\n=== short test summary info ===\n3 passed, 1 failed, 1 skipped, 2 deselected, 2 errors in 2.0s"
+    assert gpu_check.summary_counts(summary) == {"passed": 3, "failed": 1, "skipped": 1, "deselected": 2, "error": 2}
+    cut = "..s.F                                  [ 40%]\n..E\nlog line with F and s"
+    assert gpu_check.progress_counts(cut) == {"passed": 5, "failed": 1, "skipped": 1, "deselected": 0, "error": 1}
+
+
 def test_gpu_check_dry_run(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
