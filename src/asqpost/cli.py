@@ -62,13 +62,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable; dotted keys reach into quant: quant.bits=2)",
     )
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: the same as --set device=...")
     p.set_defaults(data_root_flag="--set data_root=DIR")  # named in the hint after a missing-dataset error
 
 
 def _run_config(args: argparse.Namespace, **defaults: Any):
     from .runconfig import load_run_config
 
-    return load_run_config(config_path(args.config), args.sets, **defaults)
+    device = getattr(args, "device", None)  # namespaces built without the flag (tests) have none
+    sets = args.sets + ([f"device={device}"] if device else [])
+    return load_run_config(config_path(args.config), sets, **defaults)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -49,6 +49,14 @@ class RunConfig:
         text models), ``hidden_weight`` (that term's weight).
     optimizer: ``sgd`` (with ``momentum``) or ``adamw``; both take ``weight_decay``.
     max_length: text data: texts are truncated to this many tokens.
+    pretrained: a file of float weights for ``model`` (a plain state dict, e.g. torchvision's ``resnet18``
+        ``.pth``, or a dict holding one under ``state_dict`` / ``model``), loaded strictly before QAT; the input
+        normalisation is then fitted on the data (ImageNet recipes: use ``init`` for an asqpost checkpoint).
+    device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; under ``torchrun`` each rank takes
+        ``cuda:LOCAL_RANK``.
+    amp: mixed precision of the training steps: ``bf16``, ``fp16`` (with a gradient scaler) or ``off``; fake
+        quantization and the ASQ adapter stay in float32 (:mod:`asqpost.train.accel`); evaluation runs in float32.
+    compile: train through ``torch.compile`` (graph breaks reported in ``compile.json``).
     """
 
     model: str = "resnet20"
@@ -71,6 +79,9 @@ class RunConfig:
     init: str | None = None
     calib_batches: int = 4
     device: str = "auto"
+    amp: str = "off"
+    compile: bool = False
+    pretrained: str | None = None
     threads: int | None = None
     stop_after: int | None = None
     progress: bool = True
@@ -92,6 +103,9 @@ class RunConfig:
         check_gain_augment(self.gain_augment)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_choice("amp", self.amp, ("off", "bf16", "fp16"))
+        if self.pretrained is not None and self.init is not None:
+            raise ValueError("set init (an asqpost float checkpoint) or pretrained (a state dict file), not both")
         if self.quant is not None:
             self.qat_config()
         _check_choice("loss", self.loss, LOSSES)

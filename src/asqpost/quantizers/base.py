@@ -35,6 +35,8 @@ from ..registry import get_method
 from .init import mse_scale, percentile_scale, subsample
 
 SCALE_FLOOR = 1e-8
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Input dtypes that :meth:`Quantizer.forward` quantizes in float32 (as it does everything under autocast)."""
 
 
 class NotCalibratedError(RuntimeError):
@@ -169,9 +171,20 @@ class Quantizer(nn.Module):
                 f"{type(self).__name__} ({self.role}, {self.bits} bits) is not calibrated: call "
                 "asqpost.calibrate(model, batches) (or quantizer.calibrate_(x)) before the first forward"
             )
+        if x.dtype in LOW_PRECISION or torch.is_autocast_enabled(x.device.type):
+            return self._forward_fp32(x)
         if self.role != "weight" or self.training:
             return self.quantize(x)
         return self._cached_quantize(x)
+
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixed precision: the division, rounding, clamp and rescale (and ASQ's adapter) run in float32 with
+        autocast off, so a code never depends on half-precision rounding of ``x / s``; the result comes back in
+        ``x``'s dtype (the next matmul casts it as autocast says)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x32 = x.float()
+            out = self.quantize(x32) if self.role != "weight" or self.training else self._cached_quantize(x32)
+        return out.to(x.dtype)
 
     def _cached_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Eval-mode weight projection, computed once per state of ``w`` and the quantizer's tensors (see

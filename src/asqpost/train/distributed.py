@@ -34,9 +34,18 @@ def setup(device: torch.device) -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":  # one GPU per rank, chosen before NCCL starts
+        torch.cuda.set_device(rank_device(device, info))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info
+
+
+def rank_device(device: torch.device, info: DistInfo) -> torch.device:
+    """A CUDA rank's own GPU: ``cuda:LOCAL_RANK`` (unless the device names an index); other devices as given."""
+    if device.type != "cuda" or not info.enabled or device.index is not None:
+        return device
+    return torch.device("cuda", info.local_rank)
 
 
 def teardown() -> None:

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..batches import Forward, batch_size, call_model, split_batch, to_device
+from ..batches import Forward, batch_size, call_model, split_batch
 from . import _test_pause, distributed
+from .accel import autocast, host_to_device
 
 LossFn = Callable[[Any, Any, Any], torch.Tensor]
 """``loss_fn(outputs, target, inputs) -> scalar loss`` (``target`` is ``None`` for batches of inputs alone)."""
@@ -70,11 +71,14 @@ def train_one_epoch(
     progress: bool = True,
     forward: Forward | None = None,
     loss_fn: LossFn | None = None,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` with a per-step LR schedule; raises :class:`TrainingDivergedError` on NaN/inf.
 
     ``loss_fn`` (default: cross-entropy against the batch's target, with accuracy) gets the model's outputs,
-    the target (``None`` for inputs alone) and the inputs.
+    the target (``None`` for inputs alone) and the inputs. ``amp`` (``bf16``, ``fp16`` or ``off``) runs the
+    forward and the loss under autocast (:mod:`.accel`); ``scaler`` (fp16) scales the loss for the backward.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -83,17 +87,17 @@ def train_one_epoch(
     bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or None, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         inputs, target = split_batch(batch)
-        inputs, target = to_device(inputs, device, non_blocking=True), to_device(target, device, non_blocking=True)
-        outputs = call_model(model, inputs, forward)
-        loss = (loss_fn or _classification_loss)(outputs, target, inputs)
+        inputs, target = host_to_device(inputs, device), host_to_device(target, device)
+        with autocast(device, amp):
+            outputs = call_model(model, inputs, forward)
+            loss = (loss_fn or _classification_loss)(outputs, target, inputs)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping without saving this epoch "
                 "(lower the learning rate, or check the data and the quantizer steps)"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _backward_and_step(loss, optimizer, scaler)
         scheduler.step()
         n = batch_size(inputs)
         total_loss += loss.item() * n
@@ -109,11 +113,24 @@ def train_one_epoch(
     return EpochStats(totals[0] / max(totals[2], 1), accuracy, int(totals[2]), time.perf_counter() - start)
 
 
+def _backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skipped (and the scale lowered) when the fp16 gradients overflowed
+    scaler.update()
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[Any], device: torch.device, forward: Forward | None = None
+    model: nn.Module, batches: Iterable[Any], device: torch.device, forward: Forward | None = None, amp: str = "off"
 ) -> EpochStats:
-    """Cross-entropy and top-1 accuracy over ``(inputs, target)`` batches (summed across ranks when distributed)."""
+    """Cross-entropy and top-1 accuracy over ``(inputs, target)`` batches (summed across ranks when distributed),
+    the forward under autocast when ``amp`` is ``bf16`` or ``fp16``."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -121,9 +138,10 @@ def evaluate(
         inputs, target = split_batch(batch)
         if target is None:
             raise ValueError("evaluate() measures accuracy and needs (inputs, target) batches")
-        inputs, target = to_device(inputs, device), to_device(target, device)
-        logits = call_model(model, inputs, forward)
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        inputs, target = host_to_device(inputs, device), host_to_device(target, device)
+        with autocast(device, amp):
+            logits = call_model(model, inputs, forward)
+        total_loss += F.cross_entropy(logits.float(), target, reduction="sum").item()
         correct += _correct(logits, target)
         seen += batch_size(inputs)
     totals = distributed.all_sum([total_loss, float(correct), float(seen)], device)

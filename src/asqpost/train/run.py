@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from torch import nn
 
 from ..adapters import StepAdapter
+from ..batches import split_batch, to_device
 from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs, require_asq
 from ..config import QATConfig
 from ..convert import calibrate, prepare_qat
@@ -41,6 +43,7 @@ from ..runconfig import RunConfig
 from ..size import model_size_bytes
 from ..text import TEXT_MODELS, is_text_spec, load_tokenizer, pretrained_encoder, text_model_spec
 from . import distributed
+from .accel import compile_model, grad_scaler, graph_breaks, resolve_device
 from .checkpoint import (
     CheckpointError,
     build_from_checkpoint,
@@ -53,14 +56,6 @@ from .engine import EpochStats, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 SHIFT_SEED = 2504
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 @dataclass
@@ -85,13 +80,18 @@ class Prepared:
 
 def _float_model(config: RunConfig, train: ImageSet | TextSet) -> tuple[nn.Module, dict[str, Any], Normalizer | None]:
     if config.init is None and config.model in TEXT_MODELS:
+        if config.pretrained is not None:
+            raise ValueError(f"pretrained applies to image models; {config.model!r} loads its own weights")
         spec = text_model_spec(config.model, config.model_args)
         return pretrained_encoder(spec), spec, None
     if config.init is None:
         if isinstance(train, TextSet):
             raise ValueError(f"dataset {config.data!r} is text: train a text model ({', '.join(TEXT_MODELS)})")
         spec = model_spec(config.model, train.num_classes, train.input_shape, config.model_args)
-        return model_from_spec(spec), spec, None
+        model = model_from_spec(spec)
+        if config.pretrained is not None:
+            load_pretrained(model, config.pretrained)
+        return model, spec, None
     payload = load_checkpoint(config.init)
     if payload["qat"] is not None:
         raise CheckpointError(f"init checkpoint {config.init} is already quantized; start QAT from a float checkpoint")
@@ -105,6 +105,28 @@ def _float_model(config: RunConfig, train: ImageSet | TextSet) -> tuple[nn.Modul
         )
     norm = payload.get("normalizer")
     return build_from_checkpoint(payload), spec, Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else None
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load float weights from ``path`` into ``model`` strictly: a plain state dict of tensors, or a dict holding
+    one under ``state_dict`` or ``model`` (read with ``weights_only=True``, onto the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"pretrained weights {path} do not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable or unsafe file is the same error for the user
+        kind = type(err).__name__
+        raise CheckpointError(f"pretrained weights {path} are not a readable tensor file ({kind})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"pretrained weights {path} hold no state dict of tensors")
+    try:
+        model.load_state_dict(data)
+    except RuntimeError as err:
+        raise CheckpointError(f"pretrained weights {path} do not fit the model: {err}") from None
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -208,6 +230,7 @@ def fit(config: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[st
     if config.threads:
         torch.set_num_threads(config.threads)
     dist_info = distributed.setup(device)
+    device = distributed.rank_device(device, dist_info)
     try:
         return _fit(config, out, resume, device, dist_info)
     finally:
@@ -241,9 +264,14 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
         )
     optimizer = _optimizer(trained, config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(train_batches))
+    scaler = grad_scaler(device, config.amp)
     if resume_payload is not None:
         optimizer.load_state_dict(resume_payload["optimizer"])
         scheduler.load_state_dict(resume_payload["scheduler"])
+        if scaler is not None and resume_payload.get("scaler"):
+            scaler.load_state_dict(resume_payload["scaler"])
+    if config.compile:
+        trained = _compiled(trained, model, test_batches, device, out if dist_info.is_main else None)
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
     distill = None
     if teacher is not None:
@@ -252,8 +280,11 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
     test: EpochStats | AgreementStats | None = None
     for epoch in range(start_epoch, last_epoch):
         train_batches.epoch = epoch
+        step_args = {"amp": config.amp, "scaler": scaler}
         if distill is None:
-            stats = train_one_epoch(trained, train_batches, optimizer, scheduler, device, epoch, config.progress)
+            stats = train_one_epoch(
+                trained, train_batches, optimizer, scheduler, device, epoch, config.progress, **step_args
+            )
         else:
             stats = train_one_epoch(
                 trained,
@@ -265,6 +296,7 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
                 config.progress,
                 forward=distill.student_forward,
                 loss_fn=distill.loss,
+                **step_args,
             )
         distributed.broadcast_buffers(model)  # every rank evaluates, and rank 0 saves, the same model
         test = _test(model, teacher, test_batches, device, config)
@@ -276,7 +308,7 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
         history.append(row)
         log.info("epoch %d/%d %s", epoch + 1, config.epochs, _fmt(row))
         if dist_info.is_main:
-            _save(ckpt_path, model, prep, config, optimizer, scheduler, epoch + 1, history)
+            _save(ckpt_path, model, prep, config, optimizer, scheduler, epoch + 1, history, scaler)
             _write_metrics(out, history)
         distributed.barrier()
     if last_epoch < config.epochs:
@@ -290,11 +322,34 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
     return final
 
 
+def _compiled(
+    trained: nn.Module, model: nn.Module, test_batches: Any, device: torch.device, report_dir: Path | None
+) -> nn.Module:
+    """``trained`` through ``torch.compile``, after counting the graph breaks of ``model`` (and of each quantized
+    layer) on two test samples; rank 0 writes them to ``compile.json``."""
+    inputs, _ = split_batch(next(iter(test_batches)))
+    breaks = graph_breaks(model, to_device(_first_samples(inputs, 2), device))
+    log.info("torch.compile: %d graph(s), %d graph break(s)", breaks.graphs, breaks.breaks)
+    for reason in breaks.reasons:
+        log.warning("graph break: %s", reason)
+    if report_dir is not None:
+        atomic_write_bytes(report_dir / "compile.json", json.dumps(breaks.to_dict(), indent=2).encode())
+    return compile_model(trained)
+
+
+def _first_samples(inputs: Any, count: int) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:count]
+    if isinstance(inputs, Mapping):  # dicts and tokenizers' BatchEncoding
+        return {key: _first_samples(value, count) for key, value in inputs.items()}
+    return inputs
+
+
 def _test(
     model: nn.Module, teacher: nn.Module | None, batches: Any, device: torch.device, config: RunConfig
 ) -> EpochStats | AgreementStats:
     if teacher is None:
-        return evaluate(model, batches, device)
+        return evaluate(model, batches, device)  # float32, whatever amp: the numbers `asqpost eval` reports
     return evaluate_agreement(model, teacher, batches, device, config.distill_settings()["embedding"])
 
 
@@ -409,6 +464,7 @@ def _save(
     scheduler,
     epoch: int,
     history: list[dict[str, Any]],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     save_checkpoint(
         path,
@@ -426,6 +482,7 @@ def _save(
             if prep.normalizer is None
             else {"mean": list(prep.normalizer.mean), "std": list(prep.normalizer.std)},
             "rng": _rng_state(),
+            "scaler": None if scaler is None else scaler.state_dict(),
         },
     )
 
