@@ -1,0 +1,132 @@
+"""The ASQ step adapter's share of a packed layer's time, on all-MiniLM-L6-v2's shapes (issue 12, item 3).
+
+For each input shape ``(N, T, C)`` ((1, 32, 384) and (8, 128, 384) into a 384 -> 384 layer, (8, 128, 1536) into
+MiniLM's 1536 -> 384 output layer) and each ASQ mode (per sample, per token; the scale-following adapter, W4A8
+POST+ASQ), times the whole packed layer, the same layer with LSQ activations (no adapter), its adapter
+(``beta``) and the adapter's two main parts: the statistics (channel means and ``r(x)``) and the hidden
+``C -> C/4`` matrix. A second table times the per-token adapter alone against its hidden width. Medians of
+interleaved runs in CPU time of one thread (run with ``OMP_NUM_THREADS=1``).
+
+    OMP_NUM_THREADS=1 python benchmarks/adapter_cost.py [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asqpost import QATConfig, StepAdapter, calibrate, prepare_qat
+from asqpost.export import convert_to_packed
+from asqpost.kernels import layer_path
+from common import machine, table
+
+REDUCTIONS = (4, 8, 16, 32)
+SHAPES = [((1, 32, 384), 384), ((8, 128, 384), 384), ((8, 128, 1536), 384)]
+
+
+def packed_layer(channels: int, out: int, act: str, per_token: bool = False) -> nn.Module:
+    """A calibrated W4A8 POST + ``act`` (``asq`` or ``lsq``) ``Linear(channels, out)``, packed; signed input (as
+    MiniLM's). The same seed gives both the same weights and codes, so their difference is the adapter."""
+    torch.manual_seed(0)
+    extra = {"per_token": per_token} if act == "asq" else {}
+    config = QATConfig.recipe(f"post-{act}", 4, act={"bits": 8, **extra}, first=None, last=None)
+    qat = prepare_qat(nn.Sequential(nn.Linear(channels, out)), config).eval()
+    calibrate(qat, [torch.randn(4, 32, channels) for _ in range(2)])
+    if act == "asq":
+        with torch.no_grad():  # a trained-looking adapter: beta depends on its input
+            qat[0].input_quantizer.adapter.out.weight.normal_(std=0.3)
+    return convert_to_packed(qat)[0]
+
+
+def cpu_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median CPU seconds of this thread per call, calls interleaved. CPU time, not wall time: on a loaded machine
+    a call longer than a scheduler slice shares the core with other jobs and its wall time grows with the load,
+    while one thread's CPU time stays what the work costs (all of it runs in this thread at one thread)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.thread_time()
+            fn()
+            times[name].append(time.thread_time() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def stage_timers(layer: nn.Module, plain: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    adapter = layer.input_quant.adapter
+    z = adapter.statistics(x)
+    first = adapter.hidden or adapter.out
+
+    def statistics():
+        adapter.statistics(x)
+        adapter.input_scale(x)
+
+    return {
+        "layer": lambda: layer(x),
+        "layer without adapter": lambda: plain(x),
+        "adapter": lambda: adapter(x),
+        "statistics": statistics,
+        "hidden matrix": lambda: F.linear(z, first.weight),
+    }
+
+
+def share_rows(repeats: int) -> list[list[str]]:
+    rows = []
+    for shape, out in SHAPES:
+        plain = packed_layer(shape[-1], out, "lsq")
+        for per_token in (False, True):
+            layer = packed_layer(shape[-1], out, "asq", per_token)
+            x = torch.randn(shape)
+            ms = {k: v * 1e3 for k, v in cpu_medians(stage_timers(layer, plain, x), repeats).items()}
+            rows.append(
+                [
+                    f"{shape} -> {out}",
+                    "per token" if per_token else "per sample",
+                    layer_path(layer)[0],
+                    f"{ms['layer']:.3f}",
+                    f"{ms['layer without adapter']:.3f}",
+                    f"{ms['adapter']:.3f}",
+                    f"{100 * ms['adapter'] / ms['layer']:.0f}%",
+                    f"{ms['statistics']:.3f}",
+                    f"{ms['hidden matrix']:.3f}",
+                ]
+            )
+    return rows
+
+
+def reduction_rows(repeats: int) -> list[list[str]]:
+    """The per-token adapter alone against its hidden width ``C / reduction`` (the cost it cannot shed while it
+    stays a float ``C -> C / reduction`` matrix per token)."""
+    rows = []
+    for shape, _ in SHAPES:
+        x = torch.randn(shape)
+        adapters = {r: StepAdapter(shape[-1], reduction=r, per_token=True, form="scale") for r in REDUCTIONS}
+        ms = cpu_medians({r: (lambda a=a, x=x: a(x)) for r, a in adapters.items()}, repeats)
+        rows.append([str(shape)] + [f"{ms[r] * 1e3:.3f}" for r in REDUCTIONS])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    if torch.get_num_threads() != 1:
+        raise SystemExit("CPU time of one thread measures the work only at one thread: set OMP_NUM_THREADS=1")
+    with torch.no_grad():
+        shares, reductions = share_rows(args.repeats), reduction_rows(args.repeats)
+    print(f"machine: {machine()}")
+    header = ["input -> out", "ASQ", "path", "layer ms", "layer without adapter ms", "adapter ms", "adapter share"]
+    print(table([*header, "statistics ms", "hidden matrix ms"], shares))
+    print("\nper-token adapter alone (ms) by hidden width C / reduction")
+    print(table(["input", *(f"reduction {r}" for r in REDUCTIONS)], reductions))
+
+
+if __name__ == "__main__":
+    main()
