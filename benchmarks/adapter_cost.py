@@ -4,8 +4,11 @@ For each input shape ``(N, T, C)`` ((1, 32, 384) and (8, 128, 384) into a 384 ->
 MiniLM's 1536 -> 384 output layer) and each ASQ mode (per sample, per token; the scale-following adapter, W4A8
 POST+ASQ), times the whole packed layer, the same layer with LSQ activations (no adapter), its adapter
 (``beta``) and the adapter's two main parts: the statistics (channel means and ``r(x)``) and the hidden
-``C -> C/4`` matrix. A second table times the per-token adapter alone against its hidden width. Medians of
-interleaved runs in CPU time of one thread (run with ``OMP_NUM_THREADS=1``).
+``C -> C/4`` matrix. "adapter share" is the adapter timed alone over the layer; "layer time over LSQ" is
+``(layer - layer without adapter) / layer``, what the adapter adds inside the layer. A second table times the
+per-token adapter alone against its hidden width, and (not in the library: a prototype for the estimate) its
+``C -> C/4`` matrix in int8 through ``torch._int_mm``, with the per-token input quantization it needs. Medians
+of interleaved runs in CPU time of one thread (run with ``OMP_NUM_THREADS=1``).
 
     OMP_NUM_THREADS=1 python benchmarks/adapter_cost.py [--repeats 30]
 """
@@ -94,6 +97,7 @@ def share_rows(repeats: int) -> list[list[str]]:
                     f"{ms['layer without adapter']:.3f}",
                     f"{ms['adapter']:.3f}",
                     f"{100 * ms['adapter'] / ms['layer']:.0f}%",
+                    f"{100 * (ms['layer'] - ms['layer without adapter']) / ms['layer']:.0f}%",
                     f"{ms['statistics']:.3f}",
                     f"{ms['hidden matrix']:.3f}",
                 ]
@@ -101,15 +105,35 @@ def share_rows(repeats: int) -> list[list[str]]:
     return rows
 
 
+def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` rounded to int8 per row, transposed for ``torch._int_mm``, and its row scales (done at load)."""
+    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+    return torch.round(weight / scale[:, None]).to(torch.int8).T.contiguous(), scale
+
+
+def int8_matrix(x: torch.Tensor, w_int: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Prototype: ``x @ weight.T`` with ``x`` rounded to int8 per token (exact int32 sums, one rescale); what an
+    8-bit adapter matrix would cost per call."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    x_int = torch.round(rows / x_scale).to(torch.int8)
+    return torch._int_mm(x_int, w_int) * (x_scale * w_scale)
+
+
 def reduction_rows(repeats: int) -> list[list[str]]:
     """The per-token adapter alone against its hidden width ``C / reduction`` (the cost it cannot shed while it
-    stays a float ``C -> C / reduction`` matrix per token)."""
+    stays a float ``C -> C / reduction`` matrix per token), and its float and int8 matrix at reduction 4."""
     rows = []
     for shape, _ in SHAPES:
         x = torch.randn(shape)
         adapters = {r: StepAdapter(shape[-1], reduction=r, per_token=True, form="scale") for r in REDUCTIONS}
-        ms = cpu_medians({r: (lambda a=a, x=x: a(x)) for r, a in adapters.items()}, repeats)
-        rows.append([str(shape)] + [f"{ms[r] * 1e3:.3f}" for r in REDUCTIONS])
+        fns = {r: (lambda a=a, x=x: a(x)) for r, a in adapters.items()}
+        weight = adapters[4].hidden.weight
+        fns["float"] = lambda x=x, w=weight: F.linear(x, w)
+        w_int, w_scale = int8_weight(weight)
+        fns["int8"] = lambda x=x, w=w_int, s=w_scale: int8_matrix(x, w, s)
+        ms = {k: f"{v * 1e3:.3f}" for k, v in cpu_medians(fns, repeats).items()}
+        rows.append([str(shape), *(ms[r] for r in REDUCTIONS), ms["float"], ms["int8"]])
     return rows
 
 
@@ -123,9 +147,10 @@ def main() -> None:
         shares, reductions = share_rows(args.repeats), reduction_rows(args.repeats)
     print(f"machine: {machine()}")
     header = ["input -> out", "ASQ", "path", "layer ms", "layer without adapter ms", "adapter ms", "adapter share"]
-    print(table([*header, "statistics ms", "hidden matrix ms"], shares))
+    print(table([*header, "layer time over LSQ", "statistics ms", "hidden matrix ms"], shares))
     print("\nper-token adapter alone (ms) by hidden width C / reduction")
-    print(table(["input", *(f"reduction {r}" for r in REDUCTIONS)], reductions))
+    header = ["input", *(f"reduction {r}" for r in REDUCTIONS), "C -> C/4 matrix float", "int8 (prototype)"]
+    print(table(header, reductions))
 
 
 if __name__ == "__main__":
