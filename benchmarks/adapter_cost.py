@@ -1,9 +1,10 @@
 """The ASQ step adapter's share of a packed layer's time, on all-MiniLM-L6-v2's shapes (issue 12, item 3).
 
 For each input shape ``(N, T, C)`` ((1, 32, 384) and (8, 128, 384) into a 384 -> 384 layer, (8, 128, 1536) into
-MiniLM's 1536 -> 384 output layer) and each ASQ mode (per sample, per token; the scale-following adapter, W4A8
-POST+ASQ), times the whole packed layer, the same layer with LSQ activations (no adapter), its adapter
-(``beta``) and the adapter's two main parts: the statistics (channel means and ``r(x)``) and the hidden
+MiniLM's 1536 -> 384 output layer) and each ASQ mode (per sample, per sample under a token mask as a
+padded transformer batch sets it, per token; the scale-following adapter, W4A8 POST+ASQ), times the whole
+packed layer, the same layer with LSQ activations (no adapter), its adapter (``beta``) and the adapter's two
+main parts: the statistics (channel means and ``r(x)``) and the hidden
 ``C -> C/4`` matrix. "adapter share" is the adapter timed alone over the layer; "layer time over LSQ" is
 ``(layer - layer without adapter) / layer``, what the adapter adds inside the layer. A second table times the
 per-token adapter alone against its hidden width, and (not in the library: a prototype for the estimate) its
@@ -27,6 +28,7 @@ from torch import nn
 from asqpost import QATConfig, StepAdapter, calibrate, prepare_qat
 from asqpost.export import convert_to_packed
 from asqpost.kernels import layer_path
+from asqpost.masking import token_mask
 from common import machine, table
 
 REDUCTIONS = (4, 8, 16, 32)
@@ -68,8 +70,11 @@ def stage_timers(layer: nn.Module, plain: nn.Module, x: torch.Tensor) -> dict[st
     first = adapter.hidden or adapter.out
 
     def statistics():
-        adapter.statistics(x)
-        adapter.input_scale(x)
+        if hasattr(adapter, "_statistics_and_scale"):  # both from one masked copy (absent before issue 12)
+            adapter._statistics_and_scale(x)
+        else:
+            adapter.statistics(x)
+            adapter.input_scale(x)
 
     return {
         "layer": lambda: layer(x),
@@ -80,18 +85,30 @@ def stage_timers(layer: nn.Module, plain: nn.Module, x: torch.Tensor) -> dict[st
     }
 
 
+def padding_mask(shape: tuple[int, ...]) -> torch.Tensor:
+    """A token mask as a padded batch has: the last sample's final quarter is padding (one sample: no padding)."""
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    if shape[0] > 1:
+        mask[-1, -shape[1] // 4 :] = False
+    return mask
+
+
+MODES = (("per sample", False, False), ("per sample, token mask", False, True), ("per token", True, False))
+
+
 def share_rows(repeats: int) -> list[list[str]]:
     rows = []
     for shape, out in SHAPES:
         plain = packed_layer(shape[-1], out, "lsq")
-        for per_token in (False, True):
+        for label, per_token, masked in MODES:
             layer = packed_layer(shape[-1], out, "asq", per_token)
             x = torch.randn(shape)
-            ms = {k: v * 1e3 for k, v in cpu_medians(stage_timers(layer, plain, x), repeats).items()}
+            with token_mask(padding_mask(shape) if masked else None):
+                ms = {k: v * 1e3 for k, v in cpu_medians(stage_timers(layer, plain, x), repeats).items()}
             rows.append(
                 [
                     f"{shape} -> {out}",
-                    "per token" if per_token else "per sample",
+                    label,
                     layer_path(layer)[0],
                     f"{ms['layer']:.3f}",
                     f"{ms['layer without adapter']:.3f}",
