@@ -70,6 +70,9 @@ class StepAdapter(nn.Module):
 
     ``form="scale"`` adds the buffer ``r_ref`` (set by :meth:`set_reference_scale_`) and the parameter
     ``gamma``; the paper form has neither, so its state dict is what it always was.
+
+    Size: the hidden layer is ``channels // reduction`` wide (a single ``C -> 1`` linear when that is below 1
+    or ``C < 8``), or ``hidden_size`` wide when given (a fixed width, whatever ``C``).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class StepAdapter(nn.Module):
         positive: str = "softplus",
         per_token: bool = False,
         form: str = "paper",
+        hidden_size: int | None = None,
     ):
         super().__init__()
         if positive not in POSITIVE_MAPS:
@@ -87,12 +91,16 @@ class StepAdapter(nn.Module):
             raise ValueError(f"unknown adapter form {form!r}; choose one of {ADAPTER_FORMS}")
         if channels < 1:
             raise ValueError(f"adapter needs at least one channel, got {channels}")
+        if reduction < 1 or (hidden_size is not None and hidden_size < 1):
+            raise ValueError(f"adapter reduction and hidden_size must be >= 1, got {reduction} and {hidden_size}")
         self.channels = channels
         self.positive = positive
         self.per_token = per_token
         self.form = form
-        hidden = channels // reduction
-        if channels < 8 or hidden < 1:
+        self.reduction = reduction
+        self.hidden_size = hidden_size
+        hidden = channels // reduction if hidden_size is None else hidden_size
+        if hidden_size is None and (channels < 8 or hidden < 1):
             self.hidden = None
             self.out = nn.Linear(channels, 1)
         else:

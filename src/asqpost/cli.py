@@ -19,6 +19,7 @@ from .compare import DEFAULT_METHODS
 from .config import recipe_names
 from .data import DATASETS, SHIFTS, DataNotFoundError
 from .quantizers import NotCalibratedError
+from .text import MissingExtraError
 from .train.engine import TrainingDivergedError
 from .version import __version__
 
@@ -27,7 +28,14 @@ if TYPE_CHECKING:
     from .runconfig import RunConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
-USER_ERRORS = (ValueError, FileNotFoundError, NotCalibratedError, TrainingDivergedError, DataNotFoundError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotCalibratedError,
+    TrainingDivergedError,
+    DataNotFoundError,
+    MissingExtraError,
+)
 
 
 def config_path(name: str | None) -> Path | None:
@@ -71,6 +79,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = fit(config, out, resume=args.resume)
     if "stopped_after_epoch" in result:
         print(f"stopped after epoch {result['stopped_after_epoch']}; continue with: asqpost train ... --resume")
+    elif "test_cos_mean" in result:
+        print(
+            f"held-out cosine to the float model: mean {result['test_cos_mean']:.4f}  min {result['test_cos_min']:.4f}"
+            f"  size {result['size_bytes'] / 2**20:.1f} MiB  ->  {out / 'checkpoint.pt'}"
+        )
     else:
         print(
             f"test accuracy {result['test_acc'] * 100:.2f}%  shifted {result['shift_acc'] * 100:.2f}%  "
@@ -90,7 +103,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = beta_report_checkpoint(
             args.checkpoint, args.data, args.data_root, args.split, args.shift, gains, device=args.device
         )
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
+    )
     if report is not None:
         paths = write_beta_report(report, args.beta_report)
         if args.json:
@@ -104,6 +119,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _print_accuracy(args: argparse.Namespace, result: dict[str, Any], what: str) -> None:
     if args.json:
         print(json.dumps(result))
+        return
+    if "cos_mean" in result:
+        print(
+            f"{args.data}/{args.split}: cosine to the float model mean {result['cos_mean']:.4f} "
+            f"min {result['cos_min']:.4f} over {result['samples']} texts{what}"
+        )
         return
     shifted = f" ({args.shift}-shifted)" if args.shift else ""
     print(
@@ -187,7 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = _kernel_report(args.export, args.device) if args.kernels else None
     if report is not None and not args.json:
         print(format_kernel_report(report) + "\n")
-    result = evaluate_export(args.export, args.data, args.data_root, args.split, args.shift, device=args.device)
+    result = evaluate_export(
+        args.export, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
+    )
     if report is not None:
         result["kernels"] = [dataclasses.asdict(entry) for entry in report]
     _print_accuracy(args, result, " (packed model)")
@@ -216,6 +239,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "(Gaussian, std 0.05..0.3 per image)",
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--subset", type=int, metavar="N", help="a fixed random subset of N samples (a run's test_subset: the same)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

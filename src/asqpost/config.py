@@ -1,13 +1,15 @@
 """Quantization configs: frozen dataclasses, validated on construction, JSON-able with a format version.
 
 A :class:`QATConfig` says how every ``Conv2d``/``Linear`` of a model is quantized: a default weight and
-activation :class:`QuantizerConfig`, the first and last layer's treatment, and overrides by module-name
-pattern. ``None`` for a quantizer means "keep it in float".
+activation :class:`QuantizerConfig`, the first and last layers' treatment, overrides and exclusions by
+module-name pattern (:func:`pattern_matches`), and the embeddings' quantization. ``None`` for a quantizer
+means "keep it in float".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -45,6 +47,27 @@ def recipe_names() -> tuple[str, ...]:
     return tuple(f"{w}-{a}" for w in methods_for("weight") for a in methods_for("act"))
 
 
+def _match_parts(parts: list[str], components: list[str]) -> bool:
+    if not parts:
+        return not components
+    if parts[0] == "**":
+        return any(_match_parts(parts[1:], components[i:]) for i in range(len(components) + 1))
+    return bool(components) and fnmatch.fnmatchcase(components[0], parts[0]) and _match_parts(parts[1:], components[1:])
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a layer pattern selects the module ``name``: the pattern matches the name or one of its parents.
+
+    Patterns respect dots: ``*``, ``?`` and ``[...]`` match within one dotted component, and a ``**``
+    component matches any number of components (zero included). So ``encoder.layer.*.output.dense`` selects
+    ``encoder.layer.3.output.dense`` but not ``encoder.layer.3.attention.output.dense``, ``**.dense`` selects
+    every layer named ``dense``, and ``layer3.*`` (a parent: the blocks of ``layer3``) selects every layer
+    inside them.
+    """
+    parts, components = pattern.split("."), name.split(".")
+    return any(_match_parts(parts, components[:k]) for k in range(1, len(components) + 1))
+
+
 def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -71,6 +94,13 @@ class QuantizerConfig:
         the public POST code), among those the method implements. ``None``: ``mse`` for weights and
         activations (ahead of LSQ's rule on clean and shifted data in issue 13's grid), or the method's first
         init if it lacks that one.
+    adapter_reduction, adapter_hidden: ASQ only: the adapter's hidden width, ``channels // adapter_reduction``
+        (default 4, the paper's) or ``adapter_hidden`` when set (a fixed width, e.g. 8: a far smaller adapter
+        on wide layers); :func:`asqpost.size.adapter_parameters` reports what the adapters cost.
+    smooth: activations only: SmoothQuant's migration strength ``alpha`` in ``(0, 1]``, or ``None`` (off). At
+        calibration the layer gets per-input-channel factors ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``;
+        it then quantizes ``x / s`` and ``W * s`` (the same product in float), which moves outlier channels'
+        range from the activations into the weights (Xiao et al. 2023). Linear and ungrouped conv layers.
     """
 
     method: str
@@ -80,6 +110,9 @@ class QuantizerConfig:
     adapter_form: str = "scale"
     per_token: bool = False
     init: str | None = None
+    adapter_reduction: int = 4
+    adapter_hidden: int | None = None
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -94,6 +127,14 @@ class QuantizerConfig:
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         if self.init is not None and self.init not in method.inits:
             raise ValueError(f"init {self.init!r} does not apply to {self.method!r}; it takes {method.inits}")
+        if not _is_int(self.adapter_reduction) or self.adapter_reduction < 1:
+            raise ValueError(f"adapter_reduction must be an integer >= 1, got {self.adapter_reduction!r}")
+        if self.adapter_hidden is not None and (not _is_int(self.adapter_hidden) or self.adapter_hidden < 1):
+            raise ValueError(f"adapter_hidden must be an integer >= 1 or null, got {self.adapter_hidden!r}")
+        if self.smooth is not None:
+            if isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float) or not 0 < self.smooth <= 1:
+                raise ValueError(f"smooth (SmoothQuant's alpha) must be in (0, 1] or null, got {self.smooth!r}")
+            object.__setattr__(self, "smooth", float(self.smooth))
 
     def init_for(self, role: str) -> str:
         """The scale initialisation this quantizer uses in ``role``."""
@@ -104,6 +145,8 @@ class QuantizerConfig:
         allowed = methods_for(role)
         if self.method not in allowed:
             raise ValueError(f"method {self.method!r} cannot quantize {role}s; choose one of {allowed}")
+        if role == "weight" and self.smooth is not None:
+            raise ValueError("smooth is an activation setting (act={'smooth': alpha}); a weight quantizer has none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +184,10 @@ def _upgrade_v1_act(act: Any) -> Any:
     if act.get("init") is None and known and V1_ACT_DEFAULTS["init"] in get_method(act["method"]).inits:
         act["init"] = V1_ACT_DEFAULTS["init"]
     return act
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _with_bits(q: QuantizerConfig | None, bits: int) -> QuantizerConfig | None:
@@ -206,11 +253,22 @@ class QATConfig:
     """How a whole model is quantized.
 
     weight, act: the default quantizers (``None`` = float).
-    first, last: the first and last quantizable layer (registration order): bits (default 8; the weights
-        use LSQ's uniform grid there, since a non-uniform grid buys nothing at 8 bits), ``'float'``, a mapping
-        as in :func:`apply_override`, or ``None`` to treat them like the rest.
-    overrides: ``(pattern, value)`` pairs applied in order after first/last; ``pattern`` is an ``fnmatch``
-        pattern over module names and must match at least one layer; ``value`` as in :func:`apply_override`.
+    first, last: the treatment of the first and last layers: bits (default 8; the weights use LSQ's uniform
+        grid there, since a non-uniform grid buys nothing at 8 bits), ``'float'``, a mapping as in
+        :func:`apply_override`, or ``None`` to treat them like the rest. Which layers these are is the layer
+        plan's (:func:`asqpost.convert.plan_layers`): "first" is every layer that reads the model's input
+        before any other quantized layer (all consumers of the embeddings: Q, K and V of an encoder's first
+        block), "last" every layer with no quantized layer after it on the way to the output.
+    overrides: ``(pattern, value)`` pairs applied in order after first/last; ``pattern`` selects modules by
+        name (:func:`pattern_matches`: dot-respecting) and must match at least one layer; ``value`` as in
+        :func:`apply_override`.
+    exclude: patterns of layers (and embeddings) that stay float and untouched; they do not count when the
+        first and last layers are chosen. Each must match something.
+    embeddings: the ``nn.Embedding`` tables (word, position ...): ``None`` (default: float), bits (LSQ's
+        uniform grid with one step per row, i.e. per token vector), or a weight quantizer mapping (e.g.
+        ``{"method": "post", "bits": 4}``: that grid per row).
+    share_inputs: layers that read the very same input tensor (Q, K and V) share one activation quantizer:
+        one step, one ASQ adapter, one set of codes. Off: each quantizes its input on its own.
     """
 
     weight: QuantizerConfig | None
@@ -218,6 +276,9 @@ class QATConfig:
     first: int | str | None = 8
     last: int | str | None = 8
     overrides: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    embeddings: int | dict[str, Any] | None = None
+    share_inputs: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -238,15 +299,39 @@ class QATConfig:
                 q = getattr(resolved, role)
                 if q is not None:
                     q.check_role(role)
+        if not isinstance(self.exclude, list | tuple) or not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"exclude is a list of layer name patterns, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.share_inputs, bool):
+            raise ValueError(f"share_inputs must be true or false, got {self.share_inputs!r}")
+        self.embedding_quant()
 
     def default_layer(self) -> LayerQuant:
         return LayerQuant(self.weight, self.act)
+
+    def embedding_quant(self) -> QuantizerConfig | None:
+        """The embeddings' quantizer (one scale per row), or ``None`` when they stay float."""
+        value = self.embeddings
+        if value is None or value == FLOAT:
+            return None
+        if _is_int(value):
+            check_bits(value, "embedding bits")
+            return QuantizerConfig("lsq", value)
+        if isinstance(value, dict):
+            _reject_unknown(QuantizerConfig, value, "embeddings")
+            if "method" not in value or "bits" not in value:
+                raise ValueError(f"an embeddings mapping needs 'method' and 'bits', got {value!r}")
+            q = QuantizerConfig(**value)
+            q.check_role("weight")
+            return q
+        raise ValueError(f"embeddings is null, 'float', an integer bit width or a mapping, got {value!r}")
 
     @classmethod
     def recipe(
         cls,
         name: str,
         bits: int,
+        act_bits: int | None = None,
         *,
         weight: dict[str, Any] | None = None,
         act: dict[str, Any] | None = None,
@@ -254,13 +339,24 @@ class QATConfig:
     ) -> QATConfig:
         """A config from a ``<weight method>-<activation method>`` name (:func:`split_recipe`).
 
-        ``weight`` / ``act``: :class:`QuantizerConfig` fields for the recipe's weight / activation quantizer
-        (not ``method``: the recipe names it), e.g. ``act={"init": "mse", "adapter_form": "scale"}``.
-        Other keyword arguments (``first``, ``last``, ``overrides``) go to the constructor.
+        ``bits``: the weights' width, and the activations' unless ``act_bits`` is given (W4A8:
+        ``recipe("post-asq", 4, act_bits=8)``). ``weight`` / ``act``: :class:`QuantizerConfig` fields for the
+        recipe's weight / activation quantizer (not ``method``: the recipe names it), e.g.
+        ``act={"per_token": True, "init": "mse", "smooth": 0.5}``. Other keyword arguments (``first``,
+        ``last``, ``overrides``, ``exclude``, ``embeddings``, ``share_inputs``) go to the constructor.
         """
+        quantizer_fields = sorted(set(kwargs) & {f.name for f in fields(QuantizerConfig)})
+        if quantizer_fields:
+            raise ValueError(
+                f"{quantizer_fields} are quantizer fields: pass them as act={{...}} or weight={{...}}, "
+                f"e.g. act={{{quantizer_fields[0]!r}: ...}}"
+            )
         weight_method, act_method = split_recipe(name)
+        act_bits = bits if act_bits is None else act_bits
         return cls(
-            _recipe_part(weight_method, bits, weight, "weight"), _recipe_part(act_method, bits, act, "act"), **kwargs
+            _recipe_part(weight_method, bits, weight, "weight"),
+            _recipe_part(act_method, act_bits, act, "act"),
+            **kwargs,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,6 +367,9 @@ class QATConfig:
             "first": self.first,
             "last": self.last,
             "overrides": [[p, v] for p, v in self.overrides],
+            "exclude": list(self.exclude),
+            "embeddings": self.embeddings,
+            "share_inputs": self.share_inputs,
         }
 
     def to_json(self) -> str:
@@ -296,6 +395,9 @@ class QATConfig:
             first=data.get("first", 8),
             last=data.get("last", 8),
             overrides=tuple((p, v) for p, v in overrides),
+            exclude=data.get("exclude", ()),
+            embeddings=data.get("embeddings"),
+            share_inputs=data.get("share_inputs", True),
             version=data.get("version", CONFIG_VERSION),
         )
 

@@ -3,6 +3,8 @@
 In-memory sets (Fashion-MNIST, MNIST, MNIST-5k, digits, MNIST-1D, CIFAR-10, synthetic) are held as uint8/float
 tensors and batched by :class:`TensorBatches` (a seeded permutation per epoch, sharded across ranks).
 ImageNet-style folders (``imagefolder``) are decoded batch by batch from disk.
+Text sets (``fortunes``: Debian's fortune files) are :class:`TextSet` (texts and topic labels), tokenized batch by
+batch by :class:`TextBatches` with the model's tokenizer.
 Augmentation (random crop with padding, horizontal flip, an opt-in random gain) and the distribution
 shift used by ``asqpost eval --shift`` are batched tensor ops written once here.
 """
@@ -13,15 +15,18 @@ import gzip
 import importlib.util
 import math
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FORTUNES_DIR = "/usr/share/games/fortunes"
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -299,7 +304,90 @@ def synthetic(root: str | Path | None, split: str, size: int = 16, classes: int 
     return ImageSet(x, y, classes)
 
 
-DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet]] = {
+# ---------------------------------------------------------------- text
+
+
+@dataclass
+class TextSet:
+    """Texts and int64 labels (``topics[label]`` names each label, e.g. for a linear probe)."""
+
+    texts: list[str]
+    labels: torch.Tensor
+    topics: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != self.labels.shape[0]:
+            raise ValueError(f"{len(self.texts)} texts but {self.labels.shape[0]} labels")
+        if not self.texts:
+            raise ValueError("dataset is empty")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.topics)
+
+    def subset(self, count: int | None, seed: int = 0) -> TextSet:
+        """A fixed random subset of ``count`` texts (all when ``count`` is None or too large)."""
+        if count is None or count >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
+        return TextSet([self.texts[int(i)] for i in idx], self.labels[idx], self.topics)
+
+
+_OVERSTRIKE = re.compile(".\x08")  # "_\bx": a character typed over another (old terminals' underline and bold)
+
+
+def parse_fortunes(text: str) -> list[str]:
+    """The entries of a fortune file: separated by lines holding only ``%``; whitespace collapsed, overstrikes
+    removed, empty entries dropped."""
+    entries, current = [], []
+    for line in _OVERSTRIKE.sub("", text).splitlines():
+        if line.strip() == "%":
+            entries.append(" ".join(current))
+            current = []
+        else:
+            current.append(line)
+    entries.append(" ".join(current))
+    return [joined for entry in entries if (joined := " ".join(entry.split()))]
+
+
+def read_fortune_file(path: Path) -> list[str]:
+    """:func:`parse_fortunes` of a file, UTF-8 where it decodes as such, else latin-1 (the files mix both)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return parse_fortunes(text)
+
+
+def fortunes(root: str | Path | None, split: str) -> TextSet:
+    """English fortunes (Debian's fortunes package, one topic a file; or data_root): a fixed 80/20 split, topic
+    labels."""
+    folder = Path(root) if root else Path(FORTUNES_DIR)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.suffix) if folder.is_dir() else []
+    texts, labels, topics, seen = [], [], [], set()
+    for path in files:
+        entries = [e for e in read_fortune_file(path) if e not in seen]
+        if entries:
+            seen.update(entries)
+            texts += entries
+            labels += [len(topics)] * len(entries)
+            topics.append(path.name)
+    if not texts:
+        raise DataNotFoundError(
+            f"fortunes: no fortune files (entries separated by lines holding %) under {folder}. Install Debian's "
+            "fortunes package (`apt-get install fortunes`), or set data_root to a folder of such files."
+        )
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(texts))
+    idx = order[:cut] if split == "train" else order[cut:]
+    return TextSet([texts[int(i)] for i in idx], torch.tensor(labels)[idx], tuple(topics))
+
+
+DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet | TextSet]] = {
     "fashion-mnist": fashion_mnist,
     "mnist": mnist,
     "mnist5k": mnist5k,
@@ -308,11 +396,14 @@ DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet]] = {
     "cifar10": cifar10,
     "synthetic": synthetic,
     "imagefolder": imagefolder,
+    "fortunes": fortunes,
 }
+TEXT_DATASETS = ("fortunes",)
 
 
-def load_dataset(name: str, split: str, root: str | Path | None = None) -> ImageSet:
-    """Load an in-memory dataset by name; ``split`` is ``train`` or ``test``."""
+def load_dataset(name: str, split: str, root: str | Path | None = None) -> ImageSet | TextSet:
+    """Load a dataset by name (images: :class:`ImageSet`, text: :class:`TextSet`); ``split`` is ``train`` or
+    ``test``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name not in DATASETS:
@@ -480,3 +571,52 @@ def check_gain_augment(value: float | None) -> None:
     """``None`` or 0 (off), or a maximum gain ``>= 1``."""
     if value is not None and value != 0 and not (isinstance(value, int | float) and value >= 1):
         raise ValueError(f"gain_augment is the largest gain (>= 1; 0 or null: off), got {value!r}")
+
+
+@dataclass
+class TextBatches:
+    """Batches of a :class:`TextSet` tokenized by ``tokenizer`` (a Hugging Face tokenizer): dicts of
+    ``input_ids``, ``attention_mask`` (and whatever else the tokenizer returns), padded to the longest text of
+    the batch and truncated to ``max_length`` tokens; ``(inputs, labels)`` pairs when ``labels`` is set.
+
+    ``epoch`` seeds the shuffle, so a resumed run sees exactly the same batches; with ``world_size > 1`` each
+    rank takes every ``world_size``-th text of the permutation.
+    """
+
+    data: TextSet
+    tokenizer: Any
+    batch_size: int
+    max_length: int = 128
+    shuffle: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+    labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.data) // self.world_size
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.data), generator=gen) if self.shuffle else torch.arange(len(self.data))
+        order = order[self.rank :: self.world_size][: (len(self.data) // self.world_size)]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            encoded = self.tokenizer(
+                [self.data.texts[int(j)] for j in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            inputs = dict(encoded)
+            yield (inputs, self.data.labels[idx]) if self.labels else inputs

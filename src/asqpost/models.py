@@ -7,6 +7,9 @@ Built in: CIFAR-style ResNet-20/32/56 (He et al. 2016, option-B shortcuts; any i
 small CNN, an MLP, and a tiny transformer encoder classifier. torchvision's ResNet-18/34/50 and MobileNetV2
 are registered when the optional ``[vision]`` extra is installed (random init: pretrained weights download,
 so load your own by path).
+
+Text encoders from Hugging Face / sentence-transformers folders (``hf``, ``minilm``) are specified by
+:func:`asqpost.text.text_model_spec` and rebuilt here from their spec like the registered models.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .text import encoder_from_spec, is_text_spec
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {}
@@ -50,7 +55,10 @@ def model_spec(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs
 
 
 def model_from_spec(spec: Any) -> nn.Module:
-    """Rebuild the float model a saved :func:`model_spec` names; ``ValueError`` if it is malformed or unknown."""
+    """Rebuild the float model a saved :func:`model_spec` (or :func:`asqpost.text.text_model_spec`) names, randomly
+    initialised; ``ValueError`` if it is malformed or unknown."""
+    if is_text_spec(spec):
+        return encoder_from_spec(spec)
     try:
         return create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
     except (KeyError, TypeError) as err:

@@ -18,15 +18,21 @@ import yaml
 from .config import QATConfig
 from .data import AUGMENTS, check_gain_augment
 
-RECIPE_SETTINGS = ("first", "last", "overrides", "act", "weight")  # what a recipe's quant may add to its bits
+# what a recipe's quant may add to its bits
+RECIPE_SETTINGS = ("act_bits", "first", "last", "overrides", "exclude", "embeddings", "share_inputs", "act", "weight")
 RECIPE_KEYS = ("recipe", "bits", *RECIPE_SETTINGS)
+LOSSES = ("ce", "distill")
+OPTIMIZERS = ("sgd", "adamw")
+DISTILL_DEFAULTS: dict[str, Any] = {"embedding": "cosine", "hidden_states": False, "hidden_weight": 1.0}
+DISTILL_EMBEDDING_LOSSES = ("cosine", "mse")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One training run (float, or QAT when ``quant`` is set).
 
-    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``first``, ``last``, ``overrides``, and ``act`` /
+    quant: ``{"recipe": "post-asq", "bits": 4}`` (plus optional ``act_bits``, ``first``, ``last``, ``overrides``,
+        ``exclude``, ``embeddings``, ``share_inputs``, and ``act`` /
         ``weight``: quantizer fields for the recipe's activation / weight quantizer, e.g. ``{"init": "mse",
         "adapter_form": "scale"}``), or a full QAT config mapping (``weight``, ``act``, ...); ``None`` trains
         in float.
@@ -36,6 +42,13 @@ class RunConfig:
     adapter_lr_mult: the ASQ step adapters' learning rate (``gamma`` included) is ``lr * adapter_lr_mult``.
     gain_augment: train-time gain augmentation: each training sample times a random gain, log-uniform in
         ``[1/g, g]`` for ``g = gain_augment`` (on the [0, 1] images, as ``eval --shift``); ``None`` or 0: off.
+    loss: ``ce`` (cross-entropy on the data's labels) or ``distill``: the quantized model learns to reproduce its
+        own float version (the teacher: the model before ``prepare_qat``, frozen), on inputs alone.
+    distill: with ``loss: distill``: ``embedding`` (``cosine``: 1 - cosine, or ``mse``, between student and teacher
+        outputs), ``hidden_states`` (also match every layer's hidden states, a relative MSE over real tokens;
+        text models), ``hidden_weight`` (that term's weight).
+    optimizer: ``sgd`` (with ``momentum``) or ``adamw``; both take ``weight_decay``.
+    max_length: text data: texts are truncated to this many tokens.
     """
 
     model: str = "resnet20"
@@ -61,10 +74,14 @@ class RunConfig:
     threads: int | None = None
     stop_after: int | None = None
     progress: bool = True
+    loss: str = "ce"
+    distill: dict = field(default_factory=dict)
+    optimizer: str = "sgd"
+    max_length: int = 128
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("epochs", "batch_size", "eval_batch_size", "calib_batches"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "calib_batches", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "adapter_lr_mult"):
@@ -77,6 +94,25 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.quant is not None:
             self.qat_config()
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.distill_settings()
+
+    def distill_settings(self) -> dict[str, Any]:
+        """``distill`` over :data:`DISTILL_DEFAULTS`, validated (its keys are errors without ``loss: distill``)."""
+        unknown = sorted(set(self.distill) - set(DISTILL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown distill key(s) {unknown}; known: {list(DISTILL_DEFAULTS)}")
+        if self.distill and self.loss != "distill":
+            raise ValueError(f"distill settings {sorted(self.distill)} need loss: distill (loss is {self.loss!r})")
+        settings = {**DISTILL_DEFAULTS, **self.distill}
+        _check_choice("distill.embedding", settings["embedding"], DISTILL_EMBEDDING_LOSSES)
+        if not isinstance(settings["hidden_states"], bool):
+            raise ValueError(f"distill.hidden_states must be true or false, got {settings['hidden_states']!r}")
+        weight = settings["hidden_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ValueError(f"distill.hidden_weight must be a number >= 0, got {weight!r}")
+        return settings
 
     def qat_config(self) -> QATConfig | None:
         """The :class:`QATConfig` that ``quant`` describes (validated), or ``None`` for float."""
@@ -108,6 +144,11 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _accepts(hint: Any, value: Any) -> bool:

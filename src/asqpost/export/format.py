@@ -3,7 +3,10 @@
 Metadata key ``asqpost`` holds JSON::
 
     {"format": "asqpost-packed", "version": 2,
-     "model": {"name", "num_classes", "input_shape", "kwargs"} | null,   registry spec to rebuild the float net
+     "model": {"name", "num_classes", "input_shape", "kwargs"}          registry spec to rebuild the float net,
+              | {"name": "hf" | "minilm", "kwargs", "hf_config", "pooling", "normalize"}   or a text encoder's:
+              its transformers config JSON rebuilds the architecture offline (asqpost.text)
+              | null,                                                 (then load_packed needs model=)
      "qat": QATConfig JSON, "normalizer": {"mean", "std"} | null,
      "layers": {name: PackedLayer.meta()},                            geometry, bits, table size, act range
      "sha256": hex digest over the rest of this metadata (canonical JSON) and every tensor (sorted names,
@@ -28,10 +31,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..convert import CONFIG_ATTR, quant_layers
+from ..convert import CONFIG_ATTR, quant_embeddings, quant_layers
 from ..files import atomic_write_bytes
 from ..masking import install_mask_hooks
 from ..models import model_from_spec
+from ..text import SentenceEncoder, spec_of_encoder
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, log_kernel_plan
 
 FORMAT = "asqpost-packed"
@@ -59,8 +63,16 @@ def convert_to_packed(model: nn.Module) -> nn.Module:
     packed = copy.deepcopy(model).eval()
     for name, layer in layers:
         _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer))
+    _dequantize_embeddings(packed)
     log_kernel_plan(packed, "packed model")
     return packed
+
+
+def _dequantize_embeddings(packed: nn.Module) -> None:
+    """Quantized embeddings become float ``nn.Embedding`` holding the quantized table (same outputs; no packed
+    embedding format yet)."""
+    for name, embedding in quant_embeddings(packed):
+        _set_submodule(packed, name, embedding.to_dequantized())
 
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
@@ -85,7 +97,13 @@ def save_packed(
     model_spec: dict[str, Any] | None = None,
     normalizer: dict[str, Any] | None = None,
 ) -> int:
-    """Write a packed model atomically; returns the file size in bytes."""
+    """Write a packed model atomically; returns the file size in bytes.
+
+    ``model_spec`` records what rebuilds the architecture; for a :class:`~asqpost.text.SentenceEncoder` without
+    one, its transformers config is recorded, so :func:`load_packed` needs no ``model=``.
+    """
+    if model_spec is None and isinstance(packed, SentenceEncoder):
+        model_spec = spec_of_encoder(packed)
     layers = packed_layers(packed)
     if not layers:
         raise ValueError("not a packed model: call convert_to_packed(model) first")
@@ -140,7 +158,7 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
     if model is None:
         spec = meta.get("model")
         if not spec:
-            raise ExportError(f"{path} names no registered model; pass the float architecture as model=")
+            raise ExportError(f"{path} records no model spec; pass the float architecture as model=")
         try:
             model = model_from_spec(spec)
         except ValueError as err:

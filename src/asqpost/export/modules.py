@@ -112,6 +112,8 @@ def _adapter_meta(adapter: StepAdapter | None) -> dict | None:
         "positive": adapter.positive,
         "per_token": adapter.per_token,
         "form": adapter.form,  # absent in exports made before the scale form: StepAdapter's default, "paper"
+        "reduction": adapter.reduction,  # these two absent before the size was a choice: the defaults
+        "hidden_size": adapter.hidden_size,
     }
 
 
@@ -169,11 +171,13 @@ class PackedLayer(nn.Module):
         a = meta["input"]
         self.input_quant = None if a is None else PackedInput(a["qmin"], a["qmax"], a["adapter"])
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if meta["bias"] else None
+        in_channels = weight_shape[1] * self.geometry.get("groups", 1)
+        self.register_buffer("smooth", torch.ones(in_channels) if meta.get("smooth") else None)
 
     @classmethod
     def from_quant(cls, layer: QuantConv2d | QuantLinear) -> PackedLayer:
         wq, aq = layer.weight_quantizer, layer.input_quantizer
-        weight = None if wq is None else PackedWeight.from_quantizer(layer.weight.detach(), wq)
+        weight = None if wq is None else PackedWeight.from_quantizer(layer.smoothed_weight().detach(), wq)
         packed_input = None if aq is None else PackedInput.from_quantizer(aq)
         meta = {
             "kind": cls.kind,
@@ -182,13 +186,16 @@ class PackedLayer(nn.Module):
             "weight": None if weight is None else {"bits": weight.bits, "table_size": weight.table.numel()},
             "input": None if packed_input is None else packed_input.meta(),
             "bias": layer.bias is not None,
+            "smooth": layer.smooth_scale is not None,
         }
         packed = cls(meta).to(layer.weight.device)
         with torch.no_grad():
+            if layer.smooth_scale is not None:
+                packed.smooth.copy_(layer.smooth_scale)
             if weight is not None:
                 packed.weight.load_state_dict(weight.state_dict())
             else:
-                packed.float_weight.copy_(layer.weight)
+                packed.float_weight.copy_(layer.smoothed_weight())
             if packed_input is not None:
                 packed.input_quant.load_state_dict(packed_input.state_dict())
             if layer.bias is not None:
@@ -209,6 +216,7 @@ class PackedLayer(nn.Module):
             else {"bits": self.weight.bits, "table_size": self.weight.table.numel()},
             "input": None if self.input_quant is None else self.input_quant.meta(),
             "bias": self.bias is not None,
+            "smooth": self.smooth is not None,
         }
 
     def apply_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,10 +232,18 @@ class PackedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return packed_forward(self, x)
+        return packed_forward(self, self.smoothed(x))
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """SmoothQuant: ``x / s`` per input channel (the weight was packed as ``W * s``), or ``x``. Every kernel
+        path, the native one included, then sees the smoothed input."""
+        if self.smooth is None:
+            return x
+        shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
+        return x / self.smooth.reshape(shape).to(x.dtype)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded-float path: fake-quantized input times the dequantized weight."""
+        """Decoded-float path: fake-quantized input times the dequantized weight (``x`` already :meth:`smoothed`)."""
         if self.input_quant is not None:
             x_int, step = self.input_quant(x)
             x = x_int * step

@@ -35,7 +35,12 @@ class ASQQuantizer(LSQQuantizer):
         super().__init__(config, role, channels=channels)
         assert channels is not None
         self.adapter = StepAdapter(
-            channels, positive=config.adapter, per_token=config.per_token, form=config.adapter_form
+            channels,
+            reduction=config.adapter_reduction,
+            positive=config.adapter,
+            per_token=config.per_token,
+            form=config.adapter_form,
+            hidden_size=config.adapter_hidden,
         )
 
     def _reset_observations(self) -> None:

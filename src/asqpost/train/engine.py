@@ -1,21 +1,32 @@
 """One epoch of training and one evaluation pass; nothing else (no I/O, no config).
 
+Batches may take any form :mod:`asqpost.batches` defines: ``(inputs, target)`` pairs, or inputs alone (a tensor,
+a dict / ``BatchEncoding`` called as ``model(**inputs)``, a tuple of positional inputs); ``forward(model, inputs)``
+calls models that take their inputs another way. The loss is cross-entropy against the target (accuracy is
+counted), or a ``loss_fn(outputs, target, inputs)`` of the caller's (distillation: :mod:`.distill`).
+
 The one exception is a test-only pause point (:mod:`._test_pause`, off unless ``ASQPOST_TEST_PAUSE_AT`` is set)
 that the fault tests use to stop a run at a known step.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..batches import Forward, batch_size, call_model, split_batch, to_device
 from . import _test_pause, distributed
+
+LossFn = Callable[[Any, Any, Any], torch.Tensor]
+"""``loss_fn(outputs, target, inputs) -> scalar loss`` (``target`` is ``None`` for batches of inputs alone)."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -24,6 +35,8 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class EpochStats:
+    """Mean loss and top-1 accuracy (``nan`` when a ``loss_fn`` replaces classification) over ``samples``."""
+
     loss: float
     accuracy: float
     samples: int
@@ -34,25 +47,45 @@ class EpochStats:
         return self.samples / max(self.seconds, 1e-9)
 
 
+def _classification_loss(outputs: Any, target: Any, inputs: Any) -> torch.Tensor:
+    if target is None:
+        raise ValueError(
+            "batches hold inputs without a target: classification needs (inputs, target) pairs; pass a loss_fn "
+            "(e.g. distillation) for inputs alone"
+        )
+    return F.cross_entropy(outputs, target)
+
+
+def _correct(outputs: Any, target: Any) -> int:
+    return int((outputs.argmax(dim=1) == target).sum())
+
+
 def train_one_epoch(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[Any],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
     epoch: int,
     progress: bool = True,
+    forward: Forward | None = None,
+    loss_fn: LossFn | None = None,
 ) -> EpochStats:
-    """SGD over ``batches`` with a per-step LR schedule; raises :class:`TrainingDivergedError` on NaN/inf."""
+    """One pass over ``batches`` with a per-step LR schedule; raises :class:`TrainingDivergedError` on NaN/inf.
+
+    ``loss_fn`` (default: cross-entropy against the batch's target, with accuracy) gets the model's outputs,
+    the target (``None`` for inputs alone) and the inputs.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     pause = _test_pause.requested()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or None, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+    for step, batch in enumerate(bar):
+        inputs, target = split_batch(batch)
+        inputs, target = to_device(inputs, device, non_blocking=True), to_device(target, device, non_blocking=True)
+        outputs = call_model(model, inputs, forward)
+        loss = (loss_fn or _classification_loss)(outputs, target, inputs)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping without saving this epoch "
@@ -62,34 +95,37 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        n = y.shape[0]
+        n = batch_size(inputs)
         total_loss += loss.item() * n
-        correct += int((logits.argmax(dim=1) == y).sum())
+        correct += _correct(outputs, target) if loss_fn is None else 0
         seen += n
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+        shown = {"loss": f"{total_loss / seen:.4g}", "samples_s": f"{seen / elapsed:.0f}"}
+        bar.set_postfix(shown if loss_fn is not None else {**shown, "acc": f"{correct / seen:.3f}"})
         if pause is not None:
             pause.check(epoch + 1, step + 1, len(batches) if isinstance(batches, Sized) else None)
     totals = distributed.all_sum([total_loss, float(correct), float(seen)], device)
-    return EpochStats(
-        totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1), int(totals[2]), time.perf_counter() - start
-    )
+    accuracy = totals[1] / max(totals[2], 1) if loss_fn is None else math.nan
+    return EpochStats(totals[0] / max(totals[2], 1), accuracy, int(totals[2]), time.perf_counter() - start)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: nn.Module, batches: Iterable[Any], device: torch.device, forward: Forward | None = None
 ) -> EpochStats:
-    """Loss and top-1 accuracy over ``batches`` (summed across ranks when distributed)."""
+    """Cross-entropy and top-1 accuracy over ``(inputs, target)`` batches (summed across ranks when distributed)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == y).sum())
-        seen += y.shape[0]
+    for batch in batches:
+        inputs, target = split_batch(batch)
+        if target is None:
+            raise ValueError("evaluate() measures accuracy and needs (inputs, target) batches")
+        inputs, target = to_device(inputs, device), to_device(target, device)
+        logits = call_model(model, inputs, forward)
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += _correct(logits, target)
+        seen += batch_size(inputs)
     totals = distributed.all_sum([total_loss, float(correct), float(seen)], device)
     if totals[2] == 0:
         raise ValueError("evaluation got no samples")

@@ -6,6 +6,11 @@
     checkpoint.pt      after every epoch, atomically (the resume point)
     metrics.csv/json   one row per epoch
     final.json         clean and shifted test accuracy, model size, when the last epoch is done
+                       (distillation: mean and min held-out cosine to the float teacher, model size)
+
+Text encoders (``model: hf`` / ``minilm``, :mod:`asqpost.text`) train on text data (``data: fortunes``) in dict
+batches from the model's own tokenizer. With ``loss: distill`` the teacher is the float model before
+``prepare_qat``, rebuilt from the same spec and weights on resume (checkpoints do not store it).
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from ..adapters import StepAdapter
 from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs, require_asq
 from ..config import QATConfig
 from ..convert import calibrate, prepare_qat
-from ..data import ImageSet, Normalizer, TensorBatches, load_dataset
+from ..data import ImageSet, Normalizer, TensorBatches, TextBatches, TextSet, load_dataset
 from ..export import read_packed
 from ..files import atomic_write_bytes
 from ..models import model_from_spec, model_spec
 from ..runconfig import RunConfig
 from ..size import model_size_bytes
+from ..text import TEXT_MODELS, is_text_spec, load_tokenizer, pretrained_encoder, text_model_spec
 from . import distributed
 from .checkpoint import (
     CheckpointError,
@@ -42,6 +48,7 @@ from .checkpoint import (
     qat_json,
     save_checkpoint,
 )
+from .distill import AgreementStats, Distillation, evaluate_agreement, frozen_teacher
 from .engine import EpochStats, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -58,23 +65,39 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Prepared:
-    """Everything a run needs, built from its config."""
+    """Everything a run needs, built from its config.
+
+    Text runs have no normalizer and a tokenizer; distillation runs a frozen float ``teacher``.
+    """
 
     model: nn.Module
     spec: dict[str, Any]
-    normalizer: Normalizer
-    train: ImageSet
-    test: ImageSet
+    normalizer: Normalizer | None
+    train: ImageSet | TextSet
+    test: ImageSet | TextSet
+    tokenizer: Any = None
+    teacher: nn.Module | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return is_text_spec(self.spec)
 
 
-def _float_model(config: RunConfig, train: ImageSet) -> tuple[nn.Module, dict[str, Any], Normalizer | None]:
+def _float_model(config: RunConfig, train: ImageSet | TextSet) -> tuple[nn.Module, dict[str, Any], Normalizer | None]:
+    if config.init is None and config.model in TEXT_MODELS:
+        spec = text_model_spec(config.model, config.model_args)
+        return pretrained_encoder(spec), spec, None
     if config.init is None:
+        if isinstance(train, TextSet):
+            raise ValueError(f"dataset {config.data!r} is text: train a text model ({', '.join(TEXT_MODELS)})")
         spec = model_spec(config.model, train.num_classes, train.input_shape, config.model_args)
         return model_from_spec(spec), spec, None
     payload = load_checkpoint(config.init)
     if payload["qat"] is not None:
         raise CheckpointError(f"init checkpoint {config.init} is already quantized; start QAT from a float checkpoint")
     spec = payload["model"]
+    if is_text_spec(spec):
+        return build_from_checkpoint(payload), spec, None
     if tuple(spec["input_shape"]) != train.input_shape or spec["num_classes"] != train.num_classes:
         raise CheckpointError(
             f"{config.init} was trained on inputs {tuple(spec['input_shape'])} with {spec['num_classes']} classes; "
@@ -90,13 +113,44 @@ def prepare(config: RunConfig) -> Prepared:
     train = load_dataset(config.data, "train", config.data_root).subset(config.train_subset, seed=config.seed)
     test = load_dataset(config.data, "test", config.data_root).subset(config.test_subset, seed=0)
     model, spec, normalizer = _float_model(config, train)
+    text = is_text_spec(spec)
+    _check_data_fits(config, train, text)
+    if config.loss == "distill" and config.quant is None:
+        raise ValueError("loss: distill trains a quantized model against its float self; set quant")
+    teacher = frozen_teacher(model) if config.loss == "distill" else None
     qat = config.qat_config()
     if qat is not None:
         model = prepare_qat(model, qat, inplace=True)
-    return Prepared(model, spec, normalizer or Normalizer.fit(train), train, test)
+    if text:
+        return Prepared(model, spec, None, train, test, load_tokenizer(spec), teacher)
+    return Prepared(model, spec, normalizer or Normalizer.fit(train), train, test, teacher=teacher)
 
 
-def _batches(config: RunConfig, prep: Prepared, dist_info: distributed.DistInfo, train: bool) -> TensorBatches:
+def _check_data_fits(config: RunConfig, train: ImageSet | TextSet, text_model: bool) -> None:
+    if text_model != isinstance(train, TextSet):
+        what = "a text model" if text_model else f"model {config.model!r}"
+        raise ValueError(f"{what} cannot train on {'image' if text_model else 'text'} dataset {config.data!r}")
+    if text_model and config.loss != "distill":
+        raise ValueError("text models train by distillation (loss: distill): the text datasets have no targets")
+    if text_model and (config.augment != "none" or config.gain_augment):
+        raise ValueError("augment and gain_augment apply to images; set augment: none (and no gain_augment) for text")
+
+
+def _batches(
+    config: RunConfig, prep: Prepared, dist_info: distributed.DistInfo, train: bool
+) -> TensorBatches | TextBatches:
+    if prep.is_text:
+        return TextBatches(
+            prep.train if train else prep.test,  # type: ignore[arg-type]
+            prep.tokenizer,
+            config.batch_size if train else config.eval_batch_size,
+            config.max_length,
+            shuffle=train,
+            seed=config.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            drop_last=train and dist_info.enabled,
+        )
     return TensorBatches(
         prep.train if train else prep.test,
         config.batch_size if train else config.eval_batch_size,
@@ -131,9 +185,20 @@ def _calibrate(model: nn.Module, config: RunConfig, prep: Prepared, device: torc
     if distributed.active() and torch.distributed.get_rank() != 0:
         distributed.broadcast_state(model)
         return
-    batches = TensorBatches(prep.train, config.batch_size, prep.normalizer, shuffle=True, seed=config.seed)
-    calibrate(model, batches, max_batches=config.calib_batches, forward=lambda m, x: m(x.to(device)))
+    if prep.is_text:  # dict batches: the attention mask reaches the model, and through it the observers
+        batches = TextBatches(prep.train, prep.tokenizer, config.batch_size, config.max_length, True, config.seed)  # type: ignore[arg-type]
+        calibrate(model, batches, max_batches=config.calib_batches)
+    else:
+        batches = TensorBatches(prep.train, config.batch_size, prep.normalizer, shuffle=True, seed=config.seed)
+        calibrate(model, batches, max_batches=config.calib_batches, forward=lambda m, x: m(x.to(device)))
     distributed.broadcast_state(model)
+
+
+def _optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.lr, config.adapter_lr_mult)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def fit(config: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -154,12 +219,14 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
     prep = prepare(config)
     model = prep.model.to(device)
     start_epoch, history = 0, []
+    teacher = None if prep.teacher is None else prep.teacher.to(device)
     resume_payload = None
     if resume:
         resume_payload = load_checkpoint(ckpt_path)
         _check_resumable(resume_payload, config, model)
         model.load_state_dict(resume_payload["state_dict"])
         start_epoch, history = resume_payload["epoch"], list(resume_payload.get("metrics", []))
+        _set_rng(resume_payload.get("rng"))
     elif config.quant is not None:
         _calibrate(model, config, prep, device)
     if dist_info.is_main:
@@ -172,32 +239,40 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.SGD(
-        param_groups(trained, config.lr, config.adapter_lr_mult),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = _optimizer(trained, config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(train_batches))
     if resume_payload is not None:
         optimizer.load_state_dict(resume_payload["optimizer"])
         scheduler.load_state_dict(resume_payload["scheduler"])
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
-    test = None
+    distill = None
+    if teacher is not None:
+        settings = config.distill_settings()
+        distill = Distillation(teacher, settings["embedding"], settings["hidden_states"], settings["hidden_weight"])
+    test: EpochStats | AgreementStats | None = None
     for epoch in range(start_epoch, last_epoch):
         train_batches.epoch = epoch
-        stats = train_one_epoch(trained, train_batches, optimizer, scheduler, device, epoch, config.progress)
+        if distill is None:
+            stats = train_one_epoch(trained, train_batches, optimizer, scheduler, device, epoch, config.progress)
+        else:
+            stats = train_one_epoch(
+                trained,
+                train_batches,
+                optimizer,
+                scheduler,
+                device,
+                epoch,
+                config.progress,
+                forward=distill.student_forward,
+                loss_fn=distill.loss,
+            )
         distributed.broadcast_buffers(model)  # every rank evaluates, and rank 0 saves, the same model
-        test = evaluate(model, test_batches, device)
-        row = {
-            "epoch": epoch + 1,
-            "lr": scheduler.get_last_lr()[0],
-            "train_loss": stats.loss,
-            "train_acc": stats.accuracy,
-            "test_loss": test.loss,
-            "test_acc": test.accuracy,
-            "img_per_s": stats.throughput,
-        }
+        test = _test(model, teacher, test_batches, device, config)
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": stats.loss, **_test_row(test)}
+        if distill is None:
+            row = {**row, "train_acc": stats.accuracy, "img_per_s": stats.throughput}
+        else:
+            row = {**row, "samples_per_s": stats.throughput}
         history.append(row)
         log.info("epoch %d/%d %s", epoch + 1, config.epochs, _fmt(row))
         if dist_info.is_main:
@@ -206,10 +281,63 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
         distributed.barrier()
     if last_epoch < config.epochs:
         return {"stopped_after_epoch": last_epoch, "history": history}
-    final = {**final_metrics(model, test_batches, device, test), "history": history}
+    if teacher is not None:
+        final = {**agreement_metrics(model, teacher, test_batches, device, config, test), "history": history}  # type: ignore[arg-type]
+    else:
+        final = {**final_metrics(model, test_batches, device, test), "history": history}  # type: ignore[arg-type]
     if dist_info.is_main:
         atomic_write_bytes(out / "final.json", json.dumps(final, indent=2).encode())
     return final
+
+
+def _test(
+    model: nn.Module, teacher: nn.Module | None, batches: Any, device: torch.device, config: RunConfig
+) -> EpochStats | AgreementStats:
+    if teacher is None:
+        return evaluate(model, batches, device)
+    return evaluate_agreement(model, teacher, batches, device, config.distill_settings()["embedding"])
+
+
+def _test_row(test: EpochStats | AgreementStats) -> dict[str, float]:
+    if isinstance(test, AgreementStats):
+        return {"test_loss": test.loss, "test_cos_mean": test.cos_mean, "test_cos_min": test.cos_min}
+    return {"test_loss": test.loss, "test_acc": test.accuracy}
+
+
+def agreement_metrics(
+    model: nn.Module,
+    teacher: nn.Module,
+    test_batches: Any,
+    device: torch.device,
+    config: RunConfig,
+    test: AgreementStats | None = None,
+) -> dict[str, Any]:
+    """Held-out mean and min cosine to the teacher (``test`` if the last epoch just measured it), and sizes."""
+    test = test or evaluate_agreement(model, teacher, test_batches, device, config.distill_settings()["embedding"])
+    return {
+        "test_cos_mean": test.cos_mean,
+        "test_cos_min": test.cos_min,
+        "test_loss": test.loss,
+        "test_samples": test.samples,
+        "size_bytes": model_size_bytes(model),
+        "float_size_bytes": model_size_bytes(model, as_float=True),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global random streams (dropout draws from them): saved so a resumed run continues them exactly."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict[str, Any] | None) -> None:
+    if state is None:  # checkpoints from before the random state was saved
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def final_metrics(
@@ -241,6 +369,10 @@ def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Modul
         "train_subset",
         "init",
         "adapter_lr_mult",  # decides the optimizer's parameter groups
+        "optimizer",
+        "loss",
+        "distill",
+        "max_length",
     )
     diff = [k for k in same if getattr(saved, k) != getattr(config, k)]
     if diff:
@@ -290,7 +422,10 @@ def _save(
             "seed": config.seed,
             "run": config.to_dict(),
             "metrics": history,
-            "normalizer": {"mean": list(prep.normalizer.mean), "std": list(prep.normalizer.std)},
+            "normalizer": None
+            if prep.normalizer is None
+            else {"mean": list(prep.normalizer.mean), "std": list(prep.normalizer.std)},
+            "rng": _rng_state(),
         },
     )
 
@@ -311,6 +446,8 @@ def _fmt(row: dict[str, Any]) -> str:
 def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None) -> TensorBatches:
     """A split's batches, normalised as the model was trained (optionally shifted), after checking its shape."""
     dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
+    if isinstance(dataset, TextSet):
+        raise ValueError(f"{source} is an image model; {data!r} is a text dataset")
     if tuple(input_shape) != dataset.input_shape:
         raise ValueError(f"{source} expects inputs {tuple(input_shape)}; {data!r} has {dataset.input_shape}")
     normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
@@ -318,10 +455,34 @@ def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, 
     return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None, shift_kind=kind)
 
 
-def _evaluate_model(model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source):
-    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source)
+def _evaluate_model(
+    model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None
+):
+    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset)
     stats = evaluate(model, batches, next(model.buffers()).device)
     return {"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples, "shift": shift}
+
+
+def evaluate_text_model(
+    model: nn.Module,
+    spec: dict[str, Any],
+    data: str,
+    data_root: str | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    max_length: int = 128,
+    subset: int | None = None,
+) -> dict[str, Any]:
+    """Mean and min cosine of a text model's embeddings to those of its spec's float model (read from the spec's
+    folder) over a text dataset split (``subset``: the same fixed subset as a run's ``test_subset``)."""
+    dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
+    if not isinstance(dataset, TextSet):
+        raise ValueError(f"a text model is evaluated on text data; {data!r} is an image dataset")
+    device = next(model.parameters()).device
+    teacher = pretrained_encoder(spec).to(device)
+    batches = TextBatches(dataset, load_tokenizer(spec), batch_size, max_length)
+    stats = evaluate_agreement(model, teacher, batches, device)
+    return {"cos_mean": stats.cos_mean, "cos_min": stats.cos_min, "samples": stats.samples, "loss": stats.loss}
 
 
 def evaluate_export(
@@ -332,12 +493,20 @@ def evaluate_export(
     shift: bool | str = False,
     batch_size: int = 500,
     device: str = "auto",
+    subset: int | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of an exported (packed) model, computed from its packed form."""
+    """Accuracy of an exported (packed) model, computed from its packed form (text models: cosine to the float
+    model, :func:`evaluate_text_model`); ``subset``: a fixed random subset of that many samples."""
     model, meta = read_packed(path)
     model = model.to(resolve_device(device))
+    spec = meta.get("model")
+    if is_text_spec(spec):
+        _no_shift_for_text(shift)
+        return evaluate_text_model(model, spec, data, data_root, split, min(batch_size, 64), subset=subset)
+    if not spec:
+        raise ValueError(f"{path} records no model spec, so not its input shape; evaluate it from Python")
     return _evaluate_model(
-        model, meta["model"]["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path
+        model, spec["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path, subset
     )
 
 
@@ -349,10 +518,19 @@ def evaluate_checkpoint(
     shift: bool | str = False,
     batch_size: int = 500,
     device: str = "auto",
+    subset: int | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a checkpoint on a dataset split (optionally under the per-sample gain/offset shift)."""
+    """Accuracy of a checkpoint on a dataset split (optionally under the per-sample gain/offset shift); text
+    models: cosine to the float model (:func:`evaluate_text_model`). ``subset``: a fixed random subset of that
+    many samples (a run's ``test_subset`` picks the same)."""
     payload = load_checkpoint(path)
     model = build_from_checkpoint(payload).to(resolve_device(device))
+    if is_text_spec(payload["model"]):
+        _no_shift_for_text(shift)
+        max_length = payload.get("run", {}).get("max_length", 128)
+        return evaluate_text_model(
+            model, payload["model"], data, data_root, split, min(batch_size, 64), max_length, subset
+        )
     return _evaluate_model(
         model,
         payload["model"]["input_shape"],
@@ -363,7 +541,13 @@ def evaluate_checkpoint(
         shift,
         batch_size,
         path,
+        subset,
     )
+
+
+def _no_shift_for_text(shift: bool | str) -> None:
+    if shift:
+        raise ValueError("the shifts (--shift) change images; a text model is evaluated without one")
 
 
 def beta_report_checkpoint(

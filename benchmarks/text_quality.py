@@ -1,0 +1,190 @@
+"""Quality of quantized all-MiniLM-L6-v2 against the float model, on held-out real text (issue 11's table).
+
+Data: Debian ``fortunes`` (``apt-get install fortunes``): the library's fixed 80/20 split; every row sees the
+same calibration texts, the same distillation texts (the ``minilm-distill`` recipe's ``train_subset``) and the
+same held-out texts. Rows: float; torch ``quantize_dynamic`` int8; for each W/A width and method, PTQ
+(calibration only, ``--calib`` texts) and, for the widths in ``--distill``, after distillation QAT with the
+``minilm-distill`` recipe (one run per seed, same budget for all; ``--set`` passes more keys to every run).
+
+Metrics against the float model's embeddings of the held-out texts: mean and min cosine; top-1 and top-10
+retrieval agreement (each held-out text's nearest neighbours among the others, by the row's embeddings and by
+the float ones: the share of equal first neighbours and the mean overlap of the ten nearest); and a labelled
+task: topic (fortune file) accuracy of a logistic-regression probe trained on ``--probe`` train texts embedded
+by the same row.
+
+Usage: ``HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --out runs/text-quality [--distill 4/8 4/4]``
+(finished distillation runs in ``OUT/runs`` are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost.cli import config_path
+from asqpost.data import TextBatches, TextSet, fortunes
+from asqpost.runconfig import load_run_config
+from asqpost.text import load_tokenizer, pretrained_encoder, text_model_spec
+from asqpost.train.checkpoint import build_from_checkpoint, load_checkpoint
+from asqpost.train.run import fit
+from common import machine, table
+
+METHODS = {  # label -> (recipe, act fields)
+    "LSQ + LSQ": ("lsq-lsq", {}),
+    "POST + ASQ": ("post-asq", {}),
+    "POST + ASQ per token": ("post-asq", {"per_token": True}),
+}
+RECIPE = "minilm-distill"
+
+
+def subset(data: TextSet, count: int, seed: int) -> TextSet:
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    return TextSet([data.texts[int(i)] for i in order], data.labels[order], data.topics)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, data: TextSet, tokenizer, max_length: int) -> torch.Tensor:
+    model.eval()
+    batches = TextBatches(data, tokenizer, batch_size=50, max_length=max_length)
+    return F.normalize(torch.cat([model(**inputs).float() for inputs in batches]), dim=-1)
+
+
+def neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-2.0)
+    return sim.topk(k, dim=1).indices
+
+
+def metrics(emb: torch.Tensor, ref: torch.Tensor, probe_acc: float) -> dict[str, float]:
+    cos = (emb * ref).sum(dim=1)
+    mine, theirs = neighbours(emb, 10), neighbours(ref, 10)
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(mine, theirs, strict=True)]
+    return {
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "top1": float((mine[:, 0] == theirs[:, 0]).float().mean()),
+        "top10": statistics.fmean(overlap),
+        "probe": probe_acc,
+    }
+
+
+def probe_accuracy(train_emb, train_labels, test_emb, test_labels) -> float:
+    clf = LogisticRegression(max_iter=2000, C=10.0)
+    clf.fit(train_emb.numpy(), train_labels.numpy())
+    return float(clf.score(test_emb.numpy(), test_labels.numpy()))
+
+
+def qat_config(recipe: str, bits: int, act_bits: int, act: dict) -> QATConfig:
+    return QATConfig.recipe(recipe, bits, act={**act, "bits": act_bits})
+
+
+def distilled(out: Path, recipe: str, bits: int, act_bits: int, act: dict, seed: int, sets: list[str]) -> nn.Module:
+    quant = {"recipe": recipe, "bits": bits, "act": {**act, "bits": act_bits}}
+    config = load_run_config(config_path(RECIPE), [*sets, f"seed={seed}"]).replace(quant=quant, progress=False)
+    if not (out / "final.json").exists():
+        fit(config, out, resume=(out / "checkpoint.pt").exists())
+    return build_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--widths", nargs="+", default=["8/8", "4/8", "4/4", "3/8"], help="W/A bits of PTQ rows")
+    parser.add_argument("--distill", nargs="*", default=["4/8", "4/4"], help="W/A bits also distilled")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--calib", type=int, default=64, help="calibration texts (PTQ rows)")
+    parser.add_argument("--held-out", type=int, default=400)
+    parser.add_argument("--probe", type=int, default=1500, help="train texts for the topic probe")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="more recipe keys for distillation")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe = load_run_config(config_path(RECIPE), args.sets)
+    spec = text_model_spec(recipe.model, dict(recipe.model_args))
+    tokenizer = load_tokenizer(spec)
+    float_model = pretrained_encoder(spec).eval()
+    train, test = fortunes(recipe.data_root, "train"), fortunes(recipe.data_root, "test")
+    held_out, probe_train, calib = (
+        subset(test, args.held_out, 1),
+        subset(train, args.probe, 2),
+        subset(train, args.calib, 3),
+    )
+    length = recipe.max_length
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        emb = embed(model, held_out, tokenizer, length)
+        acc = probe_accuracy(embed(model, probe_train, tokenizer, length), probe_train.labels, emb, held_out.labels)
+        return metrics(emb, ref, acc)
+
+    ref = embed(float_model, held_out, tokenizer, length)
+    records = [{"row": "float", "bits": "32", "stage": "-", **evaluate(float_model)}]
+    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, torch.qint8)
+    records.append({"row": "torch int8 dynamic", "bits": "8/8 (dynamic)", "stage": "PTQ", **evaluate(int8)})
+    calib_batches = list(TextBatches(calib, tokenizer, batch_size=16, max_length=length))
+    for width in args.widths:
+        bits, act_bits = (int(b) for b in width.split("/"))
+        for label, (name, act) in METHODS.items():
+            qat = prepare_qat(copy.deepcopy(float_model), qat_config(name, bits, act_bits, act)).eval()
+            calibrate(qat, calib_batches)
+            records.append({"row": label, "bits": width, "stage": "PTQ", **evaluate(qat)})
+            print(records[-1], flush=True)
+            for seed in args.seeds if width in args.distill else []:
+                run = args.out / "runs" / f"{name}{'-tok' if act else ''}-w{bits}a{act_bits}-s{seed}"
+                model = distilled(run, name, bits, act_bits, act, seed, args.sets)
+                records.append({"row": label, "bits": width, "stage": "distilled", "seed": seed, **evaluate(model)})
+                print(records[-1], flush=True)
+            (args.out / "records.json").write_text(json.dumps(records, indent=1) + "\n")
+    write_report(records, args, recipe)
+
+
+def write_report(records: list[dict], args: argparse.Namespace, recipe) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["row"], r["bits"], r["stage"]), []).append(r)
+    keys = ("cos_mean", "cos_min", "top1", "top10", "probe")
+    rows = [[*key, len(rs), *(fmt([r[k] for r in rs]) for k in keys)] for key, rs in groups.items()]
+    report = "\n".join(
+        [
+            f"all-MiniLM-L6-v2 against float on {args.held_out} held-out fortunes; distillation: `{RECIPE}` "
+            f"(train_subset {recipe.train_subset}, {recipe.epochs} epoch(s)); machine: {machine()}",
+            "",
+            table(
+                [
+                    "method",
+                    "bits (W/A)",
+                    "stage",
+                    "runs",
+                    "cos mean",
+                    "cos min",
+                    "top-1 agree",
+                    "top-10 overlap",
+                    "topic probe acc",
+                ],
+                rows,
+            ),
+        ]
+    )
+    print(report)
+    (args.out / "results.md").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
