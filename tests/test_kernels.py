@@ -16,6 +16,7 @@ from asqpost.export import convert_to_packed, integer_lut
 from asqpost.kernels import native, packed_forward
 from asqpost.kernels.reference import exact_dtype, integer_accumulators, integer_forward_reference
 from asqpost.levels import GRIDS, make_levels
+from tiny_bert import tiny_bert_config
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
 
@@ -624,14 +625,7 @@ def test_tiny_bert_runs_every_linear_layer_natively_and_exactly(per_token, monke
     transformers = pytest.importorskip("transformers")
     from asqpost.export import kernel_report
 
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = tiny_bert_config(transformers)
     model = transformers.BertModel(config).eval()
     qat = QATConfig.recipe("post-asq", 4, act={"per_token": per_token}, first=None, last=None)
     q = prepare_qat(model, qat).eval()

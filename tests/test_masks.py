@@ -33,19 +33,11 @@ from asqpost.masking import (
     token_mean,
     valid_tokens,
 )
-
-VOCAB = 64
+from tiny_bert import VOCAB, tiny_bert_config
 
 
 def _bert() -> transformers.BertModel:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = tiny_bert_config(transformers)
     return transformers.BertModel(config).eval()
 
 

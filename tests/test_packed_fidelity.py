@@ -17,6 +17,7 @@ from asqpost.export import convert_to_packed
 from asqpost.export.modules import PackedLayer
 from asqpost.kernels import layer_path
 from asqpost.masking import token_mask
+from tiny_bert import tiny_bert_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,14 +25,7 @@ UNIT_ROUNDOFF = 2.0**-24  # float32
 
 
 def _tiny_bert() -> torch.nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = tiny_bert_config(transformers)
     return transformers.BertModel(config).eval()
 
 

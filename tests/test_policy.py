@@ -25,6 +25,7 @@ from asqpost import (
 from asqpost.export import convert_to_packed, load_packed, save_packed
 from asqpost.runconfig import load_run_config
 from asqpost.size import adapter_parameters, model_size_bytes
+from tiny_bert import tiny_bert_config
 
 QKV0 = tuple(f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value"))
 LAST = "encoder.layer.1.output.dense"
@@ -35,14 +36,7 @@ def _bert():
     # (set when tests/test_triton_kernel.py is collected)
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = tiny_bert_config(transformers)
     return transformers.BertModel(config).eval()
 
 

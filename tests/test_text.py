@@ -36,6 +36,7 @@ from asqpost.train.checkpoint import build_from_checkpoint, load_checkpoint  # n
 from asqpost.train.distill import Distillation  # noqa: E402
 from asqpost.train.engine import evaluate, train_one_epoch  # noqa: E402
 from asqpost.train.run import fit  # noqa: E402
+from tiny_bert import tiny_bert_config  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(59)]
 
@@ -47,14 +48,7 @@ def st_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-bert")
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = tiny_bert_config(transformers)
     torch.manual_seed(0)
     transformers.BertModel(config).eval().save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
