@@ -195,6 +195,12 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
+def _embedding_options(embedding: nn.Embedding) -> dict:
+    """The lookup options of an embedding (what ``nn.Embedding`` takes besides its sizes and table)."""
+    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    return {name: getattr(embedding, name) for name in names}
+
+
 class QuantEmbedding(nn.Embedding):
     """``nn.Embedding`` whose table is fake-quantized with one scale per row (per token vector).
 
@@ -211,11 +217,7 @@ class QuantEmbedding(nn.Embedding):
         layer = cls(
             embedding.num_embeddings,
             embedding.embedding_dim,
-            padding_idx=embedding.padding_idx,
-            max_norm=embedding.max_norm,
-            norm_type=embedding.norm_type,
-            scale_grad_by_freq=embedding.scale_grad_by_freq,
-            sparse=embedding.sparse,
+            **_embedding_options(embedding),
             _weight=embedding.weight,
             _freeze=not embedding.weight.requires_grad,
         )
@@ -237,11 +239,7 @@ class QuantEmbedding(nn.Embedding):
         return nn.Embedding(
             self.num_embeddings,
             self.embedding_dim,
-            padding_idx=self.padding_idx,
-            max_norm=self.max_norm,
-            norm_type=self.norm_type,
-            scale_grad_by_freq=self.scale_grad_by_freq,
-            sparse=self.sparse,
+            **_embedding_options(self),
             _weight=weight.detach().clone(),
             _freeze=not self.weight.requires_grad,
         )
