@@ -14,7 +14,7 @@ from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.config import recipe_names
 from asqpost.export import convert_to_packed, integer_lut
 from asqpost.kernels import native, packed_forward
-from asqpost.kernels.reference import exact_dtype, integer_accumulators, integer_forward_reference
+from asqpost.kernels.reference import exact_dtype, exact_run, integer_accumulators, integer_forward_reference
 from asqpost.levels import GRIDS, make_levels
 from tiny_bert import tiny_bert_config
 
@@ -192,6 +192,27 @@ def test_reference_sums_are_exact_in_either_float_format():
     even, _, _ = packed.weight.integer_weights()
     acc64 = packed.apply_op(x_int.double(), even.double())
     assert torch.equal(acc32.double(), acc64)
+
+
+@pytest.mark.parametrize("fan_in", [1536, 1100])
+def test_wide_linear_sums_run_exactly_in_float32_pieces(fan_in):
+    torch.manual_seed(0)  # 8-bit codes into a wide linear: whole float32 sums could pass 2^24
+    layer = nn.Linear(fan_in, 5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.sign(torch.randn(5, fan_in)) * (0.9 + 0.1 * torch.rand(5, fan_in)))
+    x = torch.randn(3, 4, fan_in)
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("lsq-lsq", 8, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    assert exact_dtype(packed) == torch.float64
+    run = exact_run(packed)
+    assert run is not None and run < fan_in
+    weights, _, _ = packed.weight.integer_weights()
+    x_int = torch.sign(weights[:1].double()).expand(3, fan_in) * packed.input_quant.qmax  # row 0's largest sum
+    even, _ = integer_accumulators(packed, x_int.float())
+    assert even.dtype == torch.float64
+    assert torch.equal(even, packed.apply_op(x_int, weights.double()))
+    assert even[:, 0].min() >= 2**24, "the sums really pass float32's exact range"
 
 
 @needs_native

@@ -315,6 +315,13 @@ def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir
     assert main(["run", str(export), *data, "--subset", "10", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.5 < result["cos_min"] <= result["cos_mean"] <= 1.0 + 1e-9 and result["samples"] == 10
+    # --single-sum: POST levels on an int8 grid, what convert_to_packed(single_sum=True) gives
+    assert main(["export", str(run / "checkpoint.pt"), str(tmp_path / "one-sum.safetensors"), "--single-sum"]) == 0
+    one_sum = convert_to_packed(build_from_checkpoint(load_checkpoint(run / "checkpoint.pt")), single_sum=True)
+    with torch.no_grad():
+        got = load_packed(tmp_path / "one-sum.safetensors")(**inputs)
+        torch.testing.assert_close(got, one_sum(**inputs), atol=0, rtol=0)
+        assert not torch.equal(got, out)
 
 
 @pytest.mark.parametrize(

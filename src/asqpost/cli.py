@@ -197,7 +197,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     if payload["qat"] is None:
         raise ValueError(f"{args.checkpoint} is a float checkpoint; export a QAT checkpoint (asqpost train with quant)")
-    packed = convert_to_packed(build_from_checkpoint(payload))
+    packed = convert_to_packed(build_from_checkpoint(payload), single_sum=args.single_sum)
     size = save_packed(packed, args.out, payload["model"], payload.get("normalizer"))
     ckpt_size = Path(args.checkpoint).stat().st_size
     print(f"{args.out}: {size / 1024:.1f} KiB ({ckpt_size / size:.1f}x smaller than the checkpoint)")
@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="pack a QAT checkpoint: b-bit codes + LUT + scales (safetensors + JSON)")
     p.add_argument("checkpoint")
     p.add_argument("out", help="output file (.safetensors)")
+    p.add_argument(
+        "--single-sum",
+        action="store_true",
+        help="round POST weight levels onto an int8 grid: one integer sum per weight instead of two (faster, "
+        "approximate: levels move by up to 0.4%% of the largest; other grids stay exact)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="evaluate an exported (packed) model on a dataset split")

@@ -51,8 +51,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def convert_to_packed(model: nn.Module) -> nn.Module:
-    """A copy of a calibrated QAT model whose quantized layers are :class:`PackedLayer` (inference form)."""
+def convert_to_packed(model: nn.Module, single_sum: bool = False) -> nn.Module:
+    """A copy of a calibrated QAT model whose quantized layers are :class:`PackedLayer` (inference form).
+
+    The packed model computes what the fake-quant model computes (within float rounding). ``single_sum=True``
+    trades that for speed: weight grids with odd powers of sqrt 2 (POST), which cost the kernels two integer
+    sums per weight, are rounded onto an int8 grid (one sum; levels move by up to ``peak / 254``; see
+    :func:`~asqpost.export.lut.single_sum_table`). Grids that already take one sum (LSQ, uniform, POT) stay exact.
+    """
     layers = list(quant_layers(model))
     if not layers:
         raise ValueError("model has no quantized layers; prepare_qat + calibrate (and train) it first")
@@ -62,7 +68,7 @@ def convert_to_packed(model: nn.Module) -> nn.Module:
                 raise ValueError(f"layer {name!r} is not calibrated; nothing meaningful to export")
     packed = copy.deepcopy(model).eval()
     for name, layer in layers:
-        _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer))
+        _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer, single_sum))
     _dequantize_embeddings(packed)
     log_kernel_plan(packed, "packed model")
     return packed

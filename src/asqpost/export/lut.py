@@ -7,6 +7,9 @@ once per output.
 
 * POST: ``sqrt(2)^-k = 2^-m (1/sqrt 2)^r`` with ``k = 2m + r``: even k go to ``even``, odd k to ``odd``.
 * Uniform, POT, APoT and LSQ's integer grid: ``odd = 0``; ``even`` is the level over the grid's unit.
+
+:func:`single_sum_table` is the opt-in approximation for speed: a grid with odd levels (two sums per weight)
+rounded onto the int8 grid ``k / 128``, ``|k| <= 127`` (one sum per weight, one VNNI lane).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from ..levels import SQRT1_2
 
+INT8_PEAK = 127  # single-sum mode: the largest level becomes this integer
 MAX_INT = 2**15  # keeps |x_int * level| * K inside int32 for K up to 2^8 at 8-bit x; int64/float64 otherwise
 
 
@@ -84,3 +88,23 @@ def _rational_lut(values: list[float]) -> IntegerLUT | None:
         if denominator > 64:
             break
     return None
+
+
+def needs_single_sum(table: torch.Tensor) -> bool:
+    """Whether single-sum mode changes ``table``: it has odd levels (two sums) or no small-integer form."""
+    lut = integer_lut(table)
+    return lut is None or lut.has_odd
+
+
+def single_sum_table(table: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(grid, factor)``: ``table`` rounded onto an int8 grid, ``table ~= grid * factor``.
+
+    ``grid = round(127 * table / peak) / 128`` (exact in float64; ``integer_lut(grid)`` has unit ``1/128``,
+    ``|even| <= 127`` and ``odd = 0``) and ``factor = peak * 128 / 127``, with ``peak = max |table|``: each
+    level moves by at most half of ``peak / 127``. The factor is folded into the per-channel scales.
+    """
+    peak = float(table.double().abs().max())
+    if not math.isfinite(peak) or peak == 0:
+        raise ValueError("single-sum mode needs a finite level table with a non-zero level")
+    grid = torch.round(table.double() * (INT8_PEAK / peak)) / (INT8_PEAK + 1)
+    return grid, peak * (INT8_PEAK + 1) / INT8_PEAK

@@ -28,7 +28,7 @@ from ..adapters import StepAdapter
 from ..kernels import layer_path, packed_forward
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import Quantizer
-from .lut import IntegerLUT, integer_lut
+from .lut import IntegerLUT, integer_lut, needs_single_sum, single_sum_table
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 if TYPE_CHECKING:
@@ -58,13 +58,19 @@ class PackedWeight(nn.Module):
         self.native_state: NativeState | None = None  # the native kernel's plan and caches, built on first use
 
     @classmethod
-    def from_quantizer(cls, weight: torch.Tensor, quantizer: Quantizer) -> PackedWeight:
+    def from_quantizer(cls, weight: torch.Tensor, quantizer: Quantizer, single_sum: bool = False) -> PackedWeight:
+        """The packed form of ``quantizer(weight)``; ``single_sum`` rounds a table with odd levels (POST) onto
+        the int8 grid of :func:`~asqpost.export.lut.single_sum_table` (approximate; other tables are unchanged)."""
         with torch.no_grad():
             export = quantizer.export_weight(weight)
-            packed = cls(tuple(weight.shape), quantizer.bits, export.table.numel())
+            table, scale = export.table, export.scale.reshape(-1)
+            if single_sum and needs_single_sum(table):
+                table, factor = single_sum_table(table)
+                scale = scale.double() * factor
+            packed = cls(tuple(weight.shape), quantizer.bits, table.numel())
             packed.codes.copy_(pack_codes(export.codes, quantizer.bits))
-            packed.table.copy_(export.table)
-            packed.scale.copy_(export.scale.reshape(-1).float())
+            packed.table.copy_(table)
+            packed.scale.copy_(scale.float())
         return packed
 
     def _load_from_state_dict(self, *args, **kwargs):  # decoded caches follow the loaded codes
@@ -175,9 +181,10 @@ class PackedLayer(nn.Module):
         self.register_buffer("smooth", torch.ones(in_channels) if meta.get("smooth") else None)
 
     @classmethod
-    def from_quant(cls, layer: QuantConv2d | QuantLinear) -> PackedLayer:
+    def from_quant(cls, layer: QuantConv2d | QuantLinear, single_sum: bool = False) -> PackedLayer:
+        """The packed form of a calibrated quantized layer (``single_sum``: see :meth:`PackedWeight.from_quantizer`)."""
         wq, aq = layer.weight_quantizer, layer.input_quantizer
-        weight = None if wq is None else PackedWeight.from_quantizer(layer.smoothed_weight().detach(), wq)
+        weight = None if wq is None else PackedWeight.from_quantizer(layer.smoothed_weight().detach(), wq, single_sum)
         packed_input = None if aq is None else PackedInput.from_quantizer(aq)
         meta = {
             "kind": cls.kind,

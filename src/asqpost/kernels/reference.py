@@ -2,8 +2,10 @@
 
 The sums are carried in floating point, which is exact while every partial sum is an integer below the
 format's limit: float32 when ``max|x_int| * max|w_int| * fan_in < 2^24`` (then torch's optimised float
-kernels, oneDNN for convolutions, compute them exactly and fast), float64 otherwise (``< 2^53`` for any
-realistic layer). This is the ground truth that the native kernel is tested against.
+kernels, oneDNN for convolutions, compute them exactly and fast). A linear layer with a larger fan-in (8-bit
+codes into 1536 inputs, say) sums runs of ``k`` short enough for that bound in float32 and adds the runs'
+exact results in float64; other layers sum in float64 (``< 2^53`` for any realistic layer). This is the
+ground truth that the native kernel is tested against.
 """
 
 from __future__ import annotations
@@ -18,28 +20,66 @@ if TYPE_CHECKING:
     from ..export.modules import PackedLayer
 
 
+FLOAT32_EXACT = 2**24  # every integer up to this is a float32
+MIN_RUN = 64  # shorter runs of k than this: float64 sums instead
+
+
 def exact_dtype(layer: PackedLayer) -> torch.dtype:
     """float32 when no partial sum can reach 2^24 (exact in float32), else float64."""
+    return torch.float32 if _product_bound(layer) * _fan_in(layer) < FLOAT32_EXACT else torch.float64
+
+
+def exact_run(layer: PackedLayer) -> int | None:
+    """For a linear layer whose whole sums could pass 2^24: the longest run of ``k`` whose float32 sums stay
+    exact (at least ``MIN_RUN``), else ``None`` (sum all of ``k`` at once in :func:`exact_dtype`)."""
+    if layer.kind != "linear" or exact_dtype(layer) == torch.float32:
+        return None
+    run = (FLOAT32_EXACT - 1) // _product_bound(layer)
+    return run if run >= MIN_RUN else None
+
+
+def _product_bound(layer: PackedLayer) -> int:
+    """The largest ``|x_int * w_int|`` of the layer."""
     lut = layer.weight.lut()
     biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
-    x_max = max(abs(layer.input_quant.qmin), abs(layer.input_quant.qmax))
-    fan_in = layer.weight.code_count // layer.weight.shape[0]
-    return torch.float32 if x_max * biggest * fan_in < 2**24 else torch.float64
+    return max(abs(layer.input_quant.qmin), abs(layer.input_quant.qmax)) * biggest
+
+
+def _fan_in(layer: PackedLayer) -> int:
+    return layer.weight.code_count // layer.weight.shape[0]
+
+
+def _integer_weights(layer: PackedLayer, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The even / odd integer weights as the sums read them (cached): one tensor in :func:`exact_dtype`, or
+    float32 column runs of :func:`exact_run` (odd ``None`` without odd levels)."""
+    cache = layer.weight._cache
+    if "int_weights" not in cache:
+        run = exact_run(layer)
+        dtype = torch.float32 if run else exact_dtype(layer)
+        even, odd, _ = layer.weight.integer_weights()
+
+        def runs(w: torch.Tensor) -> list[torch.Tensor]:
+            w = w.to(device, dtype)
+            return [w] if run is None else [part.contiguous() for part in w.split(run, dim=1)]
+
+        cache["int_weights"] = (runs(even), runs(odd) if odd.any() else None)
+    return cache["int_weights"]  # type: ignore[return-value]
+
+
+def _sums(layer: PackedLayer, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1:
+        return layer.apply_op(x.to(parts[0].dtype), parts[0])
+    acc, start = None, 0
+    for part in parts:  # exact float32 runs, added exactly in float64
+        run = layer.apply_op(x[..., start : start + part.shape[1]].float(), part).double()
+        acc, start = run if acc is None else acc + run, start + part.shape[1]
+    return acc
 
 
 def integer_accumulators(layer: PackedLayer, x_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(acc_even, acc_odd)``: exact integer sums of ``x_int`` against the even/odd LUT weights."""
-    cache = layer.weight._cache
-    if "int_weights" not in cache:
-        dtype = exact_dtype(layer)
-        even, odd, _ = layer.weight.integer_weights()
-        on = x_int.device
-        cache["int_weights"] = (even.to(on, dtype), odd.to(on, dtype) if odd.any() else None)
-    even, odd = cache["int_weights"]
-    x = x_int.to(even.dtype)
-    acc_even = layer.apply_op(x, even)
-    acc_odd = None if odd is None else layer.apply_op(x, odd)
-    return acc_even, acc_odd
+    even, odd = _integer_weights(layer, x_int.device)
+    return _sums(layer, x_int, even), None if odd is None else _sums(layer, x_int, odd)
 
 
 def integer_forward_reference(layer: PackedLayer, x: torch.Tensor) -> torch.Tensor:
