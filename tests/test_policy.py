@@ -22,7 +22,7 @@ from asqpost import (
     quantized_state,
     resolve_layer_specs,
 )
-from asqpost.export import convert_to_packed, load_packed, save_packed
+from asqpost.export import convert_to_packed, link_inputs, load_packed, save_packed
 from asqpost.runconfig import load_run_config
 from asqpost.size import adapter_parameters, model_size_bytes
 from tiny_bert import tiny_bert_config
@@ -176,6 +176,41 @@ def test_sharing_can_be_switched_off_and_needs_equal_configs():
     query, key, value = (q.get_submodule(n) for n in QKV0)
     assert key.input_quantizer is value.input_quantizer and query.input_quantizer is not key.input_quantizer
     assert query.input_quantizer.bits == 6 and key.input_quantizer.bits == 8
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_packed_qkv_compute_their_shared_asq_step_once(per_token, tmp_path):
+    q = _calibrated(QATConfig.recipe("post-asq", 4, act={"per_token": per_token}))
+    packed = convert_to_packed(q)
+    query, key, value = (packed.get_submodule(n).input_quant for n in QKV0)
+    assert key.lead is query and value.lead is query and query.lead is None
+    calls = []
+    for name, module in packed.named_modules():
+        if name.endswith("input_quant.adapter"):
+            module.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    x = _batch(seed=9)
+    with torch.no_grad():
+        out = _tokens(packed, x)
+        one_pass = len(calls)
+        for name in QKV0[1:]:  # unlinked: K and V run their own (equal) adapters
+            packed.get_submodule(name).input_quant.link_to(None)
+        calls.clear()
+        assert torch.equal(_tokens(packed, x), out)
+    assert one_pass == len(calls) - 2 and sum(".attention.self." in c for c in calls) == 3 + 1  # layer 1: linked
+    with torch.inference_mode():  # no version counters: the step is still reused within the forward only
+        save_packed(convert_to_packed(q), tmp_path / "m.safetensors")
+        loaded = load_packed(tmp_path / "m.safetensors", model=_bert())
+        assert loaded.get_submodule(QKV0[2]).input_quant.lead is loaded.get_submodule(QKV0[0]).input_quant
+        assert torch.equal(_tokens(loaded, x), out)
+        assert torch.equal(_tokens(loaded, _batch(seed=3)), _tokens(packed, _batch(seed=3)))
+
+
+def test_linking_unequal_input_quantizers_is_refused():
+    packed = convert_to_packed(_calibrated(QATConfig.recipe("post-asq", 4)))
+    with pytest.raises(ValueError, match="same input quantizer"):
+        link_inputs(packed, [[QKV0[0], LAST]])
+    with pytest.raises(ValueError, match="not a packed layer"):
+        link_inputs(packed, [[QKV0[0], "embeddings"]])
 
 
 def test_a_probed_plan_travels_in_the_state():

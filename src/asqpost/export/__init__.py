@@ -10,8 +10,10 @@ from .modules import (
     PackedLinear,
     PackedWeight,
     format_kernel_report,
+    input_links,
     kernel_report,
     kernel_summary,
+    link_inputs,
     log_kernel_plan,
 )
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -27,9 +29,11 @@ __all__ = [
     "PackedWeight",
     "convert_to_packed",
     "format_kernel_report",
+    "input_links",
     "integer_lut",
     "kernel_report",
     "kernel_summary",
+    "link_inputs",
     "load_packed",
     "log_kernel_plan",
     "pack_codes",

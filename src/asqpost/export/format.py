@@ -9,6 +9,8 @@ Metadata key ``asqpost`` holds JSON::
               | null,                                                 (then load_packed needs model=)
      "qat": QATConfig JSON, "normalizer": {"mean", "std"} | null,
      "layers": {name: PackedLayer.meta()},                            geometry, bits, table size, act range
+     "shared_inputs": [[lead, name, ...], ...],       layers that shared one input quantizer (Q, K, V): their
+                                                      ASQ step is computed once per input (optional)
      "sha256": hex digest over the rest of this metadata (canonical JSON) and every tensor (sorted names,
                raw bytes): an edit anywhere in the file is caught}
 
@@ -36,7 +38,7 @@ from ..files import atomic_write_bytes
 from ..masking import install_mask_hooks
 from ..models import model_from_spec
 from ..text import SentenceEncoder, spec_of_encoder
-from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, log_kernel_plan
+from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, input_links, link_inputs, log_kernel_plan
 
 FORMAT = "asqpost-packed"
 VERSION = 2  # 2: the checksum covers the metadata too (version 1 covered the tensors only)
@@ -69,9 +71,19 @@ def convert_to_packed(model: nn.Module, single_sum: bool = False) -> nn.Module:
     packed = copy.deepcopy(model).eval()
     for name, layer in layers:
         _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer, single_sum))
+    link_inputs(packed, _shared_input_groups(layers))
     _dequantize_embeddings(packed)
     log_kernel_plan(packed, "packed model")
     return packed
+
+
+def _shared_input_groups(layers: list[tuple[str, nn.Module]]) -> list[list[str]]:
+    """Names of the layers that share one input quantizer (Q, K, V), in groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, layer in layers:
+        if layer.input_quantizer is not None:
+            groups.setdefault(id(layer.input_quantizer), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def _dequantize_embeddings(packed: nn.Module) -> None:
@@ -122,6 +134,7 @@ def save_packed(
         "qat": None if config is None else config.to_json(),
         "normalizer": normalizer,
         "layers": {name: layer.meta() for name, layer in layers.items()},
+        "shared_inputs": input_links(packed),
     }
     meta["sha256"] = _digest(tensors, meta)
     data = st_save(tensors, metadata={"asqpost": json.dumps(meta)})
@@ -191,6 +204,10 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
                 f"{tuple(expected[name].shape)} {expected[name].dtype}"
             )
     model.load_state_dict(tensors)
+    try:
+        link_inputs(model, meta.get("shared_inputs", []))  # absent in exports made before
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ExportError(f"{path}: shared input quantizers do not fit the model: {err}") from err
     for name, layer in packed_layers(model).items():
         w = layer.weight
         if w is not None and w.lut() is None and not torch.isfinite(w.table).all():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -124,13 +125,19 @@ def _adapter_meta(adapter: StepAdapter | None) -> dict | None:
 
 
 class PackedInput(nn.Module):
-    """Activation quantization of a packed layer: ``x_int`` and the per-sample step ``s_a`` (LSQ or ASQ)."""
+    """Activation quantization of a packed layer: ``x_int`` and the per-sample step ``s_a`` (LSQ or ASQ).
+
+    Layers that shared one input quantizer in training (Q, K and V) hold equal copies of it; :func:`link_inputs`
+    lets the copies reuse their lead's ASQ step for the same input tensor, so the adapter runs once for all.
+    """
 
     def __init__(self, qmin: int, qmax: int, adapter: dict | None = None):
         super().__init__()
         self.qmin, self.qmax = int(qmin), int(qmax)
         self.register_buffer("step", torch.ones(()))
         self.adapter = None if adapter is None else StepAdapter(**adapter)
+        self._lead: list[PackedInput] = []  # the linked lead (a list: not a submodule, not in the state dict)
+        self._last: tuple[weakref.ref, int | None, torch.Tensor] | None = None  # (input, its version, its step)
 
     @classmethod
     def from_quantizer(cls, quantizer: Quantizer) -> PackedInput:
@@ -147,7 +154,30 @@ class PackedInput(nn.Module):
 
     def step_of(self, x: torch.Tensor) -> torch.Tensor:
         """``s_a = s * beta(x)``: broadcasts against ``x`` (a scalar, or one per sample/token with ASQ)."""
-        return self.step if self.adapter is None else self.step * self.adapter(x)
+        if self.adapter is None:
+            return self.step
+        if self._lead:
+            return self._lead[0].step_of(x)
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == version:
+            return last[2]
+        step = self.step * self.adapter(x)
+        self._last = (weakref.ref(x), version, step)
+        return step
+
+    def forget(self) -> None:
+        """Drop the remembered step (:func:`forget_steps` does so after each forward of a linked model)."""
+        self._last = None
+
+    def link_to(self, lead: PackedInput | None) -> None:
+        """Take ``lead``'s step for the input it has just seen (``lead`` holds an equal quantizer), or unlink."""
+        self._lead = [] if lead is None else [lead]
+        self._last = None
+
+    @property
+    def lead(self) -> PackedInput | None:
+        return self._lead[0] if self._lead else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_int as float, s_a)``."""
@@ -156,6 +186,56 @@ class PackedInput(nn.Module):
 
     def extra_repr(self) -> str:
         return f"qmin={self.qmin}, qmax={self.qmax}, asq={self.adapter is not None}"
+
+
+def link_inputs(model: nn.Module, groups: list[list[str]]) -> None:
+    """Link the input quantization of each group of packed layers (names in ``model``) to the group's first:
+    layers that read one tensor (Q, K, V) then compute its ASQ step once. Raises ``ValueError`` for names that
+    are not packed layers with a quantized input, or for groups whose quantizers are not equal."""
+    for group in groups:
+        inputs = [_packed_input(model, name) for name in group]
+        lead = inputs[0]
+        for name, other in zip(group[1:], inputs[1:], strict=True):
+            if other.meta() != lead.meta() or not _same_state(other, lead):
+                raise ValueError(f"layer {name!r} does not hold the same input quantizer as {group[0]!r}")
+            other.link_to(lead)
+    if groups and not any(hook is forget_steps for hook in model._forward_hooks.values()):
+        model.register_forward_hook(forget_steps, always_call=True)
+
+
+def forget_steps(model: nn.Module, *_: object) -> None:
+    """Forward hook of a model with linked inputs: no step is remembered from one forward into the next (an
+    inference tensor has no version counter to tell that it was overwritten in place)."""
+    for module in model.modules():
+        if isinstance(module, PackedInput):
+            module.forget()
+
+
+def input_links(model: nn.Module) -> list[list[str]]:
+    """The groups :func:`link_inputs` made, as names (lead first), for the export file."""
+    names = {
+        id(m.input_quant): name
+        for name, m in model.named_modules()
+        if isinstance(m, PackedLayer) and m.input_quant is not None
+    }
+    groups: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLayer) and module.input_quant is not None and module.input_quant.lead is not None:
+            lead = names[id(module.input_quant.lead)]
+            groups.setdefault(lead, [lead]).append(name)
+    return list(groups.values())
+
+
+def _packed_input(model: nn.Module, name: str) -> PackedInput:
+    layer = model.get_submodule(name)
+    if not isinstance(layer, PackedLayer) or layer.input_quant is None:
+        raise ValueError(f"{name!r} is not a packed layer with a quantized input")
+    return layer.input_quant
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 class PackedLayer(nn.Module):
