@@ -158,6 +158,18 @@ def test_hooks_set_the_mask_from_the_call_for_that_forward_only():
     assert masks == [k, k, k, None, o, k, k]
 
 
+def test_a_mask_without_padding_is_no_mask_and_gives_the_same_means():
+    model = install_mask_hooks(_Recorder())
+    x, outer = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    with token_mask(outer):
+        model(x, attention_mask=torch.ones(2, 3, dtype=torch.long))  # no padding: no masking passes
+        assert torch.equal(current_mask(), outer)
+    assert model.seen == [None]
+    with token_mask(torch.ones(2, 3, dtype=torch.bool)):  # the same means, bit for bit, masked or not
+        masked = token_mean(x)
+    assert torch.equal(masked, token_mean(x))
+
+
 def test_hooks_survive_deepcopy_and_a_state_dict_round_trip():
     torch.manual_seed(1)
     q = calibrate(prepare_qat(_bert(), QATConfig.recipe("post-asq", 4)), _calibration_batches())

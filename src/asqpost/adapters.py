@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking import mask_for, token_mean
+from .masking import mask_for, token_count, token_mean
 
 POSITIVE_MAPS = ("softplus", "exp", "relu")
 ADAPTER_FORMS = ("paper", "scale")
@@ -145,13 +145,14 @@ class StepAdapter(nn.Module):
         :func:`~asqpost.masking.token_mean`'s ``where(mask, ., 0).sum(T) / count``, and ``|where(mask, x, 0)|`` is
         ``where(mask, |x|, 0)`` exactly. Fewer full-size temporaries: an activation-sized buffer costs its page
         faults again whenever the allocator hands it back to the system."""
-        mask = None if self.per_token or x.dim() != 3 else mask_for(x)
-        if mask is None:
+        if self.per_token or x.dim() != 3:
             return self.statistics(x), self.input_scale(x)
-        kept = torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
-        count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(kept.dtype)
+        mask = mask_for(x)
+        kept = x if mask is None else torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
+        count = token_count(x, mask, kept.dtype)
         means = kept.sum(dim=1) / count
-        kept = kept.abs() if kept.requires_grad else kept.abs_()  # in place where autograd needs no copy
+        # in place where autograd needs no copy and kept is not x itself
+        kept = kept.abs_() if mask is not None and not kept.requires_grad else kept.abs()
         return means, self._scale_of(kept.sum(dim=1) / count)
 
     @torch.no_grad()

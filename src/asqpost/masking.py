@@ -105,11 +105,16 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
     A sample without a real token gets 0. Padded positions get a zero gradient.
     """
     mask = mask_for(x)
+    kept = x if mask is None else torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
+    return kept.sum(dim=1) / token_count(x, mask, kept.dtype)
+
+
+def token_count(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, 1)`` real tokens per sample of ``(N, T, C)`` ``x`` (at least 1), or ``T`` without a mask: the
+    divisor of :func:`token_mean`, so that a mask without padding gives the unmasked means bit for bit."""
     if mask is None:
-        return x.mean(dim=1)
-    total = torch.where(mask.unsqueeze(-1), x, x.new_zeros(())).sum(dim=1)
-    count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(total.dtype)
-    return total / count
+        return torch.full((1, 1), x.shape[1], dtype=dtype, device=x.device)
+    return mask.sum(dim=1, keepdim=True).clamp_min(1).to(dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,8 +151,14 @@ def mask_in_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 def _set_mask_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     mask = mask_in_call(module, args, kwargs)
-    reset = None if mask is None else _current.set(mask)
+    reset = None if mask is None else _current.set(None if _no_padding(mask) else mask)
     _saved.set((*_saved.get(), (id(module), reset)))
+
+
+def _no_padding(mask: torch.Tensor) -> bool:
+    """A CPU mask without padding (checked without a device sync): no mask gives the same means
+    (:func:`token_mean`) without the masking passes."""
+    return mask.device.type == "cpu" and bool(mask.all())
 
 
 def _restore_mask_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
