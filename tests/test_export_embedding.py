@@ -64,7 +64,8 @@ def test_row_codes_read_straight_from_the_packed_bytes(bits, dim):
     )
     packed.weight.codes.copy_(pack_codes(codes, bits))
     wanted = torch.tensor([rows - 1, 0, 5, 5, rows - 1])
-    assert torch.equal(packed.row_codes(wanted), codes[wanted])
+    got = packed.row_codes(wanted)
+    assert got.dtype == torch.int64 and torch.equal(got, codes[wanted])
     assert torch.equal(unpack_codes(packed.weight.codes, bits, rows * dim).reshape(rows, dim), codes)
 
 

@@ -4,7 +4,8 @@ Row ``i`` of the table is ``table[codes[i, :]] * scale[i]`` (a :class:`~asqpost.
 shape ``(num_embeddings, embedding_dim)``). A lookup reads only the codes of the rows it needs, straight from
 the packed byte stream: code ``j`` of row ``i`` starts at bit ``p = (i * dim + j) * bits`` and is
 ``((byte[p // 8] | byte[p // 8 + 1] << 8) >> p % 8) & (2**bits - 1)`` (a code of at most 8 bits spans at most
-two bytes). No float table is ever built, and the rows equal the dequantized table's bit for bit.
+two bytes; with 1, 2, 4 or 8 bits and whole-byte rows, a row's bytes are gathered and split instead). No float
+table is ever built, and the rows equal the dequantized table's bit for bit.
 """
 
 from __future__ import annotations
@@ -89,8 +90,13 @@ class PackedEmbedding(nn.Module):
         """The int64 codes ``(n, dim)`` of the 1-D ``rows``, read from the packed bytes (nothing else decoded)."""
         bits, data = self.weight.bits, self.weight.codes
         rows = rows.to(device=data.device, dtype=torch.int64)
-        if bits == 8:
-            return data.view(self.shape)[rows].to(torch.int64)
+        if 8 % bits == 0 and self.embedding_dim * bits % 8 == 0:  # whole rows of whole bytes: gather, then split
+            row_bytes = data.view(self.num_embeddings, -1)[rows]
+            if bits == 8:
+                return row_bytes.to(torch.int64)
+            mask = 2**bits - 1
+            parts = [(row_bytes >> shift) & mask for shift in range(0, 8, bits)]
+            return torch.stack(parts, dim=-1).reshape(rows.numel(), self.embedding_dim).to(torch.int64)
         columns = torch.arange(self.embedding_dim, device=data.device, dtype=torch.int64)
         position = (rows[:, None] * self.embedding_dim + columns) * bits
         first = position >> 3
@@ -102,9 +108,10 @@ class PackedEmbedding(nn.Module):
         """The table's rows ``(n, dim)``: ``table[codes] * scale[row]``, :meth:`PackedWeight.dequantize`'s
         arithmetic (so bit for bit its rows)."""
         scale = self.weight.scale
-        codes = self.row_codes(rows)
+        codes = self.row_codes(rows).reshape(-1)
+        levels = torch.index_select(self.weight.table.to(scale.dtype), 0, codes.to(scale.device))
         rows = rows.to(device=scale.device, dtype=torch.int64)
-        return self.weight.table.to(scale.dtype)[codes] * scale[rows].reshape(-1, 1)
+        return levels.reshape(-1, self.embedding_dim) * scale[rows].reshape(-1, 1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids)
