@@ -220,14 +220,14 @@ def test_a_float_architecture_of_other_sizes_is_refused(bert_export):
 
 
 def test_exports_without_packed_embeddings_still_load(tmp_path):
-    """Files written before packed embeddings hold the quantized tables as float nn.Embedding weights."""
+    """Files written before packed embeddings hold the quantized tables as float nn.Embedding weights (what
+    convert_to_packed made of a QuantEmbedding then: its ``to_dequantized()``)."""
     q = _calibrated(4)
     packed = convert_to_packed(q)
-    for name, module in list(packed.named_modules()):
-        if isinstance(module, PackedEmbedding):
+    for name, module in list(q.named_modules()):
+        if isinstance(module, QuantEmbedding):
             parent, _, child = name.rpartition(".")
-            float_table = nn.Embedding(*module.shape, padding_idx=module.padding_idx, _weight=module.dequantize())
-            setattr(packed.get_submodule(parent), child, float_table)
+            setattr(packed.get_submodule(parent), child, module.to_dequantized())
     path = tmp_path / "old.safetensors"
     save_packed(packed, path)
     _rewrite_meta(path, lambda m: m.pop("embeddings"))
