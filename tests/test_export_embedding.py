@@ -238,3 +238,18 @@ def test_exports_without_packed_embeddings_still_load(tmp_path):
         assert torch.equal(loaded(input_ids=x), packed(input_ids=x))
         assert torch.equal(loaded(input_ids=x), convert_to_packed(q)(input_ids=x))
     assert safetensors.torch.load_file(path)[f"{WORD}.weight"].dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("bits", "dim"), [(4, 16), (3, 7), (8, 5)])
+def test_packed_rows_on_cuda_equal_the_fake_quant_table(bits, dim):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    quant = _quant_embedding("lsq", bits, dim).cuda()
+    packed = PackedEmbedding.from_quant(quant)
+    assert packed.weight.codes.is_cuda
+    ids = torch.randint(0, 50, (4, 9), device="cuda")
+    with torch.no_grad():
+        out = packed(ids)
+        assert out.is_cuda and torch.equal(out, quant(ids))
+        assert torch.equal(out.cpu(), packed.cpu()(ids.cpu()))
