@@ -139,6 +139,8 @@ def test_tiny_bert_round_trips_with_packed_embeddings(embeddings, tmp_path):
     with torch.no_grad():
         ref, out = q(input_ids=x), packed(input_ids=x)
     assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max())
+    single_sum = convert_to_packed(q, single_sum=True).auto_model.embeddings.word_embeddings  # lookups stay exact
+    assert torch.equal(single_sum.dequantize(), modules[0].dequantize())
     path = tmp_path / "m.safetensors"
     save_packed(packed, path)
     loaded = load_packed(path)  # no model=: the file records the transformers config
