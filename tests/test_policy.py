@@ -22,7 +22,7 @@ from asqpost import (
     quantized_state,
     resolve_layer_specs,
 )
-from asqpost.export import convert_to_packed, link_inputs, load_packed, save_packed
+from asqpost.export import PackedEmbedding, convert_to_packed, link_inputs, load_packed, save_packed
 from asqpost.runconfig import load_run_config
 from asqpost.size import adapter_parameters, model_size_bytes
 from tiny_bert import tiny_bert_config
@@ -252,7 +252,7 @@ def test_recipes_take_activation_bits_and_asq_fields(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_embeddings_are_per_row_grids_and_export_as_float_tables(bits, tmp_path):
+def test_quantized_embeddings_are_per_row_grids_and_export_packed(bits, tmp_path):
     cfg = QATConfig.recipe("post-asq", 4, embeddings=bits)
     q = _calibrated(cfg)
     emb = q.embeddings.word_embeddings
@@ -270,9 +270,10 @@ def test_quantized_embeddings_are_per_row_grids_and_export_as_float_tables(bits,
         assert torch.equal(emb(ids), table[ids])
     x = _batch(seed=4)
     packed = convert_to_packed(q)
-    assert type(packed.embeddings.word_embeddings) is nn.Embedding
+    assert isinstance(packed.embeddings.word_embeddings, PackedEmbedding)
+    assert packed.embeddings.word_embeddings.weight.bits == bits
     with torch.no_grad():
-        assert torch.equal(packed.embeddings.word_embeddings.weight, table)
+        assert torch.equal(packed.embeddings.word_embeddings.dequantize(), table)
         ref, out = _tokens(q, x), _tokens(packed, x)
     assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max())
     save_packed(packed, tmp_path / "m.safetensors")

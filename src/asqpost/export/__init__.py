@@ -1,5 +1,6 @@
 """Export: packed b-bit codes + level tables (the LUT), a safetensors file format, and packed modules."""
 
+from .embedding import PackedEmbedding
 from .format import ExportError, convert_to_packed, load_packed, read_export, read_packed, save_packed
 from .lut import IntegerLUT, integer_lut
 from .modules import (
@@ -23,6 +24,7 @@ __all__ = [
     "IntegerLUT",
     "LayerKernel",
     "PackedConv2d",
+    "PackedEmbedding",
     "PackedInput",
     "PackedLayer",
     "PackedLinear",

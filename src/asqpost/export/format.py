@@ -9,14 +9,17 @@ Metadata key ``asqpost`` holds JSON::
               | null,                                                 (then load_packed needs model=)
      "qat": QATConfig JSON, "normalizer": {"mean", "std"} | null,
      "layers": {name: PackedLayer.meta()},                            geometry, bits, table size, act range
-     "shared_inputs": [[lead, name, ...], ...],       layers that shared one input quantizer (Q, K, V): their
-                                                      ASQ step is computed once per input (optional)
+     "shared_inputs": [[lead, name, ...], ...],                       layers that shared one input quantizer
+                                                                       (Q, K, V): one ASQ step per input (optional)
+     "embeddings": {name: PackedEmbedding.meta()},                    sizes, bits, table size, lookup options
+                                                                       (optional: absent in older exports)
      "sha256": hex digest over the rest of this metadata (canonical JSON) and every tensor (sorted names,
                raw bytes): an edit anywhere in the file is caught}
 
 Tensors: each packed layer's ``weight.codes`` (uint8, densely packed), ``weight.table`` (float64 levels),
 ``weight.scale`` (float32 per output channel), ``input_quant.step`` and ``input_quant.adapter.*`` (ASQ),
-``bias``; plus every other tensor of the model (BatchNorm ...) under its state_dict name.
+``bias``; each packed embedding's ``weight.codes`` / ``weight.table`` / ``weight.scale`` (one scale per row);
+plus every other tensor of the model (BatchNorm ...) under its state_dict name.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ..files import atomic_write_bytes
 from ..masking import install_mask_hooks
 from ..models import model_from_spec
 from ..text import SentenceEncoder, spec_of_encoder
+from .embedding import PackedEmbedding
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, input_links, link_inputs, log_kernel_plan
 
 FORMAT = "asqpost-packed"
@@ -72,7 +76,8 @@ def convert_to_packed(model: nn.Module, single_sum: bool = False) -> nn.Module:
     for name, layer in layers:
         _set_submodule(packed, name, QUANT_TO_PACKED[type(layer)].from_quant(layer, single_sum))
     link_inputs(packed, _shared_input_groups(layers))
-    _dequantize_embeddings(packed)
+    for name, embedding in quant_embeddings(packed):  # exact in either mode: a lookup sums nothing
+        _set_submodule(packed, name, PackedEmbedding.from_quant(embedding))
     log_kernel_plan(packed, "packed model")
     return packed
 
@@ -86,15 +91,12 @@ def _shared_input_groups(layers: list[tuple[str, nn.Module]]) -> list[list[str]]
     return [names for names in groups.values() if len(names) > 1]
 
 
-def _dequantize_embeddings(packed: nn.Module) -> None:
-    """Quantized embeddings become float ``nn.Embedding`` holding the quantized table (same outputs; no packed
-    embedding format yet)."""
-    for name, embedding in quant_embeddings(packed):
-        _set_submodule(packed, name, embedding.to_dequantized())
-
-
 def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedLayer)}
+
+
+def packed_embeddings(model: nn.Module) -> dict[str, PackedEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedEmbedding)}
 
 
 def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
@@ -135,6 +137,7 @@ def save_packed(
         "normalizer": normalizer,
         "layers": {name: layer.meta() for name, layer in layers.items()},
         "shared_inputs": input_links(packed),
+        "embeddings": {name: embedding.meta() for name, embedding in packed_embeddings(packed).items()},
     }
     meta["sha256"] = _digest(tensors, meta)
     data = st_save(tensors, metadata={"asqpost": json.dumps(meta)})
@@ -166,6 +169,22 @@ def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return meta, tensors
 
 
+def _place_embeddings(model: nn.Module, embeddings: Any, path: str | Path) -> None:
+    """Swap the float model's ``nn.Embedding`` for the file's packed embeddings (exports made before packed
+    embeddings have none: their tables travel as float tensors)."""
+    try:
+        if not isinstance(embeddings, dict):
+            raise TypeError(f"'embeddings' is a mapping of names to sizes, got {type(embeddings).__name__}")
+        for name, embedding_meta in embeddings.items():
+            geometry = PackedEmbedding.geometry_of(model.get_submodule(name))
+            recorded = {key: embedding_meta[key] for key in geometry}
+            if geometry != recorded:
+                raise ValueError(f"embedding {name!r} is {geometry} in the model, {recorded} in the file")
+            _set_submodule(model, name, PackedEmbedding(embedding_meta))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{path}: embedding metadata does not fit the model: {err!r}") from err
+
+
 def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a packed model from an export; ``model`` is the float architecture if the file names none."""
     return read_packed(path, model)[0]
@@ -191,6 +210,7 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
             _set_submodule(model, name, kind(layer_meta))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise ExportError(f"{path}: layer metadata does not fit the model: {err!r}") from err
+    _place_embeddings(model, meta.get("embeddings", {}), path)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -212,5 +232,8 @@ def read_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
         w = layer.weight
         if w is not None and w.lut() is None and not torch.isfinite(w.table).all():
             raise ExportError(f"{path}: layer {name!r} has a non-finite level table")
+    for name, embedding in packed_embeddings(model).items():
+        if not torch.isfinite(embedding.weight.table).all():
+            raise ExportError(f"{path}: embedding {name!r} has a non-finite level table")
     log_kernel_plan(model, str(path))
     return install_mask_hooks(model).eval(), meta  # attention_mask reaches the ASQ adapters, as when prepared
