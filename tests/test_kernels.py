@@ -162,9 +162,43 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     packed = convert_to_packed(q)[0]
     plan = native.prepare(packed)
     assert plan is not None, "unsigned-input <= 4-bit linear and conv layers take the native kernel"
+    _assert_native_equals_reference(packed, plan, kind, x, monkeypatch)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["linear", "tokens", "conv"])
+@pytest.mark.parametrize("recipe", ["lsq-lsq", "lsq-asq", "post-asq"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_8_bit_weights_run_natively_as_direct_int8(kind, recipe, signed, monkeypatch):
+    layer, x = _layer(kind)
+    x = x - 1 if signed else x
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, 8, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q, single_sum=True)[0]  # 8-bit POST: int8 levels, one sum
+    plan = native.prepare(packed)
+    assert plan is not None and plan.direct and not plan.has_odd
+    assert native.kernel_path(replace(plan, path="avx2")) == "scalar", "AVX2's int16 pairs could saturate"
+    _assert_native_equals_reference(packed, plan, kind, x, monkeypatch)
+    if recipe == "post-asq":  # exact 8-bit POST (two sums, integers beyond int8) is not taken
+        assert native.prepare(convert_to_packed(q)[0]) is None
+
+
+def test_direct_weights_layout():
+    w = torch.arange(-60, 60).reshape(3, 40) % 127  # 3 rows (padded to 16), 40 k (padded to 40: 5 blocks)
+    tiles = native.direct_weights(w)
+    assert tiles.shape == (1, 40 * 16) and tiles.dtype == torch.int8
+    for r, k in [(0, 0), (2, 5), (1, 39), (2, 36)]:
+        b, i = divmod(k, 8)
+        byte = 128 * b + (64 if i >= 4 else 0) + 4 * r + i % 4
+        assert int(tiles[0, byte]) == int(w[r, k])
+    assert int(tiles[0, 4 * 5 + 0]) == 0, "padded rows hold zeros"
+
+
+def _assert_native_equals_reference(packed, plan, kind, x, monkeypatch):
     if kind != "conv":
         x_int, _ = packed.input_quant(x)
-        rows = x_int.reshape(-1, x_int.shape[-1]).to(torch.uint8)
+        x_int = x_int.detach()
+        rows = (x_int.reshape(-1, x_int.shape[-1]) + plan.offset).to(torch.uint8)  # codes + offset, as the kernel
         nat_even, nat_odd = native.lut_matmul(rows, plan)
         ref_even, ref_odd = integer_accumulators(packed, x_int)
         assert torch.equal(nat_even.double(), ref_even.reshape(rows.shape[0], -1).double())
@@ -332,9 +366,10 @@ def test_grouped_conv_takes_the_reference_path():
 @pytest.mark.parametrize(
     ("layer", "shape", "recipe", "bits"),
     [
-        (nn.Conv2d(1, 8, 3, padding=1), (3, 1, 6, 6), "lsq-lsq", 8),  # a first layer: signed input, 8-bit codes
+        # 8-bit codes whose integer levels pass int8 (8-bit LSQ and single-sum POST run direct int8 natively)
+        (nn.Conv2d(1, 8, 3, padding=1), (3, 1, 6, 6), "apot-lsq", 8),
         (nn.Conv2d(8, 8, 3, padding=1, groups=4), (2, 8, 5, 5), "post-asq", 4),  # grouped
-        (nn.Linear(12, 5), (4, 12), "lsq-lsq", 8),  # a last layer
+        (nn.Linear(12, 5), (4, 12), "uniform-lsq", 8),
     ],
 )
 def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, recipe, bits, monkeypatch):
@@ -343,6 +378,10 @@ def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, rec
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
     assert native.prepare(packed) is None
+    assert native.ineligible_reason(packed) in (
+        "8-bit weight levels span integers beyond int8",
+        "grouped conv (groups=4)",
+    )
     x[0].view(-1)[1] = float("nan")
     with torch.no_grad():
         ref = integer_forward_reference(packed, x)

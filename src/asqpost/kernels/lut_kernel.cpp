@@ -10,6 +10,10 @@
 // lane adds each row's 4 products into that row's own int32 lane. No horizontal sums are needed, a tile's 16
 // outputs are stored at once, and one decoded tile serves any number of activation rows (batched inputs).
 //
+// Direct int8 weights (8-bit codes whose levels are int8 integers, e.g. LSQ's 8-bit grid): no table, the weights
+// themselves in the decoded form of a block (128 bytes per 8 k of a tile: byte 4 r + i holds w[16 t + r, 8 b + i],
+// byte 64 + 4 r + i holds w[16 t + r, 8 b + 4 + i]); made by asqpost.kernels.native.direct_weights.
+//
 // Signed activation codes (LSQ / ASQ on a signed input, codes in [-2^(b-1), 2^(b-1) - 1]) enter the u8 operand
 // offset by o = -qmin: sum_k (x_k + o) w_k = sum_k x_k w_k + o * sum_k w_k, so each output's o * sum_k w_k
 // (precomputed per row of the weight, for each of the two tables) is subtracted from its int32 sum before it is
@@ -48,6 +52,10 @@ constexpr int kMaxRows = 8;     // activation rows sharing one decoded block in 
 constexpr int64_t kRowBlock = 512;  // rows per parallel work unit of a batched product
 constexpr int64_t kMinWork = int64_t{1} << 17;  // products per thread, at least
 
+// Bytes per 8 k of a tile once decoded to int8: even lo / hi, plus odd lo / hi when the grid has odd levels. Direct
+// int8 weights are stored in the even-only form.
+constexpr int64_t decoded_bytes(bool odd) { return odd ? 256 : 128; }
+
 constexpr double kSqrt1_2 = 0.70710678118654757;  // == math.sqrt(0.5)
 
 // Optional fused rescale: y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m / rows_per_step] +
@@ -71,6 +79,7 @@ struct Args {
   const int8_t* lut_even;
   const int8_t* lut_odd;
   bool has_odd;
+  bool direct;        // w holds int8 weights in decoded form (no tables, no odd levels)
   int32_t* out_even;  // (M, N) when not rescaling
   int32_t* out_odd;
   const int32_t* correction_even;  // (N,) offset * sum_k lut_even[code[n, k]] to subtract, or nullptr (no offset)
@@ -79,13 +88,13 @@ struct Args {
 
   int64_t Kp() const { return taps * Cp; }
   int64_t blocks() const { return Kp() / kGroup; }
-  const uint8_t* tile(int64_t t) const { return w + t * blocks() * 64; }
+  const uint8_t* tile(int64_t t) const { return w + t * blocks() * (direct ? decoded_bytes(false) : 64); }
   const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
 };
 
 // The fields of asqpost.kernels.native.NativePlan, read from it by name and checked once per call (read_plan).
 struct Plan {
-  torch::Tensor weights;    // uint8 (ceil(n / 16), Kp * 8): the tile layout above
+  torch::Tensor weights;    // uint8 (ceil(n / 16), Kp * 8): the tile layout above; direct: int8 (.., Kp * 16)
   torch::Tensor lut_even;   // int8 (16,)
   torch::Tensor lut_odd;    // int8 (16,)
   bool has_odd;
@@ -96,8 +105,9 @@ struct Plan {
   int64_t offset;           // added to every activation code to make it unsigned (0: unsigned input)
   torch::Tensor correction_even;  // int32 (n,): offset * sum_k lut_even[code[n, k]]; empty when offset is 0
   torch::Tensor correction_odd;   // int32 (n,): the same for the odd table; empty when offset is 0 or no odd levels
+  bool direct;                    // weights are int8 values in decoded form (the tables are unused)
 
-  int64_t Kp() const { return weights.size(1) * 2 / kTile; }
+  int64_t Kp() const { return direct ? weights.size(1) / kTile : weights.size(1) * 2 / kTile; }
 };
 
 // (even + odd * SQRT1_2) * scale * step + bias in float64, in the reference's order; odd / bias may be absent.
@@ -168,6 +178,11 @@ void scalar_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
       for (int64_t r = 0; r < kTile && t * kTile + r < a.N; ++r) {
         int64_t se = 0, so = 0;
         for_each_block<1>(a, m, [&](int64_t b, const uint8_t* const* xr, int64_t c) {
+          if (a.direct) {
+            const int8_t* block = reinterpret_cast<const int8_t*>(wt) + b * decoded_bytes(false);
+            for (int i = 0; i < 4; ++i) se += xr[0][c + i] * block[4 * r + i] + xr[0][c + 4 + i] * block[64 + 4 * r + i];
+            return;
+          }
           for (int i = 0; i < 4; ++i) {
             const uint8_t byte = wt[b * 64 + 4 * r + i];
             const int lo = byte & 15, hi = byte >> 4;
@@ -280,11 +295,12 @@ ASQPOST_AVX512 void decode_tile_avx512(const Args& a, int64_t t, int8_t* decoded
   const uint8_t* wt = a.tile(t);
   for (int64_t b = 0; b < a.blocks(); ++b) {
     const Decoded d = decode_block<ODD>(wt + b * 64, table_even, table_odd);
-    _mm512_storeu_si512(decoded + 256 * b, d.e_lo);
-    _mm512_storeu_si512(decoded + 256 * b + 64, d.e_hi);
+    int8_t* out = decoded + decoded_bytes(ODD) * b;
+    _mm512_storeu_si512(out, d.e_lo);
+    _mm512_storeu_si512(out + 64, d.e_hi);
     if (ODD) {
-      _mm512_storeu_si512(decoded + 256 * b + 128, d.o_lo);
-      _mm512_storeu_si512(decoded + 256 * b + 192, d.o_hi);
+      _mm512_storeu_si512(out + 128, d.o_lo);
+      _mm512_storeu_si512(out + 192, d.o_hi);
     }
   }
 }
@@ -294,7 +310,7 @@ ASQPOST_AVX512 void rows_decoded_avx512(const Args& a, int64_t m0, int64_t t, co
   __m512i acc_e[MR], acc_o[MR];
   for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm512_setzero_si512();
   for_each_block<MR>(a, m0, [&](int64_t b, const uint8_t* const* xr, int64_t c) ASQPOST_AVX512 {
-    const int8_t* d = decoded + 256 * b;
+    const int8_t* d = decoded + decoded_bytes(ODD) * b;
     const __m512i e_lo = _mm512_loadu_si512(d), e_hi = _mm512_loadu_si512(d + 64);
     const __m512i o_lo = ODD ? _mm512_loadu_si512(d + 128) : e_lo;
     const __m512i o_hi = ODD ? _mm512_loadu_si512(d + 192) : e_hi;
@@ -334,6 +350,15 @@ struct FromDecoded {
   }
 };
 
+// Direct int8 weights are already decoded: every row group reads them in place.
+ASQPOST_AVX512 void direct_block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int8_t* decoded = reinterpret_cast<const int8_t*>(a.tile(t));
+    for (int64_t m = m0; m < m1; m += kMaxRows)
+      with_rows<FromDecoded, false>(static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m)), a, m, t, decoded);
+  }
+}
+
 template <bool ODD>
 ASQPOST_AVX512 void block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   if (m1 - m0 < kMaxRows) {  // few rows: decode on the fly; one row: four tiles at once, four memory streams
@@ -343,7 +368,7 @@ ASQPOST_AVX512 void block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t 
     for (; t < t1; ++t) with_rows<OnTheFly, ODD>(static_cast<int>(m1 - m0), a, m0, t);
     return;
   }
-  std::vector<int8_t> decoded(static_cast<size_t>(256 * a.blocks()));
+  std::vector<int8_t> decoded(static_cast<size_t>(decoded_bytes(ODD) * a.blocks()));
   for (int64_t t = t0; t < t1; ++t) {
     decode_tile_avx512<ODD>(a, t, decoded.data());
     for (int64_t m = m0; m < m1; m += kMaxRows)
@@ -352,7 +377,9 @@ ASQPOST_AVX512 void block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t 
 }
 
 void avx512_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  if (a.has_odd)
+  if (a.direct)
+    direct_block_avx512(a, m0, m1, t0, t1);
+  else if (a.has_odd)
     block_avx512<true>(a, m0, m1, t0, t1);
   else
     block_avx512<false>(a, m0, m1, t0, t1);
@@ -398,6 +425,7 @@ ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half)
 }
 
 void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  if (a.direct) return scalar_block(a, m0, m1, t0, t1);  // kernel_path never asks for this; kept exact regardless
   for (int64_t t = t0; t < t1; ++t) {
     for (int half = 0; half < 2 && t * kTile + half * 8 < a.N; ++half) {
       int64_t m = m0;
@@ -436,9 +464,10 @@ bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd) {
 
 // The path a plan runs: the one it asks for ("auto": this CPU's fastest), except that AVX2 runs scalar for tables
 // whose int16 pairs could saturate (AVX-512 VNNI's vpdpbusd adds in int32 and is exact for any int8 table).
+// Direct int8 weights run AVX-512 VNNI or scalar (AVX2's pairs could saturate on int8 weights up to 128).
 std::string kernel_path(const Plan& plan) {
   const std::string chosen = plan.path == "auto" ? available_paths().front() : plan.path;
-  if (chosen == "avx2" && !avx2_exact(plan.lut_even.data_ptr<int8_t>(), plan.lut_odd.data_ptr<int8_t>()))
+  if (chosen == "avx2" && (plan.direct || !avx2_exact(plan.lut_even.data_ptr<int8_t>(), plan.lut_odd.data_ptr<int8_t>())))
     return "scalar";
   return chosen;
 }
@@ -449,12 +478,15 @@ Plan read_plan(const pybind11::handle& p) {
             p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
             p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>(),
             p.attr("offset").cast<int64_t>(),         p.attr("correction_even").cast<torch::Tensor>(),
-            p.attr("correction_odd").cast<torch::Tensor>()};
+            p.attr("correction_odd").cast<torch::Tensor>(),
+            p.attr("direct").cast<bool>()};
   const torch::Tensor& w = plan.weights;
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
-              "weights must be contiguous uint8 tiles");
+  TORCH_CHECK(w.dtype() == (plan.direct ? torch::kInt8 : torch::kUInt8) && w.dim() == 2 && w.is_contiguous(),
+              "weights must be contiguous tiles: uint8 codes, or int8 values when direct");
   TORCH_CHECK(plan.n > 0 && w.size(0) == (plan.n + kTile - 1) / kTile, "weights must hold ceil(n / 16) tiles");
-  TORCH_CHECK(w.size(1) % (kGroup * kTile / 2) == 0, "weights must hold whole 64-byte blocks");
+  TORCH_CHECK(w.size(1) % (plan.direct ? decoded_bytes(false) : kGroup * kTile / 2) == 0,
+              "weights must hold whole blocks (64 bytes of codes, 128 of direct int8 weights)");
+  TORCH_CHECK(!(plan.direct && plan.has_odd), "direct int8 weights have no odd levels");
   for (const torch::Tensor* lut : {&plan.lut_even, &plan.lut_odd})
     TORCH_CHECK(lut->dtype() == torch::kInt8 && lut->numel() == 16 && lut->is_contiguous(), "luts must be int8 (16,)");
   TORCH_CHECK(plan.col_scale.dtype() == torch::kFloat64 && plan.col_scale.dim() == 1 &&
@@ -512,10 +544,11 @@ Args make_args(const uint8_t* x, const int64_t* offsets, int64_t M, int64_t taps
               taps,
               Cp,
               plan.n,
-              plan.weights.data_ptr<uint8_t>(),
+              static_cast<const uint8_t*>(plan.weights.data_ptr()),
               plan.lut_even.data_ptr<int8_t>(),
               plan.lut_odd.data_ptr<int8_t>(),
               plan.has_odd,
+              plan.direct,
               nullptr,
               nullptr,
               plan.offset ? plan.correction_even.data_ptr<int32_t>() : nullptr,

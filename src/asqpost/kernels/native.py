@@ -7,7 +7,9 @@ path runs and one log line says so. ``ASQPOST_KERNEL=reference`` forces the refe
 Eligible layers: linear layers and convolutions (groups = 1) whose integer activations span at most 256 codes
 (unsigned ``[0, 255]`` after ReLU; signed ``[-2^(b-1), 2^(b-1) - 1]`` enter the u8 operand offset by
 ``2^(b-1)``, and ``offset * sum_k w`` per output, precomputed here, is subtracted from the exact int32 sums),
-weight codes of at most 4 bits, LUT integers in int8, and a fan-in small enough that int32 sums cannot overflow.
+weight codes of at most 4 bits with LUT integers in int8 (decoded through the tables in the kernel), or wider codes
+whose levels are int8 integers without odd powers of sqrt 2 (8-bit LSQ, single-sum POST: stored as int8 weights,
+"direct"), and a fan-in small enough that int32 sums cannot overflow.
 Convolutions run as indirect convolutions over NHWC codes (one row pointer per output pixel and kernel tap, no
 im2col copy) and return channels_last outputs. Other layers take the torch-sums or reference path
 (:func:`ineligible_reason` says why).
@@ -102,6 +104,25 @@ def kernel_path(plan: NativePlan) -> str:
     return _module().kernel_path(plan)
 
 
+def direct_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Integer weights ``(N, K)`` (values in int8) as int8 tiles ``(ceil(N / 16), Kp * 16)``: the decoded form of
+    :func:`kernel_weights`'s blocks. N and K are padded with zeros; in tile ``t``, block ``b`` (128 bytes), byte
+    ``4 r + i`` holds ``w[16 t + r, 8 b + i]`` and byte ``64 + 4 r + i`` holds ``w[16 t + r, 8 b + 4 + i]``."""
+    n, k = weights.shape
+    tiles, kp = -(-n // TILE), -(-k // GROUP) * GROUP
+    padded = torch.zeros((tiles * TILE, kp), dtype=torch.int64)
+    padded[:n, :k] = weights
+    # (tile, row, block, half, i) -> (tile, block, half, row, i)
+    grouped = padded.reshape(tiles, TILE, kp // GROUP, 2, GROUP // 2).permute(0, 2, 3, 1, 4)
+    return grouped.reshape(tiles, kp * TILE).to(torch.int8).contiguous()
+
+
+def plan_k(plan: NativePlan) -> int:
+    """K padded to a multiple of 8, as the plan's weights hold it."""
+    per_tile = plan.weights.shape[1]
+    return per_tile // TILE if plan.direct else per_tile * 2 // TILE
+
+
 def kernel_weights(codes: torch.Tensor, zero_code: int) -> torch.Tensor:
     """Reorder 2-D codes ``(N, K)`` (values < 16) into the kernel's tile layout ``(ceil(N / 16), Kp * 8)`` uint8.
 
@@ -131,6 +152,9 @@ class NativePlan:
     ``offset`` is added to every activation code to make it unsigned (``-qmin`` for a signed input, else 0);
     ``correction_even`` / ``correction_odd`` hold ``offset * sum_k table[code[n, k]]`` per output (int32), which
     the kernel subtracts from its sums (see :func:`with_offset`).
+
+    ``direct``: ``weights`` holds the int8 weights themselves (:func:`direct_weights`; codes wider than 4 bits),
+    the tables are unused.
     """
 
     weights: torch.Tensor  # uint8 (ceil(n / 16), Kp * 8): the codes in the tile layout of kernel_weights
@@ -144,6 +168,7 @@ class NativePlan:
     offset: int = 0
     correction_even: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
     correction_odd: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+    direct: bool = False
 
 
 def with_offset(plan: NativePlan, offset: int, even: torch.Tensor, odd: torch.Tensor) -> NativePlan:
@@ -228,25 +253,35 @@ def input_offset(layer: PackedLayer) -> int:
 def ineligible_reason(layer: PackedLayer) -> str | None:
     """Why the native kernel cannot take this layer (a layer with a quantized input and a LUT), or ``None``."""
     w, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
-    if w.bits > 4:
-        return f"{w.bits}-bit weight codes (the kernel takes <= 4)"
     if inp.qmax + input_offset(layer) > 255:
         return f"activation codes [{inp.qmin}, {inp.qmax}] span more than 8 bits"
     if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
         return f"grouped conv (groups={layer.geometry['groups']})"
-    biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
-    if biggest > 127:
-        return f"LUT integers up to {biggest} do not fit int8"
+    if w.bits > 4:  # direct int8 weights
+        if lut.has_odd:
+            return f"{w.bits}-bit weight codes with odd levels (two sums; single-sum mode stores one)"
+        if int(lut.even.min()) < -128 or int(lut.even.max()) > 127:
+            return f"{w.bits}-bit weight levels span integers beyond int8"
+        biggest = int(lut.even.abs().max())
+    else:
+        biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
+        if biggest > 127:
+            return f"LUT integers up to {biggest} do not fit int8"
+        if not ((lut.even == 0) & (lut.odd == 0)).any():
+            return "no zero level to pad with"
     if 255 * biggest * (w.code_count // w.shape[0]) >= 2**31:
         return "fan-in too large: int32 sums could overflow"
-    if not ((lut.even == 0) & (lut.odd == 0)).any():
-        return "no zero level to pad with"
     return None
 
 
 def _plan(layer: PackedLayer, col_scale: torch.Tensor, bias: torch.Tensor) -> NativePlan:
     """The plan of an eligible layer (see :func:`ineligible_reason`)."""
     w, lut = layer.weight, layer.weight.lut()
+    if w.bits > 4:
+        even = _rows_2d(layer, lut.even[layer.weight.code_tensor()], 0)
+        zeros = torch.zeros(16, dtype=torch.int8)
+        plan = NativePlan(direct_weights(even), zeros, zeros, False, w.shape[0], col_scale, bias, direct=True)
+        return with_offset(plan, input_offset(layer), even, torch.zeros_like(even))
     zero = (lut.even == 0) & (lut.odd == 0)
     table_even = torch.zeros(16, dtype=torch.int8)
     table_odd = torch.zeros(16, dtype=torch.int8)
@@ -273,14 +308,19 @@ def _rescale_tensors(layer: PackedLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _codes_2d(layer: PackedLayer, zero_code: int) -> torch.Tensor:
-    """Codes as ``(N, K)`` in the order the kernel reads activations: a linear weight as it is; a conv weight
-    ``(Cout, C, kh, kw)`` as ``(Cout, kh, kw, Cp)`` (NHWC taps, channels padded to a multiple of 8)."""
-    codes = layer.weight.code_tensor()
+    """Codes as ``(N, K)`` in the order the kernel reads activations (see :func:`_rows_2d`)."""
+    return _rows_2d(layer, layer.weight.code_tensor(), zero_code)
+
+
+def _rows_2d(layer: PackedLayer, weight: torch.Tensor, fill: int) -> torch.Tensor:
+    """A weight-shaped tensor as ``(N, K)`` in the order the kernel reads activations: a linear weight as it is; a
+    conv weight ``(Cout, C, kh, kw)`` as ``(Cout, kh, kw, Cp)`` (NHWC taps, channels padded to a multiple of 8
+    with ``fill``)."""
     if layer.kind != "conv2d":
-        return codes.reshape(codes.shape[0], -1)
-    cout, c, kh, kw = codes.shape
-    per_tap = torch.full((cout, kh, kw, -(-c // GROUP) * GROUP), zero_code, dtype=codes.dtype)
-    per_tap[..., :c] = codes.permute(0, 2, 3, 1)
+        return weight.reshape(weight.shape[0], -1)
+    cout, c, kh, kw = weight.shape
+    per_tap = torch.full((cout, kh, kw, -(-c // GROUP) * GROUP), fill, dtype=weight.dtype)
+    per_tap[..., :c] = weight.permute(0, 2, 3, 1)
     return per_tap.reshape(cout, -1)
 
 
@@ -289,7 +329,7 @@ def lut_matmul(x_u8: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torc
     linear weight's plan."""
     module = _module()
     k = x_u8.shape[1]
-    kp = plan.weights.shape[1] * 2 // TILE
+    kp = plan_k(plan)
     if k != kp:
         x_u8 = F.pad(x_u8, (0, kp - k))
     acc_even, acc_odd = module.lut_linear(x_u8.contiguous(), plan)
