@@ -67,6 +67,10 @@ def test_row_codes_read_straight_from_the_packed_bytes(bits, dim):
     got = packed.row_codes(wanted)
     assert got.dtype == torch.int64 and torch.equal(got, codes[wanted])
     assert torch.equal(unpack_codes(packed.weight.codes, bits, rows * dim).reshape(rows, dim), codes)
+    packed.weight.table.copy_(torch.randn(2**bits, dtype=torch.float64))
+    packed.weight.scale.copy_(torch.rand(rows) + 0.5)
+    table = packed.weight.table.float()[codes] * packed.weight.scale[:, None]  # every lookup path: these rows
+    assert torch.equal(packed.rows(wanted), table[wanted])
 
 
 def test_lookups_decode_no_table(monkeypatch):
@@ -80,7 +84,8 @@ def test_lookups_decode_no_table(monkeypatch):
     monkeypatch.setattr(PackedWeight, "code_tensor", refuse)
     monkeypatch.setattr(PackedWeight, "dequantize", refuse)
     assert torch.equal(packed(torch.tensor([[1, 7], [49, 0]])), expected)
-    assert packed.weight._cache == {}
+    cached = dict(packed.weight._cache)  # only the levels of each byte value: 256 x 2 float32 at 4 bits
+    assert list(cached) == ["byte-levels-torch.float32"] and cached["byte-levels-torch.float32"].numel() == 256
 
 
 def test_max_norm_renormalises_the_looked_up_rows_as_nn_embedding_does():

@@ -4,8 +4,9 @@ Row ``i`` of the table is ``table[codes[i, :]] * scale[i]`` (a :class:`~asqpost.
 shape ``(num_embeddings, embedding_dim)``). A lookup reads only the codes of the rows it needs, straight from
 the packed byte stream: code ``j`` of row ``i`` starts at bit ``p = (i * dim + j) * bits`` and is
 ``((byte[p // 8] | byte[p // 8 + 1] << 8) >> p % 8) & (2**bits - 1)`` (a code of at most 8 bits spans at most
-two bytes; with 1, 2, 4 or 8 bits and whole-byte rows, a row's bytes are gathered and split instead). No float
-table is ever built, and the rows equal the dequantized table's bit for bit.
+two bytes; with 1, 2, 4 or 8 bits and whole-byte rows, a row's bytes are gathered and each byte looks up its
+levels in a 256-entry table instead). No float table of the embedding is ever built, and the rows equal the
+dequantized table's bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torch import nn
 
 from ..nn import QuantEmbedding
 from .modules import PackedWeight
+
+
+_BY_SIZE = {4: torch.int32, 8: torch.int64, 16: torch.complex128}  # dtypes that carry a byte's levels as one
 
 
 class PackedEmbedding(nn.Module):
@@ -80,17 +84,18 @@ class PackedEmbedding(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"PackedEmbedding expects integer token ids, got {what}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"PackedEmbedding ids must lie in [0, {self.num_embeddings}), got ids from {int(ids.min())} "
-                f"to {int(ids.max())}"
-            )
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.num_embeddings:
+                raise ValueError(
+                    f"PackedEmbedding ids must lie in [0, {self.num_embeddings}), got ids from {low} to {high}"
+                )
 
     def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
         """The int64 codes ``(n, dim)`` of the 1-D ``rows``, read from the packed bytes (nothing else decoded)."""
         bits, data = self.weight.bits, self.weight.codes
         rows = rows.to(device=data.device, dtype=torch.int64)
-        if 8 % bits == 0 and self.embedding_dim * bits % 8 == 0:  # whole rows of whole bytes: gather, then split
+        if self._whole_byte_rows():  # whole rows of whole bytes: gather, then split
             row_bytes = data.view(self.num_embeddings, -1)[rows]
             if bits == 8:
                 return row_bytes.to(torch.int64)
@@ -108,10 +113,38 @@ class PackedEmbedding(nn.Module):
         """The table's rows ``(n, dim)``: ``table[codes] * scale[row]``, :meth:`PackedWeight.dequantize`'s
         arithmetic (so bit for bit its rows)."""
         scale = self.weight.scale
-        codes = self.row_codes(rows).reshape(-1)
-        levels = torch.index_select(self.weight.table.to(scale.dtype), 0, codes.to(scale.device))
         rows = rows.to(device=scale.device, dtype=torch.int64)
-        return levels.reshape(-1, self.embedding_dim) * scale[rows].reshape(-1, 1)
+        byte_levels = self._byte_levels(scale.dtype) if self._whole_byte_rows() else None
+        if byte_levels is not None:  # each byte straight to the levels of its codes, one entry of a 256-entry table
+            row_bytes = torch.index_select(self.weight.codes.view(self.num_embeddings, -1), 0, rows)
+            levels = torch.index_select(byte_levels, 0, row_bytes.reshape(-1).to(torch.int64)).view(scale.dtype)
+        else:
+            codes = self.row_codes(rows).reshape(-1)
+            levels = torch.index_select(self.weight.table.to(scale.dtype), 0, codes.to(scale.device))
+        return levels.reshape(-1, self.embedding_dim) * torch.index_select(scale, 0, rows).reshape(-1, 1)
+
+    def _whole_byte_rows(self) -> bool:
+        bits = self.weight.bits
+        return 8 % bits == 0 and self.embedding_dim * bits % 8 == 0
+
+    def _byte_levels(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``(256,)``: for each byte value, the levels (in ``dtype``) of the ``8 / bits`` codes it holds, lowest
+        bits first, reinterpreted as one element of a wider dtype (one gather per byte, a fast 1-D one); ``None``
+        when no dtype is that wide. Cached per dtype on the packed weight, whose cache loading clears."""
+        per_byte = 8 // self.weight.bits
+        wide = _BY_SIZE.get(torch.empty((), dtype=dtype).element_size() * per_byte)
+        if wide is None:
+            return None
+        key = f"byte-levels-{dtype}"
+        cache = self.weight._cache
+        if key not in cache:
+            bits = self.weight.bits
+            byte = torch.arange(256, device=self.weight.table.device)
+            codes = torch.stack([(byte >> shift) & (2**bits - 1) for shift in range(0, 8, bits)], dim=1)
+            table = self.weight.table.to(dtype)
+            levels = table[codes.clamp_max(table.numel() - 1)]  # codes past the table never occur
+            cache[key] = levels.contiguous().view(wide).reshape(256)
+        return cache[key]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids)

@@ -137,6 +137,7 @@ class PackedInput(nn.Module):
         self.register_buffer("step", torch.ones(()))
         self.adapter = None if adapter is None else StepAdapter(**adapter)
         self._lead: list[PackedInput] = []  # the linked lead (a list: not a submodule, not in the state dict)
+        self._followers = 0  # linked layers that take this one's step
         self._last: tuple[weakref.ref, int | None, torch.Tensor] | None = None  # (input, its version, its step)
 
     @classmethod
@@ -158,6 +159,8 @@ class PackedInput(nn.Module):
             return self.step
         if self._lead:
             return self._lead[0].step_of(x)
+        if not self._followers:
+            return self.step * self.adapter(x)
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         last = self._last
         if last is not None and last[0]() is x and last[1] == version:
@@ -172,7 +175,11 @@ class PackedInput(nn.Module):
 
     def link_to(self, lead: PackedInput | None) -> None:
         """Take ``lead``'s step for the input it has just seen (``lead`` holds an equal quantizer), or unlink."""
+        if self._lead:
+            self._lead[0]._followers -= 1
         self._lead = [] if lead is None else [lead]
+        if lead is not None:
+            lead._followers += 1
         self._last = None
 
     @property
@@ -199,16 +206,17 @@ def link_inputs(model: nn.Module, groups: list[list[str]]) -> None:
             if other.meta() != lead.meta() or not _same_state(other, lead):
                 raise ValueError(f"layer {name!r} does not hold the same input quantizer as {group[0]!r}")
             other.link_to(lead)
-    if groups and not any(hook is forget_steps for hook in model._forward_hooks.values()):
+    leads = [m for m in model.modules() if isinstance(m, PackedInput) and m._followers]
+    model.asqpost_linked_inputs = leads  # a plain list: forget_steps reads it, deepcopy keeps it consistent
+    if leads and not any(hook is forget_steps for hook in model._forward_hooks.values()):
         model.register_forward_hook(forget_steps, always_call=True)
 
 
 def forget_steps(model: nn.Module, *_: object) -> None:
     """Forward hook of a model with linked inputs: no step is remembered from one forward into the next (an
     inference tensor has no version counter to tell that it was overwritten in place)."""
-    for module in model.modules():
-        if isinstance(module, PackedInput):
-            module.forget()
+    for lead in getattr(model, "asqpost_linked_inputs", ()):
+        lead.forget()
 
 
 def input_links(model: nn.Module) -> list[list[str]]:
