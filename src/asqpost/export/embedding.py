@@ -18,7 +18,6 @@ from torch import nn
 from ..nn import QuantEmbedding
 from .modules import PackedWeight
 
-
 _BY_SIZE = {4: torch.int32, 8: torch.int64, 16: torch.complex128}  # dtypes that carry a byte's levels as one
 
 
