@@ -7,9 +7,10 @@ calibrated on real sentences (Debian ``fortunes``, or a fixed list when
 it is absent); calibration only, since training does not change speed or size. Rows:
 
 * float; torch ``quantize_dynamic(model, {nn.Linear}, torch.qint8)`` (FBGEMM, the CPU peer);
-* packed LSQ (W) + LSQ (A); packed POST (W) + ASQ (A), one step per sample and one per token, and per sample
-  with a 16-wide adapter (``adapter_hidden: 16``), exported exactly and in single-sum mode
-  (``convert_to_packed(single_sum=True)``: POST levels on an int8 grid, one integer sum per weight);
+* packed LSQ (W) + LSQ (A); packed POST (W) + ASQ (A), one step per sample and one per token with the default
+  adapter (hidden width C/4), and with a 16-wide adapter (``adapter_hidden: 16``), per sample also exported in
+  single-sum mode (``convert_to_packed(single_sum=True)``: POST levels on an int8 grid, one integer sum per
+  weight);
 
 at batch x tokens 1 x 32, 1 x 128 and 8 x 128, at 1 and 2 threads; medians of ``--repeats`` interleaved runs,
 each timed call after an untimed call of the same model (threads awake), all under ``torch.no_grad``. Also the
@@ -118,6 +119,7 @@ def main() -> None:
         "POST + ASQ, per token": ("post-asq", {"per_token": True}, False),
         "POST + ASQ, per sample, adapter 16": ("post-asq", hidden16, False),
         "POST + ASQ, per sample, adapter 16, single sum": ("post-asq", hidden16, True),
+        "POST + ASQ, per token, adapter 16": ("post-asq", {**hidden16, "per_token": True}, False),
     }
     embeddings = args.embedding_bits or None
     models: dict[str, nn.Module] = {"float": model}
