@@ -203,6 +203,8 @@ def test_packed_qkv_compute_their_shared_asq_step_once(per_token, tmp_path):
         assert loaded.get_submodule(QKV0[2]).input_quant.lead is loaded.get_submodule(QKV0[0]).input_quant
         assert torch.equal(_tokens(loaded, x), out)
         assert torch.equal(_tokens(loaded, _batch(seed=3)), _tokens(packed, _batch(seed=3)))
+        lead = loaded.get_submodule(QKV0[0]).input_quant
+        assert lead in loaded.asqpost_forward_scoped and lead._last is None, "forgotten when the forward ends"
 
 
 def test_linking_unequal_input_quantizers_is_refused():

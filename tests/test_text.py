@@ -305,6 +305,7 @@ def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir
         torch.testing.assert_close(out, reference(**inputs), atol=0, rtol=0)
     st = as_sentence_transformer(loaded, st_dir)
     torch.testing.assert_close(torch.tensor(st.encode(_sentences())), out, atol=1e-6, rtol=1e-5)
+    assert loaded.asqpost_forward_scoped and all(lead._last is None for lead in loaded.asqpost_forward_scoped)
     # the padding mask reaches the packed encoder inside sentence-transformers: a text alone or padded agree
     alone, padded = st.encode(["w12"]), st.encode(["w12", _sentences()[1]], batch_size=2)
     torch.testing.assert_close(torch.tensor(padded[0]), torch.tensor(alone[0]), atol=1e-5, rtol=1e-4)

@@ -36,6 +36,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MASK_KEY = "attention_mask"
+# a hooked module's attribute: objects whose forget() drops what they keep for one forward (a packed model's
+# shared ASQ steps); the post-hook calls it when the forward ends
+FORWARD_SCOPED = "asqpost_forward_scoped"
 
 _current: ContextVar[torch.Tensor | None] = ContextVar("asqpost_token_mask", default=None)
 # one entry per hooked forward in progress: (id of the module, token to restore, or None when it set nothing)
@@ -162,6 +165,8 @@ def _no_padding(mask: torch.Tensor) -> bool:
 
 
 def _restore_mask_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    for item in getattr(module, FORWARD_SCOPED, ()):
+        item.forget()
     saved = _saved.get()
     if not saved or saved[-1][0] != id(module):
         return  # the pre-hook did not run for this call (an earlier pre-hook raised)

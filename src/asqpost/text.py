@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking import install_mask_hooks
+from .masking import FORWARD_SCOPED, install_mask_hooks
 
 TEXT_MODELS = ("hf", "minilm")
 POOLINGS = ("mean", "cls")
@@ -258,6 +258,7 @@ def as_sentence_transformer(model: nn.Module, path: str | Path, device: str | No
     # sentence-transformers calls the encoder's forward method (no hooks run): the mask hooks go on its module,
     # whose features dict holds attention_mask, so padding stays out of the ASQ steps there too
     install_mask_hooks(first)
+    setattr(first, FORWARD_SCOPED, getattr(model, FORWARD_SCOPED, []))  # a packed model's shared steps end with it
     if isinstance(getattr(type(first), "auto_model", None), property):
         first.model = model.auto_model  # sentence-transformers >= 5: auto_model reads .model
     else:

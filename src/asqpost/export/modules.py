@@ -27,6 +27,7 @@ from torch import nn
 
 from ..adapters import StepAdapter
 from ..kernels import layer_path, packed_forward
+from ..masking import FORWARD_SCOPED, install_mask_hooks
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import Quantizer
 from .lut import IntegerLUT, integer_lut, needs_single_sum, single_sum_table
@@ -170,7 +171,8 @@ class PackedInput(nn.Module):
         return step
 
     def forget(self) -> None:
-        """Drop the remembered step (:func:`forget_steps` does so after each forward of a linked model)."""
+        """Drop the remembered step (the mask hooks' post-hook does so when a forward of a linked model ends: an
+        inference tensor has no version counter to tell that it was overwritten in place)."""
         self._last = None
 
     def link_to(self, lead: PackedInput | None) -> None:
@@ -206,17 +208,9 @@ def link_inputs(model: nn.Module, groups: list[list[str]]) -> None:
             if other.meta() != lead.meta() or not _same_state(other, lead):
                 raise ValueError(f"layer {name!r} does not hold the same input quantizer as {group[0]!r}")
             other.link_to(lead)
-    leads = [m for m in model.modules() if isinstance(m, PackedInput) and m._followers]
-    model.asqpost_linked_inputs = leads  # a plain list: forget_steps reads it, deepcopy keeps it consistent
-    if leads and not any(hook is forget_steps for hook in model._forward_hooks.values()):
-        model.register_forward_hook(forget_steps, always_call=True)
-
-
-def forget_steps(model: nn.Module, *_: object) -> None:
-    """Forward hook of a model with linked inputs: no step is remembered from one forward into the next (an
-    inference tensor has no version counter to tell that it was overwritten in place)."""
-    for lead in getattr(model, "asqpost_linked_inputs", ()):
-        lead.forget()
+    # the mask hooks' post-hook makes the leads forget their step when a forward of the model ends
+    setattr(model, FORWARD_SCOPED, [m for m in model.modules() if isinstance(m, PackedInput) and m._followers])
+    install_mask_hooks(model)
 
 
 def input_links(model: nn.Module) -> list[list[str]]:
