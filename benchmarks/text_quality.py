@@ -181,7 +181,11 @@ def main() -> None:
     def evaluate(model: nn.Module) -> dict[str, float]:
         emb = embed(model, held_out, tokenizer, length)
         acc = probe_accuracy(embed(model, probe_train, tokenizer, length), probe_train.labels, emb, held_out.labels)
-        return metrics(emb, ref, acc)
+        return metrics(emb, reference(), acc)
+
+    @functools.cache
+    def reference() -> torch.Tensor:  # the float embeddings, computed once if a row needs them (cached rows don't)
+        return embed(float_model, held_out, tokenizer, length)
 
     def ptq_row(method: Method, width: str) -> dict:
         bits, act_bits = (int(b) for b in width.split("/"))
@@ -198,7 +202,6 @@ def main() -> None:
         int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, torch.qint8)
         return {"row": "torch int8 dynamic", "bits": "8/8 (dynamic)", "stage": "PTQ", **evaluate(int8)}
 
-    ref = embed(float_model, held_out, tokenizer, length)
     rows = args.out / "rows"
     float_row = {"row": "float", "bits": "32", "stage": "-"}
     records = [cached(rows / "float.json", lambda: {**float_row, **evaluate(float_model)})]
