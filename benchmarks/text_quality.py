@@ -20,7 +20,8 @@ default MSE search) and ``lsq-lsq-smooth0.5`` / ``post-asq-smooth0.5`` (SmoothQu
 Usage: ``HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --out runs/text-quality [--distill 4/8 4/4]``.
 Finished work is reused: distillation runs in ``OUT/runs``, each row's record in ``OUT/rows`` (delete them
 after changing the data, ``--calib`` or ``--set``), so a run can be extended row by row and the table (over the
-rows the arguments name) is written again each time.
+rows the arguments name) is written again each time; ``--cached-only`` computes nothing and leaves out the rows
+not in ``OUT/rows``.
 """
 
 from __future__ import annotations
@@ -118,15 +119,19 @@ def qat_config(recipe: str, bits: int, act_bits: int, act: dict) -> QATConfig:
     return QATConfig.recipe(recipe, bits, act={**act, "bits": act_bits})
 
 
-def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    """A row's record from ``path`` when an earlier run wrote it, else ``compute()``, written there."""
+def cached(path: Path, compute: Callable[[], dict], only: bool = False) -> list[dict]:
+    """A row's record from ``path`` when an earlier run wrote it, else ``compute()``, written there: as a list of
+    one record, or none when ``only`` (use cached rows only) and there is none."""
     if path.exists():
-        return json.loads(path.read_text())
+        return [json.loads(path.read_text())]
+    if only:
+        logging.warning("no record %s yet: row left out", path.name)
+        return []
     record = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(record, flush=True)
-    return record
+    return [record]
 
 
 def distilled(out: Path, recipe: str, bits: int, act_bits: int, act: dict, seed: int, sets: list[str]) -> nn.Module:
@@ -153,6 +158,7 @@ def main() -> None:
         "--distill-methods", nargs="*", default=None, help="of those, the ones distilled (default: all of them)"
     )
     parser.add_argument("--smooth", type=float, default=0.5, help="SmoothQuant's alpha in the *-smooth rows")
+    parser.add_argument("--cached-only", action="store_true", help="compute nothing: the table of OUT/rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--calib", type=int, default=64, help="calibration texts (PTQ rows)")
     parser.add_argument("--held-out", type=int, default=400)
@@ -204,17 +210,19 @@ def main() -> None:
 
     rows = args.out / "rows"
     float_row = {"row": "float", "bits": "32", "stage": "-"}
-    records = [cached(rows / "float.json", lambda: {**float_row, **evaluate(float_model)})]
-    records.append(cached(rows / "int8-dynamic.json", int8_row))
+    only = args.cached_only
+    records = cached(rows / "float.json", lambda: {**float_row, **evaluate(float_model)}, only)
+    records += cached(rows / "int8-dynamic.json", int8_row, only)
     calib_batches = list(TextBatches(calib, tokenizer, batch_size=16, max_length=length))
     for width in args.widths:
         tag = "w{}a{}".format(*width.split("/"))
         for name in args.methods:
             method = table_methods[name]
-            records.append(cached(rows / f"{name}-{tag}-ptq.json", functools.partial(ptq_row, method, width)))
+            records += cached(rows / f"{name}-{tag}-ptq.json", functools.partial(ptq_row, method, width), only)
             for seed in args.seeds if width in args.distill and name in distill_methods else []:
                 run = f"{name}-{tag}-s{seed}"
-                records.append(cached(rows / f"{run}.json", functools.partial(distilled_row, method, width, run, seed)))
+                compute = functools.partial(distilled_row, method, width, run, seed)
+                records += cached(rows / f"{run}.json", compute, only)
             (args.out / "records.json").write_text(json.dumps(records, indent=1) + "\n")
     write_report(records, args, recipe)
 
