@@ -12,18 +12,29 @@ the float ones: the share of equal first neighbours and the mean overlap of the 
 task: topic (fortune file) accuracy of a logistic-regression probe trained on ``--probe`` train texts embedded
 by the same row.
 
-Usage: ``HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --out runs/text-quality [--distill 4/8 4/4]``
-(finished distillation runs in ``OUT/runs`` are reused).
+Rows (``--methods``): ``lsq-lsq``, ``post-asq``, ``post-asq-tok`` (per-token ASQ) by default; also
+``lsq-lsq-actlsq`` / ``post-asq-actlsq`` (activation steps from LSQ's ``2 mean|x| / sqrt(qmax)`` instead of the
+default MSE search) and ``lsq-lsq-smooth0.5`` / ``post-asq-smooth0.5`` (SmoothQuant, ``act.smooth``, alpha from
+``--smooth``). ``--distill-methods`` picks which of them are also distilled.
+
+Usage: ``HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --out runs/text-quality [--distill 4/8 4/4]``.
+Finished work is reused: distillation runs in ``OUT/runs``, each row's record in ``OUT/rows`` (delete them
+after changing the data, ``--calib`` or ``--set``), so a run can be extended row by row and the table (over the
+rows the arguments name) is written again each time; ``--cached-only`` computes nothing and leaves out the rows
+not in ``OUT/rows``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +51,30 @@ from asqpost.train.checkpoint import build_from_checkpoint, load_checkpoint
 from asqpost.train.run import fit
 from common import machine, table
 
-METHODS = {  # label -> (recipe, act fields)
-    "LSQ + LSQ": ("lsq-lsq", {}),
-    "POST + ASQ": ("post-asq", {}),
-    "POST + ASQ per token": ("post-asq", {"per_token": True}),
-}
+
+@dataclass(frozen=True)
+class Method:
+    """A table row's quantization: ``label`` in the table, ``recipe`` and ``act`` fields for ``QATConfig.recipe``."""
+
+    label: str
+    recipe: str
+    act: dict
+
+
+def methods(smooth: float) -> dict[str, Method]:
+    """The rows by name (``--methods``; the name also names distillation runs); ``smooth``: SmoothQuant's alpha."""
+    return {
+        "lsq-lsq": Method("LSQ + LSQ", "lsq-lsq", {}),
+        "post-asq": Method("POST + ASQ", "post-asq", {}),
+        "post-asq-tok": Method("POST + ASQ per token", "post-asq", {"per_token": True}),
+        "lsq-lsq-actlsq": Method("LSQ + LSQ, act init lsq", "lsq-lsq", {"init": "lsq"}),
+        "post-asq-actlsq": Method("POST + ASQ, act init lsq", "post-asq", {"init": "lsq"}),
+        f"lsq-lsq-smooth{smooth:g}": Method(f"LSQ + LSQ, SmoothQuant {smooth:g}", "lsq-lsq", {"smooth": smooth}),
+        f"post-asq-smooth{smooth:g}": Method(f"POST + ASQ, SmoothQuant {smooth:g}", "post-asq", {"smooth": smooth}),
+    }
+
+
+DEFAULT_METHODS = ("lsq-lsq", "post-asq", "post-asq-tok")
 RECIPE = "minilm-distill"
 
 
@@ -89,6 +119,21 @@ def qat_config(recipe: str, bits: int, act_bits: int, act: dict) -> QATConfig:
     return QATConfig.recipe(recipe, bits, act={**act, "bits": act_bits})
 
 
+def cached(path: Path, compute: Callable[[], dict], only: bool = False) -> list[dict]:
+    """A row's record from ``path`` when an earlier run wrote it, else ``compute()``, written there: as a list of
+    one record, or none when ``only`` (use cached rows only) and there is none."""
+    if path.exists():
+        return [json.loads(path.read_text())]
+    if only:
+        logging.warning("no record %s yet: row left out", path.name)
+        return []
+    record = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(record, flush=True)
+    return [record]
+
+
 def distilled(out: Path, recipe: str, bits: int, act_bits: int, act: dict, seed: int, sets: list[str]) -> nn.Module:
     quant = {"recipe": recipe, "bits": bits, "act": {**act, "bits": act_bits}}
     config = load_run_config(config_path(RECIPE), [*sets, f"seed={seed}"]).replace(quant=quant, progress=False)
@@ -108,12 +153,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--widths", nargs="+", default=["8/8", "4/8", "4/4", "3/8"], help="W/A bits of PTQ rows")
     parser.add_argument("--distill", nargs="*", default=["4/8", "4/4"], help="W/A bits also distilled")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="rows (names in methods())")
+    parser.add_argument(
+        "--distill-methods", nargs="*", default=None, help="of those, the ones distilled (default: all of them)"
+    )
+    parser.add_argument("--smooth", type=float, default=0.5, help="SmoothQuant's alpha in the *-smooth rows")
+    parser.add_argument("--cached-only", action="store_true", help="compute nothing: the table of OUT/rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--calib", type=int, default=64, help="calibration texts (PTQ rows)")
     parser.add_argument("--held-out", type=int, default=400)
     parser.add_argument("--probe", type=int, default=1500, help="train texts for the topic probe")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="more recipe keys for distillation")
     args = parser.parse_args()
+    table_methods = methods(args.smooth)
+    unknown = sorted(set(args.methods) - set(table_methods))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {sorted(table_methods)}")
+    distill_methods = set(args.methods if args.distill_methods is None else args.distill_methods)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = load_run_config(config_path(RECIPE), args.sets)
@@ -131,25 +187,42 @@ def main() -> None:
     def evaluate(model: nn.Module) -> dict[str, float]:
         emb = embed(model, held_out, tokenizer, length)
         acc = probe_accuracy(embed(model, probe_train, tokenizer, length), probe_train.labels, emb, held_out.labels)
-        return metrics(emb, ref, acc)
+        return metrics(emb, reference(), acc)
 
-    ref = embed(float_model, held_out, tokenizer, length)
-    records = [{"row": "float", "bits": "32", "stage": "-", **evaluate(float_model)}]
-    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, torch.qint8)
-    records.append({"row": "torch int8 dynamic", "bits": "8/8 (dynamic)", "stage": "PTQ", **evaluate(int8)})
+    @functools.cache
+    def reference() -> torch.Tensor:  # the float embeddings, computed once if a row needs them (cached rows don't)
+        return embed(float_model, held_out, tokenizer, length)
+
+    def ptq_row(method: Method, width: str) -> dict:
+        bits, act_bits = (int(b) for b in width.split("/"))
+        qat = prepare_qat(copy.deepcopy(float_model), qat_config(method.recipe, bits, act_bits, method.act)).eval()
+        calibrate(qat, calib_batches)
+        return {"row": method.label, "bits": width, "stage": "PTQ", **evaluate(qat)}
+
+    def distilled_row(method: Method, width: str, run: str, seed: int) -> dict:
+        bits, act_bits = (int(b) for b in width.split("/"))
+        model = distilled(args.out / "runs" / run, method.recipe, bits, act_bits, method.act, seed, args.sets)
+        return {"row": method.label, "bits": width, "stage": "distilled", "seed": seed, **evaluate(model)}
+
+    def int8_row() -> dict:
+        int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, torch.qint8)
+        return {"row": "torch int8 dynamic", "bits": "8/8 (dynamic)", "stage": "PTQ", **evaluate(int8)}
+
+    rows = args.out / "rows"
+    float_row = {"row": "float", "bits": "32", "stage": "-"}
+    only = args.cached_only
+    records = cached(rows / "float.json", lambda: {**float_row, **evaluate(float_model)}, only)
+    records += cached(rows / "int8-dynamic.json", int8_row, only)
     calib_batches = list(TextBatches(calib, tokenizer, batch_size=16, max_length=length))
     for width in args.widths:
-        bits, act_bits = (int(b) for b in width.split("/"))
-        for label, (name, act) in METHODS.items():
-            qat = prepare_qat(copy.deepcopy(float_model), qat_config(name, bits, act_bits, act)).eval()
-            calibrate(qat, calib_batches)
-            records.append({"row": label, "bits": width, "stage": "PTQ", **evaluate(qat)})
-            print(records[-1], flush=True)
-            for seed in args.seeds if width in args.distill else []:
-                run = args.out / "runs" / f"{name}{'-tok' if act else ''}-w{bits}a{act_bits}-s{seed}"
-                model = distilled(run, name, bits, act_bits, act, seed, args.sets)
-                records.append({"row": label, "bits": width, "stage": "distilled", "seed": seed, **evaluate(model)})
-                print(records[-1], flush=True)
+        tag = "w{}a{}".format(*width.split("/"))
+        for name in args.methods:
+            method = table_methods[name]
+            records += cached(rows / f"{name}-{tag}-ptq.json", functools.partial(ptq_row, method, width), only)
+            for seed in args.seeds if width in args.distill and name in distill_methods else []:
+                run = f"{name}-{tag}-s{seed}"
+                compute = functools.partial(distilled_row, method, width, run, seed)
+                records += cached(rows / f"{run}.json", compute, only)
             (args.out / "records.json").write_text(json.dumps(records, indent=1) + "\n")
     write_report(records, args, recipe)
 
@@ -163,7 +236,7 @@ def write_report(records: list[dict], args: argparse.Namespace, recipe) -> None:
     report = "\n".join(
         [
             f"all-MiniLM-L6-v2 against float on {args.held_out} held-out fortunes; distillation: `{RECIPE}` "
-            f"(train_subset {recipe.train_subset}, {recipe.epochs} epoch(s)); machine: {machine()}",
+            f"(train_subset {recipe.train_subset}, {recipe.epochs} epoch(s), lr {recipe.lr:g}); machine: {machine()}",
             "",
             table(
                 [
