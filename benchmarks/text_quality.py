@@ -12,7 +12,8 @@ the float ones: the share of equal first neighbours and the mean overlap of the 
 task: topic (fortune file) accuracy of a logistic-regression probe trained on ``--probe`` train texts embedded
 by the same row.
 
-Rows (``--methods``): ``lsq-lsq``, ``post-asq``, ``post-asq-tok`` (per-token ASQ) by default; also
+Rows (``--methods``): ``lsq-lsq``, ``post-asq``, ``post-asq-tok`` (per-token ASQ) by default, the ASQ rows with
+the recipe's ``normalise_init`` (``post-asq-tok-rawinit``: per token with the step fitted to ``x``); also
 ``lsq-lsq-actlsq`` / ``post-asq-actlsq`` (activation steps from LSQ's ``2 mean|x| / sqrt(qmax)`` instead of the
 default MSE search) and ``lsq-lsq-smooth0.5`` / ``post-asq-smooth0.5`` (SmoothQuant, ``act.smooth``, alpha from
 ``--smooth``). ``--distill-methods`` picks which of them are also distilled.
@@ -63,14 +64,18 @@ class Method:
 
 def methods(smooth: float) -> dict[str, Method]:
     """The rows by name (``--methods``; the name also names distillation runs); ``smooth``: SmoothQuant's alpha."""
+    asq = {"normalise_init": True}  # as the recipe (configs/minilm-distill.yaml): the step fitted to x / r(x)
     return {
         "lsq-lsq": Method("LSQ + LSQ", "lsq-lsq", {}),
-        "post-asq": Method("POST + ASQ", "post-asq", {}),
-        "post-asq-tok": Method("POST + ASQ per token", "post-asq", {"per_token": True}),
+        "post-asq": Method("POST + ASQ", "post-asq", asq),
+        "post-asq-tok": Method("POST + ASQ per token", "post-asq", {**asq, "per_token": True}),
+        "post-asq-tok-rawinit": Method("POST + ASQ per token, step fitted to x", "post-asq", {"per_token": True}),
         "lsq-lsq-actlsq": Method("LSQ + LSQ, act init lsq", "lsq-lsq", {"init": "lsq"}),
-        "post-asq-actlsq": Method("POST + ASQ, act init lsq", "post-asq", {"init": "lsq"}),
+        "post-asq-actlsq": Method("POST + ASQ, act init lsq", "post-asq", {**asq, "init": "lsq"}),
         f"lsq-lsq-smooth{smooth:g}": Method(f"LSQ + LSQ, SmoothQuant {smooth:g}", "lsq-lsq", {"smooth": smooth}),
-        f"post-asq-smooth{smooth:g}": Method(f"POST + ASQ, SmoothQuant {smooth:g}", "post-asq", {"smooth": smooth}),
+        f"post-asq-smooth{smooth:g}": Method(
+            f"POST + ASQ, SmoothQuant {smooth:g}", "post-asq", {**asq, "smooth": smooth}
+        ),
     }
 
 

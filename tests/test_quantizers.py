@@ -350,9 +350,10 @@ def test_paper_adapter_state_is_unchanged_and_scale_state_round_trips():
 def test_asq_takes_lsq_step_inits(init):
     x = torch.rand(16, 8, 3, 3) * 3
     lsq = _act("lsq", init=init).calibrate_(x)
-    asq = _act("asq", init=init, adapter_form="paper").calibrate_(x)
-    assert asq.init == init
-    assert torch.equal(asq.step, lsq.step)
+    for form in ("paper", "scale"):  # the scale form fits x itself unless normalise_init asks otherwise
+        asq = _act("asq", init=init, adapter_form=form).calibrate_(x)
+        assert asq.init == init
+        assert torch.equal(asq.step, lsq.step)
 
 
 @pytest.mark.parametrize("init", ["lsq", "mse", "percentile"])
@@ -360,7 +361,7 @@ def test_asq_takes_lsq_step_inits(init):
 def test_scale_form_step_is_the_fit_to_normalised_inputs_times_r_ref(init, shape, per_token):
     gains = torch.logspace(0, 1, shape[0]).reshape(-1, *(1,) * (len(shape) - 1))  # per-sample gains 1 .. 10
     x = (torch.rand(shape) - 0.3) * gains
-    asq = _act("asq", init=init, adapter_form="scale", per_token=per_token).calibrate_(x)
+    asq = _act("asq", init=init, adapter_form="scale", per_token=per_token, normalise_init=True).calibrate_(x)
     r = asq.adapter.input_scale(x)
     normalised = _act("lsq", init=init).calibrate_(x / r.reshape(r.shape + (1,) * (x.dim() - r.dim())))
     assert asq.adapter.r_ref.item() == pytest.approx(r.double().mean().item(), rel=1e-6)
@@ -373,10 +374,20 @@ def test_scale_form_init_fits_inputs_whose_gain_varies(per_token):
     torch.manual_seed(0)
     gains = torch.logspace(0, 1, 32).reshape(-1, 1, 1)  # per-sample gains 1 .. 10
     x = torch.randn(32, 6, 16) * gains
-    asq = _act("asq", bits=4, channels=16, init="mse", adapter_form="scale", per_token=per_token).calibrate_(x)
+    asq = _act(
+        "asq", bits=4, channels=16, init="mse", adapter_form="scale", per_token=per_token, normalise_init=True
+    ).calibrate_(x)
     raw_fit = _act("lsq", bits=4, init="mse").calibrate_(x)  # the step fitted to raw x, as before
     with torch.no_grad():
         error = (asq(x) - x).pow(2).mean()
         asq.raw_scale.copy_(raw_fit.raw_scale)
         raw_error = (asq(x) - x).pow(2).mean()
     assert error < 0.7 * raw_error
+
+
+def test_normalise_init_is_for_the_scale_adapter_only():
+    for bad in ({"method": "lsq"}, {"method": "asq", "adapter_form": "paper"}):
+        with pytest.raises(ValueError, match="normalise_init"):
+            QuantizerConfig(bits=8, normalise_init=True, **bad)
+    with pytest.raises(ValueError, match="true or false"):
+        QuantizerConfig("asq", 8, normalise_init="yes")

@@ -23,13 +23,14 @@ class ASQQuantizer(LSQQuantizer):
     broadcast against ``x``. LSQ's gradient scale applies to ``s`` only, so ``ds = beta * dx_hat/ds_a``
     (scaled) and ``dbeta = s * dx_hat/ds_a`` (method.md). With beta = 1 this is exactly :class:`LSQQuantizer`.
 
-    The step ``s`` is initialised as LSQ's (``init``: ``lsq``, ``mse`` or ``percentile``). With the paper's
-    adapter it is searched on ``x`` with ``beta = 1``. With ``adapter_form="scale"`` (``beta = (r(x) / r_ref) *
-    mlp``, the MLP factor 1 at the start) the quantizer applies the step ``s * r(x) / r_ref`` to each sample
-    (token, with ``per_token``), so the search runs on the normalised inputs ``x / r(x)`` (real tokens only under
-    a token mask) and ``s`` is the fitted step times ``r_ref``, the mean of ``r(x)`` over the calibration
-    samples (tokens), which calibration also sets as the adapter's ``r_ref``: ``s * beta`` at ``r(x) = r_ref``
-    is the fitted step, and every sample's codes are those of the fit on its normalised input.
+    The step ``s`` is initialised as LSQ's (``init``: ``lsq``, ``mse`` or ``percentile``), searched on ``x`` with
+    ``beta = 1``. With ``adapter_form="scale"`` calibration also sets the adapter's ``r_ref`` to the mean of
+    ``r(x)`` over the calibration samples (tokens, with ``per_token``), so ``beta`` is about 1 on them. With
+    ``normalise_init`` as well (``beta = (r(x) / r_ref) * mlp``, the MLP factor 1 at the start: the quantizer
+    applies the step ``s * r(x) / r_ref`` to each sample or token) the search runs on the normalised inputs
+    ``x / r(x)`` (real tokens only under a token mask) and ``s`` is the fitted step times ``r_ref``: ``s * beta``
+    at ``r(x) = r_ref`` is the fitted step, and every sample's codes are those of the fit on its normalised
+    input.
     """
 
     roles = ("act",)
@@ -46,6 +47,7 @@ class ASQQuantizer(LSQQuantizer):
             form=config.adapter_form,
             hidden_size=config.adapter_hidden,
         )
+        self.normalise_init = config.normalise_init
 
     def _reset_observations(self) -> None:
         super()._reset_observations()
@@ -54,7 +56,8 @@ class ASQQuantizer(LSQQuantizer):
 
     @torch.no_grad()
     def observe_(self, x: torch.Tensor) -> None:
-        """LSQ's statistics; with the scale-following adapter, of ``x / r(x)``, plus the sum of ``r(x)``.
+        """LSQ's statistics (of ``x / r(x)`` with ``normalise_init``); with the scale-following adapter, plus the
+        sum of ``r(x)``.
 
         Under a token mask, ``r`` of a sample is over its real tokens, and per token only real tokens count.
         """
@@ -62,7 +65,7 @@ class ASQQuantizer(LSQQuantizer):
             super().observe_(x)
             return
         r = self.adapter.input_scale(x)  # (N, 1) or, per token, (N, T, 1)
-        super().observe_(x / r.reshape(r.shape + (1,) * (x.dim() - r.dim())))
+        super().observe_(x / r.reshape(r.shape + (1,) * (x.dim() - r.dim())) if self.normalise_init else x)
         if r.dim() == 3:
             r = valid_tokens(r)
         self._r_sum += float(r.double().sum())
@@ -70,14 +73,15 @@ class ASQQuantizer(LSQQuantizer):
 
     @torch.no_grad()
     def finalize_(self) -> None:
-        """LSQ's step initialisation (``self.init``); the scale-following adapter's ``r_ref = mean r(x)``, and
-        the step fitted to ``x / r(x)`` times ``r_ref``."""
+        """LSQ's step initialisation (``self.init``); the scale-following adapter's ``r_ref = mean r(x)`` (and with
+        ``normalise_init`` the step fitted to ``x / r(x)`` times ``r_ref``)."""
         r_ref = self._r_sum / self._r_count if self._r_count else None
         super().finalize_()
         if r_ref is not None:
             self.adapter.set_reference_scale_(r_ref)
-            self.raw_scale.mul_(self.adapter.r_ref)
-            self._projection.clear()
+            if self.normalise_init:
+                self.raw_scale.mul_(self.adapter.r_ref)
+                self._projection.clear()
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(x)
