@@ -74,9 +74,15 @@ def packed_forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan | None 
     """The layer's output on the path :func:`kernel_choice` and the layer allow. ``plan`` runs a variant of the
     layer's native plan (another kernel path, another copy of the weights) where the native kernel runs."""
     weight = layer.weight
+    choice = kernel_choice()
+    held = None if weight is None else weight.native_state
+    own = None if held is None or plan is not None else held.plan  # the layer's native plan, built before
+    if own is not None and choice in ("auto", "native") and x.is_cpu and x.dtype == torch.float32:
+        y = native.forward(layer, x, own)  # straight to it: at batch 1 every Python step shows
+        if y is not None:
+            return y
     if layer.input_quant is None or weight is None or weight.lut() is None:
         return layer.float_forward(x)
-    choice = kernel_choice()
     if choice == "triton" or (choice == "auto" and x.is_cuda and triton_lut.available()):
         y = triton_lut.forward(layer, x, strict=choice == "triton")
         return integer_forward_reference(layer, x) if y is None else y
