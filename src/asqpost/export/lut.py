@@ -37,6 +37,11 @@ class IntegerLUT:
     def has_odd(self) -> bool:
         return bool(self.odd.any())
 
+    @property
+    def peak(self) -> int:
+        """The largest integer magnitude in either table."""
+        return int(max(self.even.abs().max(), self.odd.abs().max()))
+
     def values(self) -> torch.Tensor:
         return self.unit * (self.even.double() + self.odd.double() * SQRT1_2)
 
@@ -71,7 +76,7 @@ def integer_lut(table: torch.Tensor) -> IntegerLUT | None:
         lut = _rational_lut(values)
         if lut is None:
             return None
-    if max(lut.even.abs().max(), lut.odd.abs().max()) > MAX_INT or not torch.equal(lut.values(), table.double()):
+    if lut.peak > MAX_INT or not torch.equal(lut.values(), table.double()):
         return None
     return lut
 

@@ -262,14 +262,11 @@ def ineligible_reason(layer: PackedLayer) -> str | None:
             return f"{w.bits}-bit weight codes with odd levels (two sums; single-sum mode stores one)"
         if int(lut.even.min()) < -128 or int(lut.even.max()) > 127:
             return f"{w.bits}-bit weight levels span integers beyond int8"
-        biggest = int(lut.even.abs().max())
-    else:
-        biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
-        if biggest > 127:
-            return f"LUT integers up to {biggest} do not fit int8"
-        if not ((lut.even == 0) & (lut.odd == 0)).any():
-            return "no zero level to pad with"
-    if 255 * biggest * (w.code_count // w.shape[0]) >= 2**31:
+    elif lut.peak > 127:
+        return f"LUT integers up to {lut.peak} do not fit int8"
+    elif not ((lut.even == 0) & (lut.odd == 0)).any():
+        return "no zero level to pad with"
+    if 255 * lut.peak * (w.code_count // w.shape[0]) >= 2**31:
         return "fan-in too large: int32 sums could overflow"
     return None
 
@@ -354,7 +351,7 @@ def forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan) -> torch.Tens
         step = step.expand(*x.shape[:-1], 1).reshape(-1).float().contiguous()
     elif step.dtype != torch.float32:
         step = step.float()
-    y = _STATE["module"].lut_linear_forward(rows, step, inp.qmin, inp.qmax, plan)
+    y = extension().lut_linear_forward(rows, step, inp.qmin, inp.qmax, plan)
     if x.dim() != 2:
         y = y.view(*x.shape[:-1], y.shape[-1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -40,8 +40,7 @@ def exact_run(layer: PackedLayer) -> int | None:
 
 def _product_bound(layer: PackedLayer) -> int:
     """The largest ``|x_int * w_int|`` of the layer."""
-    lut = layer.weight.lut()
-    biggest = int(max(lut.even.abs().max(), lut.odd.abs().max()))
+    biggest = layer.weight.lut().peak
     return max(abs(layer.input_quant.qmin), abs(layer.input_quant.qmax)) * biggest
 
 
