@@ -183,6 +183,34 @@ def test_8_bit_weights_run_natively_as_direct_int8(kind, recipe, signed, monkeyp
         assert native.prepare(convert_to_packed(q)[0]) is None
 
 
+@needs_native
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize(("m", "n"), [(8, 16), (9, 33), (17, 48), (520, 33), (1100, 80)])
+def test_batched_tile_pairs_equal_reference_exactly(direct, m, n):
+    """Batched rows serve two tiles at once (even-only grids, direct int8): odd tile counts, partial row groups
+    and several row blocks, at one and two threads, all exact."""
+    k = 72
+    if direct:
+        weights = torch.randint(-128, 128, (n, k))
+        plan = replace(_plan_of(torch.zeros(16), torch.zeros(n, k, dtype=torch.long)), direct=True)
+        plan = replace(plan, weights=native.direct_weights(weights))
+    else:
+        table = torch.tensor([0, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7])
+        codes = torch.randint(0, 16, (n, k))
+        weights, plan = table[codes], _plan_of(table, codes)
+    x = torch.randint(0, 256, (m, k)).to(torch.uint8)
+    expected = x.long() @ weights.long().T
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for path in native.available_paths():
+                even, _ = native.lut_matmul(x, replace(plan, path=path))
+                assert torch.equal(even.long(), expected), (path, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_direct_weights_layout():
     w = torch.arange(-60, 60).reshape(3, 40) % 127  # 3 rows (padded to 16), 40 k (padded to 40: 5 blocks)
     tiles = native.direct_weights(w)
@@ -559,20 +587,20 @@ def test_native_signed_input_propagates_nan_rows_like_the_reference(kind, monkey
 
 @needs_native
 def test_native_takes_a_token_input_without_copying_it(monkeypatch):
-    """(N, T, C) float32 rows reach the kernel as a view of the input: its storage is read in place."""
+    """(N, T, C) float32 rows reach the kernel as the input itself (the kernel reads its storage in place)."""
     layer, x = _signed_layer("tokens")
     _, packed = _packed(layer, x, "post-asq", {"per_token": True})
     module, seen = native.extension(), []
     kernel = module.lut_linear_forward
 
-    def spy(rows, step, qmin, qmax, plan):
-        seen.append((rows.data_ptr(), tuple(rows.shape), tuple(step.shape)))
-        return kernel(rows, step, qmin, qmax, plan)
+    def spy(x, step, qmin, qmax, plan):
+        seen.append((x.data_ptr(), tuple(x.shape), step.numel()))
+        return kernel(x, step, qmin, qmax, plan)
 
     monkeypatch.setattr(module, "lut_linear_forward", spy)
     with torch.no_grad():
         y = native.forward(packed, x, native.prepare(packed))
-    assert seen == [(x.data_ptr(), (21, 24), (21,))], "one call, on the input's own storage, one step per token"
+    assert seen == [(x.data_ptr(), (3, 7, 24), 21)], "one call, on the input's own storage, one step per token"
     assert y.shape == (3, 7, 19)
 
 

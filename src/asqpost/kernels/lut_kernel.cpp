@@ -305,23 +305,33 @@ ASQPOST_AVX512 void decode_tile_avx512(const Args& a, int64_t t, int8_t* decoded
   }
 }
 
-template <int MR, bool ODD>
-ASQPOST_AVX512 void rows_decoded_avx512(const Args& a, int64_t m0, int64_t t, const int8_t* decoded) {
-  __m512i acc_e[MR], acc_o[MR];
-  for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm512_setzero_si512();
+// MR activation rows x NT decoded tiles (decoded[j]: tile t + j): MR * NT * (1 + ODD) zmm sums. Two tiles (the
+// even-only grids: 16 sums) share each activation broadcast, halving the broadcasts per VNNI product.
+template <int MR, int NT, bool ODD>
+ASQPOST_AVX512 void rows_decoded_avx512(const Args& a, int64_t m0, int64_t t, const int8_t* const* decoded) {
+  __m512i acc_e[MR][NT], acc_o[MR][NT];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NT; ++j) acc_e[i][j] = acc_o[i][j] = _mm512_setzero_si512();
   for_each_block<MR>(a, m0, [&](int64_t b, const uint8_t* const* xr, int64_t c) ASQPOST_AVX512 {
-    const int8_t* d = decoded + decoded_bytes(ODD) * b;
-    const __m512i e_lo = _mm512_loadu_si512(d), e_hi = _mm512_loadu_si512(d + 64);
-    const __m512i o_lo = ODD ? _mm512_loadu_si512(d + 128) : e_lo;
-    const __m512i o_hi = ODD ? _mm512_loadu_si512(d + 192) : e_hi;
+    __m512i e_lo[NT], e_hi[NT], o_lo[NT], o_hi[NT];
+    for (int j = 0; j < NT; ++j) {
+      const int8_t* d = decoded[j] + decoded_bytes(ODD) * b;
+      e_lo[j] = _mm512_loadu_si512(d);
+      e_hi[j] = _mm512_loadu_si512(d + 64);
+      o_lo[j] = ODD ? _mm512_loadu_si512(d + 128) : e_lo[j];
+      o_hi[j] = ODD ? _mm512_loadu_si512(d + 192) : e_hi[j];
+    }
     for (int i = 0; i < MR; ++i) {
       const __m512i x_lo = _mm512_set1_epi32(load_i32(xr[i] + c));
       const __m512i x_hi = _mm512_set1_epi32(load_i32(xr[i] + c + 4));
-      acc_e[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i], x_lo, e_lo), x_hi, e_hi);
-      if (ODD) acc_o[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i], x_lo, o_lo), x_hi, o_hi);
+      for (int j = 0; j < NT; ++j) {
+        acc_e[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_e[i][j], x_lo, e_lo[j]), x_hi, e_hi[j]);
+        if (ODD) acc_o[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_o[i][j], x_lo, o_lo[j]), x_hi, o_hi[j]);
+      }
     }
   });
-  for (int i = 0; i < MR; ++i) store_tile<ODD>(a, m0 + i, t, acc_e[i], acc_o[i]);
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MR; ++i) store_tile<ODD>(a, m0 + i, t + j, acc_e[i][j], acc_o[i][j]);
 }
 
 template <template <int, bool> class Op, bool ODD, typename... Ts>
@@ -346,16 +356,37 @@ struct OnTheFly {
 template <int MR, bool ODD>
 struct FromDecoded {
   ASQPOST_AVX512 static void run(const Args& a, int64_t m0, int64_t t, const int8_t* d) {
-    rows_decoded_avx512<MR, ODD>(a, m0, t, d);
+    rows_decoded_avx512<MR, 1, ODD>(a, m0, t, &d);
   }
 };
 
-// Direct int8 weights are already decoded: every row group reads them in place.
+template <int MR, bool ODD>
+struct FromDecodedPair {  // tiles t and t + 1 (even-only grids)
+  ASQPOST_AVX512 static void run(const Args& a, int64_t m0, int64_t t, const int8_t* d0, const int8_t* d1) {
+    const int8_t* const d[2] = {d0, d1};
+    rows_decoded_avx512<MR, 2, false>(a, m0, t, d);
+  }
+};
+
+// Rows [m0, m1) against decoded tile t (and t + 1 when `next` is given: even-only grids), kMaxRows at a time.
+template <bool ODD>
+ASQPOST_AVX512 void rows_of_tiles(const Args& a, int64_t m0, int64_t m1, int64_t t, const int8_t* d,
+                                  const int8_t* next) {
+  for (int64_t m = m0; m < m1; m += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m));
+    if (next)
+      with_rows<FromDecodedPair, false>(rows, a, m, t, d, next);
+    else
+      with_rows<FromDecoded, ODD>(rows, a, m, t, d);
+  }
+}
+
+// Direct int8 weights are already decoded: every row group reads them in place, two tiles at a time.
 ASQPOST_AVX512 void direct_block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = t0; t < t1; t += 2) {
     const int8_t* decoded = reinterpret_cast<const int8_t*>(a.tile(t));
-    for (int64_t m = m0; m < m1; m += kMaxRows)
-      with_rows<FromDecoded, false>(static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m)), a, m, t, decoded);
+    const int8_t* next = t + 1 < t1 ? reinterpret_cast<const int8_t*>(a.tile(t + 1)) : nullptr;
+    rows_of_tiles<false>(a, m0, m1, t, decoded, next);
   }
 }
 
@@ -368,11 +399,14 @@ ASQPOST_AVX512 void block_avx512(const Args& a, int64_t m0, int64_t m1, int64_t 
     for (; t < t1; ++t) with_rows<OnTheFly, ODD>(static_cast<int>(m1 - m0), a, m0, t);
     return;
   }
-  std::vector<int8_t> decoded(static_cast<size_t>(decoded_bytes(ODD) * a.blocks()));
-  for (int64_t t = t0; t < t1; ++t) {
+  // even-only grids: two tiles decoded at once, served together; with odd levels one (its sums fill the registers)
+  const int64_t pair = ODD ? 1 : 2, tile_bytes = decoded_bytes(ODD) * a.blocks();
+  std::vector<int8_t> decoded(static_cast<size_t>(pair * tile_bytes));
+  for (int64_t t = t0; t < t1; t += pair) {
+    const bool two = pair == 2 && t + 1 < t1;
     decode_tile_avx512<ODD>(a, t, decoded.data());
-    for (int64_t m = m0; m < m1; m += kMaxRows)
-      with_rows<FromDecoded, ODD>(static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m)), a, m, t, decoded.data());
+    if (two) decode_tile_avx512<ODD>(a, t + 1, decoded.data() + tile_bytes);
+    rows_of_tiles<ODD>(a, m0, m1, t, decoded.data(), two ? decoded.data() + tile_bytes : nullptr);
   }
 }
 
@@ -517,22 +551,18 @@ void run_kernel(const Args& a, const Plan& plan, const std::string& chosen) {
 #else
   auto run = scalar_block;
 #endif
-  // work units: (tile, block of kRowBlock rows), tile-major, split over torch's intra-op threads
+  // work units: (pair of tiles, block of kRowBlock rows), pair-major, split over torch's intra-op threads
   // (at::get_num_threads(), torch.set_num_threads); each thread gets at least kMinWork products, enough to pay
-  // for waking it (a 384 x 384 layer at one row: two threads)
-  const int64_t tiles = plan.weights.size(0), row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
-  const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile;
+  // for waking it (a 384 x 384 layer at one row: two threads). A pair: the batched paths serve two tiles at once.
+  const int64_t tiles = plan.weights.size(0), pairs = (tiles + 1) / 2, row_blocks = (a.M + kRowBlock - 1) / kRowBlock;
+  const int64_t unit_work = std::min(a.M, kRowBlock) * a.Kp() * kTile * 2;
   const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, unit_work));
-  at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1;) {
-      const int64_t t = u / row_blocks, rb = u % row_blocks;
-      if (row_blocks == 1) {  // whole tiles: hand the run of them to the kernel at once
-        run(a, 0, a.M, t, u1);
-        u = u1;
-      } else {
-        run(a, rb * kRowBlock, std::min(a.M, (rb + 1) * kRowBlock), t, t + 1);
-        ++u;
-      }
+  at::parallel_for(0, pairs * row_blocks, grain, [&](int64_t u0, int64_t u1) {
+    if (row_blocks == 1)  // whole tiles: hand the run of them to the kernel at once
+      return run(a, 0, a.M, 2 * u0, std::min(tiles, 2 * u1));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u / row_blocks, rb = u % row_blocks;
+      run(a, rb * kRowBlock, std::min(a.M, (rb + 1) * kRowBlock), 2 * p, std::min(tiles, 2 * p + 2));
     }
   });
 }
@@ -670,15 +700,20 @@ std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_obj
 // The whole packed linear layer in one call, same maths and float64 operation order as the Python reference:
 //   x_int = clamp(round(x / step[m]), qmin, qmax)              (float32 division, round half to even)
 //   y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m] + bias[n]   (float64, then float32)
-// x: float32 (M, K); step: float32, one value or one per row; plan: a NativePlan (weights, tables, col_scale =
-// scale * unit, bias). A row with a NaN or inf input gives NaN outputs, as the reference.
+// x: (..., K), read in place when it is contiguous float32 (other float types are converted; y is returned in
+// x's type); step: one value or one per row of x (any shape holding them); plan: a NativePlan (weights, tables,
+// col_scale = scale * unit, bias). Returns (..., n). A row with a NaN or inf input gives NaN outputs, as the
+// reference. Shapes and types are handled here, not in Python: at batch 1 every Python step of a layer shows.
 torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax,
                                  pybind11::handle plan_object) {
   const Plan plan = read_plan(plan_object);
   const std::string path = kernel_path(plan);
-  const int64_t Kp = plan.Kp(), M = x.size(0), N = plan.n;
+  TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "x must be a float tensor (..., K)");
+  const auto rows = x.reshape({-1, x.size(-1)}).to(torch::kFloat32).contiguous();  // a view of a float32 x
+  step = step.reshape(-1).to(torch::kFloat32).contiguous();
+  const int64_t Kp = plan.Kp(), M = rows.size(0), N = plan.n;
   std::vector<char> bad;
-  auto codes = quantize(x, step, 1, qmin, qmax, plan.offset, Kp, bad, path);
+  auto codes = quantize(rows, step, 1, qmin, qmax, plan.offset, Kp, bad, path);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   Args a = make_args(codes.data_ptr<uint8_t>(), nullptr, M, 1, Kp, plan);
   std::vector<double> row_steps;
@@ -687,7 +722,9 @@ torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   float* yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     if (bad[m]) std::fill(yp + m * N, yp + (m + 1) * N, std::numeric_limits<float>::quiet_NaN());
-  return y;
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
 }
 
 // Byte offsets (B, OH, OW, kh * kw) int64 of each output pixel's input codes per kernel tap in NHWC codes of

@@ -341,20 +341,10 @@ def forward(layer: PackedLayer, x: torch.Tensor, plan: NativePlan) -> torch.Tens
     step = inp.step_of(x)
     if layer.kind == "conv2d":
         return _conv_forward(layer, x, step, (inp.qmin, inp.qmax), plan)
-    # at batch 1 the Python around the call is a third of a layer's time: no call that is not needed
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if rows.dtype != torch.float32:
-        rows = rows.float()
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    # at batch 1 the Python around the call is a third of a layer's time: shapes and types are handled natively
     if step.numel() != 1:  # ASQ's s * beta: one per sample or token, broadcast to one per row
-        step = step.expand(*x.shape[:-1], 1).reshape(-1).float().contiguous()
-    elif step.dtype != torch.float32:
-        step = step.float()
-    y = extension().lut_linear_forward(rows, step, inp.qmin, inp.qmax, plan)
-    if x.dim() != 2:
-        y = y.view(*x.shape[:-1], y.shape[-1])
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+        step = step.expand(*x.shape[:-1], 1)
+    return extension().lut_linear_forward(x, step, inp.qmin, inp.qmax, plan)
 
 
 def _conv_forward(
