@@ -21,6 +21,7 @@ from asqpost.export import (
     save_packed,
     unpack_codes,
 )
+from asqpost.kernels import native
 from asqpost.text import SentenceEncoder
 from test_export import _rewrite_meta
 from tiny_bert import VOCAB, tiny_bert_config
@@ -73,6 +74,21 @@ def test_row_codes_read_straight_from_the_packed_bytes(bits, dim):
     assert torch.equal(packed.rows(wanted), table[wanted])
 
 
+@pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
+@pytest.mark.parametrize(("method", "bits", "dim"), [("lsq", 8, 5), ("lsq", 4, 16), ("post", 4, 6), ("lsq", 2, 8)])
+def test_int64_ids_take_the_native_lookup_with_the_same_rows(method, bits, dim, monkeypatch):
+    packed = PackedEmbedding.from_quant(_quant_embedding(method, bits, dim))
+    ids = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(bits))
+    expected = packed.rows(ids.reshape(-1)).reshape(4, 9, dim)  # the torch lookup
+    calls = []
+    lookup = native.embedding_rows
+    monkeypatch.setattr(native, "embedding_rows", lambda *args: calls.append(1) or lookup(*args))
+    assert torch.equal(packed(ids), expected) and calls == [1]
+    levels = packed._byte_levels(torch.float32).view(torch.float32).reshape(256, -1)
+    codes = packed.weight.codes.view(50, -1)
+    assert native.embedding_rows(codes, levels, packed.weight.scale, torch.tensor([50])) is None, "out of range"
+
+
 def test_lookups_decode_no_table(monkeypatch):
     packed = PackedEmbedding.from_quant(_quant_embedding("lsq", 4, 16))
     expected = packed.weight.dequantize()[torch.tensor([[1, 7], [49, 0]])].clone()
@@ -85,7 +101,8 @@ def test_lookups_decode_no_table(monkeypatch):
     monkeypatch.setattr(PackedWeight, "dequantize", refuse)
     assert torch.equal(packed(torch.tensor([[1, 7], [49, 0]])), expected)
     cached = dict(packed.weight._cache)  # only the levels of each byte value: 256 x 2 float32 at 4 bits
-    assert list(cached) == ["byte-levels-torch.float32"] and cached["byte-levels-torch.float32"].numel() == 256
+    assert set(cached) <= {"byte-levels-torch.float32", "native-lookup"}  # the native lookup: views of the codes
+    assert cached["byte-levels-torch.float32"].numel() == 256
 
 
 def test_max_norm_renormalises_the_looked_up_rows_as_nn_embedding_does():

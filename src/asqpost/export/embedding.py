@@ -5,8 +5,9 @@ shape ``(num_embeddings, embedding_dim)``). A lookup reads only the codes of the
 the packed byte stream: code ``j`` of row ``i`` starts at bit ``p = (i * dim + j) * bits`` and is
 ``((byte[p // 8] | byte[p // 8 + 1] << 8) >> p % 8) & (2**bits - 1)`` (a code of at most 8 bits spans at most
 two bytes; with 1, 2, 4 or 8 bits and whole-byte rows, a row's bytes are gathered and each byte looks up its
-levels in a 256-entry table instead). No float table of the embedding is ever built, and the rows equal the
-dequantized table's bit for bit.
+levels in a 256-entry table instead; int64 ids on the CPU take that lookup in one native pass,
+:func:`asqpost.kernels.native.embedding_rows`). No float table of the embedding is ever built, and the rows
+equal the dequantized table's bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import native
 from ..nn import QuantEmbedding
 from .modules import PackedWeight
 
@@ -146,6 +148,9 @@ class PackedEmbedding(nn.Module):
         return cache[key]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._native_rows(ids) if self.max_norm is None else None
+        if out is not None:
+            return out.reshape(*ids.shape, self.embedding_dim)
         self.check_ids(ids)
         flat = ids.reshape(-1)
         if self.max_norm is None:
@@ -154,6 +159,26 @@ class PackedEmbedding(nn.Module):
             used, where = torch.unique(flat, return_inverse=True)
             out = F.embedding(where, self.rows(used), max_norm=self.max_norm, norm_type=self.norm_type)
         return out.reshape(*ids.shape, self.embedding_dim)
+
+    def _native_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The rows of int64 CPU ``ids`` in one native pass (the same arithmetic as :meth:`rows`), or ``None`` where
+        that does not apply (other ids or tables, no extension, an id out of range: the Python path says why)."""
+        if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and ids.is_cpu):
+            return None
+        scale = self.weight.scale
+        lookup = self.weight._cache.get("native-lookup")
+        if lookup is None or lookup[2] is not scale:  # built once per loaded (or moved) table
+            lookup = self.weight._cache["native-lookup"] = self._native_lookup(scale)
+        return None if lookup[0] is None else native.embedding_rows(*lookup, ids)
+
+    def _native_lookup(self, scale: torch.Tensor) -> tuple:
+        """``(codes (V, R), byte levels float32 (256, P), scale)`` as the native lookup reads them; ``(None, None,
+        scale)`` for tables it does not take (not whole-byte rows, not float32 on the CPU)."""
+        usable = scale.is_cpu and scale.dtype == torch.float32 and self._whole_byte_rows()
+        levels = self._byte_levels(torch.float32) if usable else None
+        if levels is None:
+            return None, None, scale
+        return self.weight.codes.view(self.num_embeddings, -1), levels.view(torch.float32).reshape(256, -1), scale
 
     def dequantize(self) -> torch.Tensor:
         """The whole float table (for inspection; lookups never build it)."""

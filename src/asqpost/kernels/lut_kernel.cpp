@@ -41,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -674,6 +675,41 @@ torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_
 
 }  // namespace
 
+// Rows of a packed embedding whose rows are whole bytes (asqpost.export.embedding): out[i, P * r + p] =
+// byte_levels[codes[ids[i], r], p] * scale[ids[i]], one float32 multiply per value as the Python lookup does (so
+// its rows bit for bit). codes: uint8 (V, R); byte_levels: float32 (256, P), the levels of the P codes each byte
+// holds; scale: float32 (V,); ids: int64. Returns (ids.numel(), R * P), or None when an id lies outside [0, V)
+// (the caller raises its own error).
+std::optional<torch::Tensor> embedding_rows(torch::Tensor codes, torch::Tensor byte_levels, torch::Tensor scale,
+                                            torch::Tensor ids) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes: uint8 (V, R)");
+  TORCH_CHECK(byte_levels.dtype() == torch::kFloat32 && byte_levels.dim() == 2 && byte_levels.size(0) == 256 &&
+                  byte_levels.is_contiguous(),
+              "byte_levels: float32 (256, P)");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == codes.size(0),
+              "scale: float32, one per row");
+  TORCH_CHECK(ids.dtype() == torch::kInt64, "ids must be int64");
+  ids = ids.reshape(-1).contiguous();
+  const int64_t V = codes.size(0), R = codes.size(1), P = byte_levels.size(1), n = ids.numel();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    if (id[i] < 0 || id[i] >= V) return std::nullopt;
+  auto out = torch::empty({n, R * P}, torch::dtype(torch::kFloat32));
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float *levels = byte_levels.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, R * P)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* row = cp + id[i] * R;
+      const float s = sp[id[i]];
+      float* o = op + i * R * P;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t q = 0; q < P; ++q) o[r * P + q] = levels[row[r] * P + q] * s;
+    }
+  });
+  return out;
+}
+
 std::string capability() { return available_paths().front(); }
 
 // The intra-op threads the kernel splits its work over: torch's setting (torch.set_num_threads), read by ATen.
@@ -850,6 +886,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"));
   m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere", arg("acc_even"),
         arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
+  m.def("embedding_rows", &embedding_rows, "rows of a packed embedding (whole-byte rows) from their codes",
+        arg("codes"), arg("byte_levels"), arg("scale"), arg("ids"));
   m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
   m.def("capability", &capability, "the fastest kernel path this CPU runs");
   m.def("threads", &threads, "the intra-op threads the kernel splits its work over (torch's setting)");

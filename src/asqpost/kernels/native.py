@@ -104,6 +104,16 @@ def kernel_path(plan: NativePlan) -> str:
     return _module().kernel_path(plan)
 
 
+def embedding_rows(
+    codes: torch.Tensor, byte_levels: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor | None:
+    """Rows ``(n, R * P)`` of a packed embedding with whole-byte rows: ``byte_levels[codes[ids], :] * scale[ids]``
+    (``codes`` uint8 ``(V, R)``, ``byte_levels`` float32 ``(256, P)``, ``scale`` float32 ``(V,)``, ``ids`` int64),
+    in one native pass; ``None`` without the extension or when an id lies outside ``[0, V)``."""
+    module = extension()
+    return None if module is None else module.embedding_rows(codes, byte_levels, scale, ids)
+
+
 def direct_weights(weights: torch.Tensor) -> torch.Tensor:
     """Integer weights ``(N, K)`` (values in int8) as int8 tiles ``(ceil(N / 16), Kp * 16)``: the decoded form of
     :func:`kernel_weights`'s blocks. N and K are padded with zeros; in tile ``t``, block ``b`` (128 bytes), byte
