@@ -241,7 +241,8 @@ def write_report(records: list[dict], args: argparse.Namespace, recipe) -> None:
     report = "\n".join(
         [
             f"all-MiniLM-L6-v2 against float on {args.held_out} held-out fortunes; distillation: `{RECIPE}` "
-            f"(train_subset {recipe.train_subset}, {recipe.epochs} epoch(s), lr {recipe.lr:g}); machine: {machine()}",
+            f"(train_subset {recipe.train_subset}, {recipe.epochs} epoch(s), lr {recipe.lr:g}, hidden-state loss "
+            f"{'on' if recipe.distill.get('hidden_states') else 'off'}); machine: {machine()}",
             "",
             table(
                 [
