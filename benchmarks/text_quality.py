@@ -200,6 +200,7 @@ def main() -> None:
 
     def ptq_row(method: Method, width: str) -> dict:
         bits, act_bits = (int(b) for b in width.split("/"))
+        torch.manual_seed(0)  # the ASQ adapters' random initialisation: the same whatever rows ran before
         qat = prepare_qat(copy.deepcopy(float_model), qat_config(method.recipe, bits, act_bits, method.act)).eval()
         calibrate(qat, calib_batches)
         return {"row": method.label, "bits": width, "stage": "PTQ", **evaluate(qat)}

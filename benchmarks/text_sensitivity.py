@@ -68,6 +68,7 @@ def main() -> None:
     reference = embed(float_model, held_out, tokenizer, recipe.max_length)
     method = methods(0.5)[args.method]
     bits, act_bits = (int(b) for b in args.width.split("/"))
+    torch.manual_seed(0)  # as text_quality.py's PTQ rows
     model = prepare_qat(copy.deepcopy(float_model), qat_config(method.recipe, bits, act_bits, method.act)).eval()
     calibrate(model, list(TextBatches(calib, tokenizer, batch_size=16, max_length=recipe.max_length)))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
