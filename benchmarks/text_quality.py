@@ -15,8 +15,10 @@ by the same row.
 Rows (``--methods``): ``lsq-lsq``, ``post-asq``, ``post-asq-tok`` (per-token ASQ) by default, the ASQ rows with
 the recipe's ``normalise_init`` (``post-asq-tok-rawinit``: per token with the step fitted to ``x``); also
 ``lsq-lsq-actlsq`` / ``post-asq-actlsq`` (activation steps from LSQ's ``2 mean|x| / sqrt(qmax)`` instead of the
-default MSE search) and ``lsq-lsq-smooth0.5`` / ``post-asq-smooth0.5`` (SmoothQuant, ``act.smooth``, alpha from
-``--smooth``). ``--distill-methods`` picks which of them are also distilled.
+default MSE search), ``lsq-lsq-smooth0.5`` / ``post-asq-smooth0.5`` (SmoothQuant, ``act.smooth``, alpha from
+``--smooth``) and ``lsq-lsq-rot128`` / ``post-asq-rot128`` / ``post-asq-tok-rot128`` (Hadamard rotation of every
+Linear input, ``act.rotate``, block from ``--rotate``). ``--distill-methods`` picks which of them are also
+distilled.
 
 Usage: ``HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --out runs/text-quality [--distill 4/8 4/4]``.
 Finished work is reused: distillation runs in ``OUT/runs``, each row's record in ``OUT/rows`` (delete them
@@ -62,8 +64,9 @@ class Method:
     act: dict
 
 
-def methods(smooth: float) -> dict[str, Method]:
-    """The rows by name (``--methods``; the name also names distillation runs); ``smooth``: SmoothQuant's alpha."""
+def methods(smooth: float, rotate: int = 128) -> dict[str, Method]:
+    """The rows by name (``--methods``; the name also names distillation runs); ``smooth``: SmoothQuant's alpha,
+    ``rotate``: the Hadamard rotation's largest block."""
     asq = {"normalise_init": True}  # as the recipe (configs/minilm-distill.yaml): the step fitted to x / r(x)
     return {
         "lsq-lsq": Method("LSQ + LSQ", "lsq-lsq", {}),
@@ -75,6 +78,11 @@ def methods(smooth: float) -> dict[str, Method]:
         f"lsq-lsq-smooth{smooth:g}": Method(f"LSQ + LSQ, SmoothQuant {smooth:g}", "lsq-lsq", {"smooth": smooth}),
         f"post-asq-smooth{smooth:g}": Method(
             f"POST + ASQ, SmoothQuant {smooth:g}", "post-asq", {**asq, "smooth": smooth}
+        ),
+        f"lsq-lsq-rot{rotate}": Method(f"LSQ + LSQ, rotated {rotate}", "lsq-lsq", {"rotate": rotate}),
+        f"post-asq-rot{rotate}": Method(f"POST + ASQ, rotated {rotate}", "post-asq", {**asq, "rotate": rotate}),
+        f"post-asq-tok-rot{rotate}": Method(
+            f"POST + ASQ per token, rotated {rotate}", "post-asq", {**asq, "per_token": True, "rotate": rotate}
         ),
     }
 
@@ -163,6 +171,7 @@ def main() -> None:
         "--distill-methods", nargs="*", default=None, help="of those, the ones distilled (default: all of them)"
     )
     parser.add_argument("--smooth", type=float, default=0.5, help="SmoothQuant's alpha in the *-smooth rows")
+    parser.add_argument("--rotate", type=int, default=128, help="the Hadamard block in the *-rot rows")
     parser.add_argument("--cached-only", action="store_true", help="compute nothing: the table of OUT/rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--calib", type=int, default=64, help="calibration texts (PTQ rows)")
@@ -170,7 +179,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=1500, help="train texts for the topic probe")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="more recipe keys for distillation")
     args = parser.parse_args()
-    table_methods = methods(args.smooth)
+    table_methods = methods(args.smooth, args.rotate)
     unknown = sorted(set(args.methods) - set(table_methods))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(table_methods)}")

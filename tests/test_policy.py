@@ -411,7 +411,8 @@ def test_adapter_size_is_a_choice_and_its_cost_is_reported(act, hidden, tmp_path
 
 
 def test_exports_made_before_adapter_size_and_smoothing_still_load(tmp_path):
-    """Older exports have no ``reduction`` / ``hidden_size`` adapter fields and no ``smooth`` layer field."""
+    """Older exports have no ``reduction`` / ``hidden_size`` adapter fields and no ``smooth`` or ``rotate``
+    layer field."""
     import json
 
     import safetensors.torch
@@ -431,6 +432,7 @@ def test_exports_made_before_adapter_size_and_smoothing_still_load(tmp_path):
     meta = json.loads(header["__metadata__"]["asqpost"])
     for layer in meta["layers"].values():
         assert layer.pop("smooth") is False
+        assert layer.pop("rotate") is None
         adapter = layer["input"] and layer["input"]["adapter"]
         if adapter:
             assert (adapter.pop("reduction"), adapter.pop("hidden_size")) == (4, None)

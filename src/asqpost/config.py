@@ -17,6 +17,7 @@ from typing import Any
 from .adapters import ADAPTER_FORMS, POSITIVE_MAPS
 from .levels import check_bits
 from .registry import FLOAT, get_method, methods_for
+from .rotation import check_rotation_block
 
 CONFIG_VERSION = 2
 # Version 1 (before issue 13) defaulted ASQ to the paper's adapter and activations to LSQ's init; its dicts
@@ -101,6 +102,9 @@ class QuantizerConfig:
         calibration the layer gets per-input-channel factors ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``;
         it then quantizes ``x / s`` and ``W * s`` (the same product in float), which moves outlier channels'
         range from the activations into the weights (Xiao et al. 2023). Linear and ungrouped conv layers.
+    rotate: activations only, Linear layers: the largest block of a Hadamard rotation of the input channels (a
+        power of two), or ``None`` (off). The layer quantizes ``x R`` and ``W R`` (the same product in float),
+        which spreads outlier channels over the whole block (QuaRot-style); see :mod:`asqpost.rotation`.
     normalise_init: ASQ with the scale adapter only: initialise the step on ``x / r(x)`` (each sample or token
         at its own mean |x|) and multiply by ``r_ref`` (off: on ``x``, as before). The transformer recipe turns
         it on (per-token W4A8 PTQ cosine 0.72 -> 0.89 on MiniLM; per sample about the same).
@@ -116,6 +120,7 @@ class QuantizerConfig:
     adapter_reduction: int = 4
     adapter_hidden: int | None = None
     smooth: float | None = None
+    rotate: int | None = None
     normalise_init: bool = False
 
     def __post_init__(self) -> None:
@@ -143,6 +148,8 @@ class QuantizerConfig:
             if isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float) or not 0 < self.smooth <= 1:
                 raise ValueError(f"smooth (SmoothQuant's alpha) must be in (0, 1] or null, got {self.smooth!r}")
             object.__setattr__(self, "smooth", float(self.smooth))
+        if self.rotate is not None:
+            check_rotation_block(self.rotate)
 
     def init_for(self, role: str) -> str:
         """The scale initialisation this quantizer uses in ``role``."""
@@ -155,6 +162,8 @@ class QuantizerConfig:
             raise ValueError(f"method {self.method!r} cannot quantize {role}s; choose one of {allowed}")
         if role == "weight" and self.smooth is not None:
             raise ValueError("smooth is an activation setting (act={'smooth': alpha}); a weight quantizer has none")
+        if role == "weight" and self.rotate is not None:
+            raise ValueError("rotate is an activation setting (act={'rotate': block}); a weight quantizer has none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -216,7 +216,7 @@ def calibrate(
     device = next(model.parameters()).device
     for _, layer in layers:
         if layer.weight_quantizer is not None:
-            layer.weight_quantizer.calibrate_(layer.weight)
+            layer.weight_quantizer.calibrate_(layer.folded_weight().detach())
     batches = calibrate_smoothing(model, batches, max_batches, forward)
     was_training = model.training
     model.eval()
@@ -345,6 +345,6 @@ def calibrate_smoothing(
         for layer in group:
             layer.smooth_max = None
             if layer.weight_quantizer is not None:
-                layer.weight_quantizer.calibrate_(layer.smoothed_weight().detach())
+                layer.weight_quantizer.calibrate_(layer.folded_weight().detach())
     log.info("SmoothQuant factors set on %d layers", len(layers))
     return batches

@@ -8,6 +8,10 @@ SmoothQuant (``act.smooth``): a layer with the buffer ``smooth_scale`` ``s`` (on
 calibration sets it from the real tokens' channel maxima) quantizes ``x / s`` and ``W * s`` instead of ``x``
 and ``W``; in float the product is unchanged. Several layers may hold the same ``s`` tensor (Q, K and V sharing
 one input quantizer).
+
+Rotation (``act.rotate``, Linear layers): the layer quantizes ``x R`` and ``W R`` with ``R`` a block-diagonal
+Hadamard rotation of the input channels (:mod:`asqpost.rotation`), after SmoothQuant's ``1 / s`` and ``s`` when
+both are on. :meth:`folded_input` and :meth:`folded_weight` are what the quantizers see.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from .config import LayerQuant, QuantizerConfig
 from .masking import valid_tokens
 from .quantizers import Quantizer, build_quantizer
+from .rotation import rotate_channels, rotation_block
 
 SMOOTH_FLOOR = 1e-5  # channel maxima below this count as this (an all-zero channel or weight column)
 
@@ -39,7 +44,18 @@ def _build_quantizers(layer: nn.Module, spec: LayerQuant, in_channels: int) -> N
     layer.register_buffer("smooth_scale", None if smooth is None else torch.ones(in_channels))
     layer.smooth_observing = False
     layer.smooth_max = None
+    layer.rotate_block = _rotate_block(layer, spec, in_channels)
     layer.to(layer.weight.device)
+
+
+def _rotate_block(layer: nn.Module, spec: LayerQuant, in_channels: int) -> int | None:
+    rotate = None if spec.act is None else spec.act.rotate
+    if rotate is None:
+        return None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError("rotate (the Hadamard rotation of input channels) applies to Linear layers, not convs")
+    block = rotation_block(in_channels, rotate)
+    return block if block > 1 else None  # an odd width has no power-of-two block: left unrotated
 
 
 def check_conv_input(x: torch.Tensor, in_channels: int, who: str) -> None:
@@ -65,6 +81,7 @@ class _QuantMixin:
     smooth_alpha: float | None
     smooth_observing: bool
     smooth_max: torch.Tensor | None
+    rotate_block: int | None
 
     def _channel_view(self, s: torch.Tensor, dims: int) -> torch.Tensor:
         """``s`` shaped to broadcast along the input-channel dimension of a ``dims``-d input (conv: dim 1)."""
@@ -95,12 +112,23 @@ class _QuantMixin:
         w = self.weight.detach().abs().float()
         return w.transpose(0, 1).reshape(w.shape[1], -1).amax(dim=1)
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+    def folded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the input quantizer sees: :meth:`smoothed_input`, then rotated when ``rotate_block`` is set."""
         x = self.smoothed_input(x)
+        return x if self.rotate_block is None else rotate_channels(x, self.rotate_block)
+
+    def folded_weight(self) -> torch.Tensor:
+        """What the weight quantizer sees: :meth:`smoothed_weight`, rotated along the input channels like the
+        input, so that ``F.linear(folded_input(x), folded_weight())`` is the float layer's product."""
+        w = self.smoothed_weight()
+        return w if self.rotate_block is None else rotate_channels(w, self.rotate_block)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.folded_input(x)
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
-        w = self.smoothed_weight()
+        w = self.folded_weight()
         return w if self.weight_quantizer is None else self.weight_quantizer(w)
 
 

@@ -30,6 +30,7 @@ from ..kernels import layer_path, packed_forward
 from ..masking import FORWARD_SCOPED, install_mask_hooks
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import Quantizer
+from ..rotation import check_rotation_block, rotate_channels
 from .lut import IntegerLUT, integer_lut, needs_single_sum, single_sum_table
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -261,12 +262,15 @@ class PackedLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if meta["bias"] else None
         in_channels = weight_shape[1] * self.geometry.get("groups", 1)
         self.register_buffer("smooth", torch.ones(in_channels) if meta.get("smooth") else None)
+        self.rotate = meta.get("rotate")  # exports before rotation have no field
+        if self.rotate is not None and (self.kind != "linear" or in_channels % check_rotation_block(self.rotate)):
+            raise ValueError(f"bad rotation block {self.rotate!r} for a {self.kind} layer of {in_channels} inputs")
 
     @classmethod
     def from_quant(cls, layer: QuantConv2d | QuantLinear, single_sum: bool = False) -> PackedLayer:
         """The packed form of a calibrated quantized layer (``single_sum``: see :meth:`PackedWeight.from_quantizer`)."""
         wq, aq = layer.weight_quantizer, layer.input_quantizer
-        weight = None if wq is None else PackedWeight.from_quantizer(layer.smoothed_weight().detach(), wq, single_sum)
+        weight = None if wq is None else PackedWeight.from_quantizer(layer.folded_weight().detach(), wq, single_sum)
         packed_input = None if aq is None else PackedInput.from_quantizer(aq)
         meta = {
             "kind": cls.kind,
@@ -276,6 +280,7 @@ class PackedLayer(nn.Module):
             "input": None if packed_input is None else packed_input.meta(),
             "bias": layer.bias is not None,
             "smooth": layer.smooth_scale is not None,
+            "rotate": layer.rotate_block,
         }
         packed = cls(meta).to(layer.weight.device)
         with torch.no_grad():
@@ -284,7 +289,7 @@ class PackedLayer(nn.Module):
             if weight is not None:
                 packed.weight.load_state_dict(weight.state_dict())
             else:
-                packed.float_weight.copy_(layer.smoothed_weight())
+                packed.float_weight.copy_(layer.folded_weight())
             if packed_input is not None:
                 packed.input_quant.load_state_dict(packed_input.state_dict())
             if layer.bias is not None:
@@ -306,6 +311,7 @@ class PackedLayer(nn.Module):
             "input": None if self.input_quant is None else self.input_quant.meta(),
             "bias": self.bias is not None,
             "smooth": self.smooth is not None,
+            "rotate": self.rotate,
         }
 
     def apply_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -321,18 +327,18 @@ class PackedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return packed_forward(self, self.smoothed(x))
+        return packed_forward(self, self.folded(x))
 
-    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
-        """SmoothQuant: ``x / s`` per input channel (the weight was packed as ``W * s``), or ``x``. Every kernel
-        path, the native one included, then sees the smoothed input."""
-        if self.smooth is None:
-            return x
-        shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
-        return x / self.smooth.reshape(shape).to(x.dtype)
+    def folded(self, x: torch.Tensor) -> torch.Tensor:
+        """SmoothQuant's ``x / s`` per input channel, then the Hadamard rotation (the weight was packed as
+        ``(W * s) R``), or ``x``. Every kernel path, the native one included, then sees the folded input."""
+        if self.smooth is not None:
+            shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
+            x = x / self.smooth.reshape(shape).to(x.dtype)
+        return x if self.rotate is None else rotate_channels(x, self.rotate)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded-float path: fake-quantized input times the dequantized weight (``x`` already :meth:`smoothed`)."""
+        """Decoded-float path: fake-quantized input times the dequantized weight (``x`` already :meth:`folded`)."""
         if self.input_quant is not None:
             x_int, step = self.input_quant(x)
             x = x_int * step
