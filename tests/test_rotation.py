@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from asqpost import QATConfig, QuantizerConfig, calibrate, load_quantized, prepare_qat, quantized_state
-from asqpost.export import convert_to_packed, load_packed, save_packed
+from asqpost.export import convert_to_packed, link_inputs, load_packed, save_packed
 from asqpost.rotation import hadamard, rotate_channels, rotation_block
 from tiny_bert import tiny_bert_config
 
@@ -127,3 +127,25 @@ def test_weight_gradient_flows_through_the_rotation():
     reference.load_state_dict(layer.to_float().state_dict())
     reference(x).square().sum().backward()
     assert torch.allclose(layer.weight.grad, reference.weight.grad, atol=1e-5)
+
+
+def test_packed_q_k_v_rotate_their_common_input_once():
+    q = prepare_qat(_bert(outliers=True), QATConfig.recipe("post-asq", 4, act={"rotate": 32}))
+    calibrate(q, [_ids(2)], forward=_tokens)
+    packed = convert_to_packed(q.eval())
+    attention = packed.encoder.layer[0].attention.self
+    folds = []
+    for layer in (attention.query, attention.key, attention.value):
+        fold = layer._fold
+        layer._fold = lambda x, fold=fold: folds.append(x) or fold(x)
+    x = _ids(3)
+    with torch.no_grad():
+        out = _tokens(packed, x)
+        assert len(folds) == 1
+        for layer in (attention.query, attention.key, attention.value):
+            del layer._fold
+        assert torch.equal(_tokens(packed, x), out)
+    # a link between layers that fold their input differently is refused
+    attention.key.rotate = 16
+    with pytest.raises(ValueError, match="rotate"):
+        link_inputs(packed, [[f"encoder.layer.0.attention.self.{n}" for n in ("query", "key")]])

@@ -18,6 +18,7 @@ import logging
 import math
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -141,6 +142,7 @@ class PackedInput(nn.Module):
         self._lead: list[PackedInput] = []  # the linked lead (a list: not a submodule, not in the state dict)
         self._followers = 0  # linked layers that take this one's step
         self._last: tuple[weakref.ref, int | None, torch.Tensor] | None = None  # (input, its version, its step)
+        self._last_fold: tuple[weakref.ref, int | None, torch.Tensor] | None = None  # (input, version, folded)
 
     @classmethod
     def from_quantizer(cls, quantizer: Quantizer) -> PackedInput:
@@ -171,10 +173,24 @@ class PackedInput(nn.Module):
         self._last = (weakref.ref(x), version, step)
         return step
 
+    def folded_of(self, x: torch.Tensor, fold: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fold(x)`` (the layer's smoothing and rotation), computed once per input tensor for a linked group:
+        the followers get the lead's tensor, so :meth:`step_of` finds the lead's step for it as well."""
+        if not self._lead and not self._followers:
+            return fold(x)
+        holder = self._lead[0] if self._lead else self
+        version = None if x.is_inference() else x._version
+        last = holder._last_fold
+        if last is not None and last[0]() is x and last[1] == version:
+            return last[2]
+        folded = fold(x)
+        holder._last_fold = (weakref.ref(x), version, folded)
+        return folded
+
     def forget(self) -> None:
-        """Drop the remembered step (the mask hooks' post-hook does so when a forward of a linked model ends: an
-        inference tensor has no version counter to tell that it was overwritten in place)."""
-        self._last = None
+        """Drop the remembered step and folded input (the mask hooks' post-hook does so when a forward of a
+        linked model ends: an inference tensor has no version counter to tell that it was overwritten in place)."""
+        self._last = self._last_fold = None
 
     def link_to(self, lead: PackedInput | None) -> None:
         """Take ``lead``'s step for the input it has just seen (``lead`` holds an equal quantizer), or unlink."""
@@ -183,7 +199,7 @@ class PackedInput(nn.Module):
         self._lead = [] if lead is None else [lead]
         if lead is not None:
             lead._followers += 1
-        self._last = None
+        self._last = self._last_fold = None
 
     @property
     def lead(self) -> PackedInput | None:
@@ -204,10 +220,12 @@ def link_inputs(model: nn.Module, groups: list[list[str]]) -> None:
     are not packed layers with a quantized input, or for groups whose quantizers are not equal."""
     for group in groups:
         inputs = [_packed_input(model, name) for name in group]
-        lead = inputs[0]
+        lead, lead_layer = inputs[0], model.get_submodule(group[0])
         for name, other in zip(group[1:], inputs[1:], strict=True):
             if other.meta() != lead.meta() or not _same_state(other, lead):
                 raise ValueError(f"layer {name!r} does not hold the same input quantizer as {group[0]!r}")
+            if not _same_fold(model.get_submodule(name), lead_layer):
+                raise ValueError(f"layer {name!r} does not smooth or rotate its input as {group[0]!r} does")
             other.link_to(lead)
     # the mask hooks' post-hook makes the leads forget their step when a forward of the model ends
     setattr(model, FORWARD_SCOPED, [m for m in model.modules() if isinstance(m, PackedInput) and m._followers])
@@ -234,6 +252,11 @@ def _packed_input(model: nn.Module, name: str) -> PackedInput:
     if not isinstance(layer, PackedLayer) or layer.input_quant is None:
         raise ValueError(f"{name!r} is not a packed layer with a quantized input")
     return layer.input_quant
+
+
+def _same_fold(a: PackedLayer, b: PackedLayer) -> bool:
+    smooth_equal = (a.smooth is None) == (b.smooth is None) and (a.smooth is None or torch.equal(a.smooth, b.smooth))
+    return smooth_equal and a.rotate == b.rotate
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
@@ -331,7 +354,15 @@ class PackedLayer(nn.Module):
 
     def folded(self, x: torch.Tensor) -> torch.Tensor:
         """SmoothQuant's ``x / s`` per input channel, then the Hadamard rotation (the weight was packed as
-        ``(W * s) R``), or ``x``. Every kernel path, the native one included, then sees the folded input."""
+        ``(W * s) R``), or ``x``. Every kernel path, the native one included, then sees the folded input; linked
+        layers (Q, K, V) fold their common input once (:meth:`PackedInput.folded_of`)."""
+        if self.smooth is None and self.rotate is None:
+            return x
+        if self.input_quant is None:
+            return self._fold(x)
+        return self.input_quant.folded_of(x, self._fold)
+
+    def _fold(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
             x = x / self.smooth.reshape(shape).to(x.dtype)
