@@ -10,7 +10,7 @@ it is absent); calibration only, since training does not change speed or size. R
 * packed LSQ (W) + LSQ (A); packed POST (W) + ASQ (A), one step per sample and one per token with the default
   adapter (hidden width C/4), and with a 16-wide adapter (``adapter_hidden: 16``), per sample also exported in
   single-sum mode (``convert_to_packed(single_sum=True)``: POST levels on an int8 grid, one integer sum per
-  weight);
+  weight); with ``--variants``, also rows whose Linear inputs are Hadamard-rotated (``act.rotate: 128``);
 
 at batch x tokens 1 x 32, 1 x 128 and 8 x 128, at 1 and 2 threads; medians of ``--repeats`` interleaved runs,
 each timed call after an untimed call of the same model (threads awake), all under ``torch.no_grad``. Also the
@@ -97,6 +97,22 @@ def file_size(save) -> int:
         return path.stat().st_size
 
 
+HIDDEN16 = {"adapter_hidden": 16}
+ROTATED = {"rotate": 128}
+VARIANTS = {  # label: (recipe, act fields, single-sum export)
+    "LSQ + LSQ": ("lsq-lsq", {}, False),
+    "POST + ASQ, per sample": ("post-asq", {}, False),
+    "POST + ASQ, per token": ("post-asq", {"per_token": True}, False),
+    "POST + ASQ, per sample, adapter 16": ("post-asq", HIDDEN16, False),
+    "POST + ASQ, per sample, adapter 16, single sum": ("post-asq", HIDDEN16, True),
+    "POST + ASQ, per token, adapter 16": ("post-asq", {**HIDDEN16, "per_token": True}, False),
+    "LSQ + LSQ, rotated 128": ("lsq-lsq", ROTATED, False),
+    "POST + ASQ, per sample, rotated 128": ("post-asq", ROTATED, False),
+    "POST + ASQ, per sample, adapter 16, rotated 128": ("post-asq", {**HIDDEN16, **ROTATED}, False),
+}
+DEFAULT_VARIANTS = list(VARIANTS)[:6]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -104,6 +120,14 @@ def main() -> None:
     parser.add_argument("--embedding-bits", type=int, default=4, help="word/position tables per row; 0: float")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="folder for results.md / results.json")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help=f"packed rows (default: the first {len(DEFAULT_VARIANTS)}): {list(VARIANTS)}",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -112,15 +136,7 @@ def main() -> None:
     calib = [dict(tokenizer(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
     held_out = dict(tokenizer(texts[64:], padding=True, truncation=True, max_length=128, return_tensors="pt"))
 
-    hidden16 = {"adapter_hidden": 16}
-    variants = {  # label: (recipe, act fields, single-sum export)
-        "LSQ + LSQ": ("lsq-lsq", {}, False),
-        "POST + ASQ, per sample": ("post-asq", {}, False),
-        "POST + ASQ, per token": ("post-asq", {"per_token": True}, False),
-        "POST + ASQ, per sample, adapter 16": ("post-asq", hidden16, False),
-        "POST + ASQ, per sample, adapter 16, single sum": ("post-asq", hidden16, True),
-        "POST + ASQ, per token, adapter 16": ("post-asq", {**hidden16, "per_token": True}, False),
-    }
+    variants = {name: VARIANTS[name] for name in args.variants}
     embeddings = args.embedding_bits or None
     models: dict[str, nn.Module] = {"float": model}
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)

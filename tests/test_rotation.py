@@ -149,3 +149,17 @@ def test_packed_q_k_v_rotate_their_common_input_once():
     attention.key.rotate = 16
     with pytest.raises(ValueError, match="rotate"):
         link_inputs(packed, [[f"encoder.layer.0.attention.self.{n}" for n in ("query", "key")]])
+
+
+@pytest.mark.parametrize("block", [2, 16, 128])
+def test_native_rotation_gives_the_same_bits(block):
+    from asqpost.kernels import native
+
+    if not native.available():
+        pytest.skip("the native extension cannot be built here")
+    x = torch.randn(3, 5, 3 * block) * torch.logspace(-3, 3, 3 * block)
+    ours = native.hadamard_rows(x, block)
+    assert torch.equal(ours, rotate_channels(x, block))
+    exact = x.double() @ torch.block_diag(*[hadamard(block, dtype=torch.float64)] * 3)
+    assert torch.allclose(ours.double(), exact, rtol=0, atol=1e-6 * x.abs().max().item())
+    assert torch.equal(native.hadamard_rows(x[:, 1], block), rotate_channels(x[:, 1], block))  # a strided view

@@ -50,10 +50,20 @@ def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x`` with its last dimension multiplied by the block-diagonal Hadamard rotation of ``block`` channels.
 
     Applies to inputs ``(..., C)`` and to weights ``(out, C)`` alike; ``C`` must be a multiple of ``block``.
-    The rotation is its own inverse.
+    The rotation is its own inverse. Computed as the fast Walsh-Hadamard transform (``log2(block)`` stages of
+    ``(a, b) -> (a + b, a - b)`` on pairs ``h = 1, 2, 4, ...`` apart, then one multiply by ``1 / sqrt(block)``
+    rounded to ``x``'s type): the native kernel's ``hadamard_rows`` does the same float operations in the same
+    order, so a packed layer's rotated input equals the fake-quant layer's bit for bit.
     """
     channels = x.shape[-1]
-    if channels % block:
+    if channels % check_rotation_block(block):
         raise ValueError(f"cannot rotate {channels} channels in blocks of {block}")
-    blocks = x.reshape(*x.shape[:-1], channels // block, block)
-    return (blocks @ hadamard(block, x.device, x.dtype)).reshape(x.shape)
+    lead = x.shape[:-1]
+    y = x.reshape(*lead, channels // block, block)
+    h = 1
+    while h < block:
+        pairs = y.reshape(*lead, channels // block, block // (2 * h), 2, h)
+        a, b = pairs.select(-2, 0), pairs.select(-2, 1)
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return (y * (1 / math.sqrt(block))).reshape(x.shape)

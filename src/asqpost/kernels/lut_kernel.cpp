@@ -710,6 +710,34 @@ std::optional<torch::Tensor> embedding_rows(torch::Tensor codes, torch::Tensor b
   return out;
 }
 
+// The block Hadamard rotation of asqpost.rotation.rotate_channels on float32 x (..., C): per row and block of
+// `block` channels (a power of two dividing C), the fast Walsh-Hadamard stages h = 1, 2, 4, ...: (a, b) ->
+// (a + b, a - b) on channels h apart, then one multiply by `scale` (float32 1 / sqrt(block)). The same float
+// operations in the same order as the Python version (no contraction: -ffp-contract=off), so the same bits.
+torch::Tensor hadamard_rows(torch::Tensor x, int64_t block, double scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1, "x must be float32 (..., C)");
+  TORCH_CHECK(block >= 2 && (block & (block - 1)) == 0 && x.size(-1) % block == 0,
+              "block must be a power of two dividing the last dimension");
+  auto out = x.contiguous().clone();
+  const int64_t blocks = out.numel() / block;
+  const float s = static_cast<float>(scale);
+  float* base = out.data_ptr<float>();
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / block), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* y = base + b * block;
+      for (int64_t h = 1; h < block; h *= 2)
+        for (int64_t i = 0; i < block; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const float p = y[j], q = y[j + h];
+            y[j] = p + q;
+            y[j + h] = p - q;
+          }
+      for (int64_t j = 0; j < block; ++j) y[j] *= s;
+    }
+  });
+  return out;
+}
+
 std::string capability() { return available_paths().front(); }
 
 // The intra-op threads the kernel splits its work over: torch's setting (torch.set_num_threads), read by ATen.
@@ -888,6 +916,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
   m.def("embedding_rows", &embedding_rows, "rows of a packed embedding (whole-byte rows) from their codes",
         arg("codes"), arg("byte_levels"), arg("scale"), arg("ids"));
+  m.def("hadamard_rows", &hadamard_rows, "the block Hadamard rotation of each row (fast Walsh-Hadamard, scaled)",
+        arg("x"), arg("block"), arg("scale"));
   m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
   m.def("capability", &capability, "the fastest kernel path this CPU runs");
   m.def("threads", &threads, "the intra-op threads the kernel splits its work over (torch's setting)");

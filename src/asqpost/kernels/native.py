@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,13 @@ def embedding_rows(
     in one native pass; ``None`` without the extension or when an id lies outside ``[0, V)``."""
     module = extension()
     return None if module is None else module.embedding_rows(codes, byte_levels, scale, ids)
+
+
+def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor | None:
+    """:func:`asqpost.rotation.rotate_channels` of float32 CPU ``x`` in one native pass (the same bits), or
+    ``None`` without the extension."""
+    module = extension()
+    return None if module is None else module.hadamard_rows(x, block, 1 / math.sqrt(block))
 
 
 def direct_weights(weights: torch.Tensor) -> torch.Tensor:
