@@ -9,7 +9,7 @@ from torch import nn
 
 from asqpost import QATConfig, QuantizerConfig, calibrate, load_quantized, prepare_qat, quantized_state
 from asqpost.export import convert_to_packed, link_inputs, load_packed, save_packed
-from asqpost.rotation import hadamard, rotate_channels, rotation_block
+from asqpost.rotation import hadamard, rotate_channels, rotation_block, walsh_hadamard
 from tiny_bert import tiny_bert_config
 
 
@@ -159,7 +159,16 @@ def test_native_rotation_gives_the_same_bits(block):
         pytest.skip("the native extension cannot be built here")
     x = torch.randn(3, 5, 3 * block) * torch.logspace(-3, 3, 3 * block)
     ours = native.hadamard_rows(x, block)
-    assert torch.equal(ours, rotate_channels(x, block))
+    assert torch.equal(ours, walsh_hadamard(x, block))
     exact = x.double() @ torch.block_diag(*[hadamard(block, dtype=torch.float64)] * 3)
     assert torch.allclose(ours.double(), exact, rtol=0, atol=1e-6 * x.abs().max().item())
-    assert torch.equal(native.hadamard_rows(x[:, 1], block), rotate_channels(x[:, 1], block))  # a strided view
+    assert torch.equal(native.hadamard_rows(x[:, 1], block), walsh_hadamard(x[:, 1], block))  # a strided view
+
+
+def test_rotation_gradient_is_the_rotated_gradient():
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: rotate_channels(t, 8), (x,))
+    x32 = x.detach().float().requires_grad_()
+    grad = torch.randn(2, 3, 16)
+    rotate_channels(x32, 8).backward(grad)
+    assert torch.equal(x32.grad, walsh_hadamard(grad, 8))

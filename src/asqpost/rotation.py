@@ -50,15 +50,20 @@ def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x`` with its last dimension multiplied by the block-diagonal Hadamard rotation of ``block`` channels.
 
     Applies to inputs ``(..., C)`` and to weights ``(out, C)`` alike; ``C`` must be a multiple of ``block``.
-    The rotation is its own inverse. Computed as the fast Walsh-Hadamard transform (``log2(block)`` stages of
-    ``(a, b) -> (a + b, a - b)`` on pairs ``h = 1, 2, 4, ...`` apart, then one multiply by ``1 / sqrt(block)``
-    rounded to ``x``'s type): the native kernel's ``hadamard_rows`` does the same float operations in the same
-    order, so a packed layer's rotated input equals the fake-quant layer's bit for bit.
+    The rotation is its own inverse (so its gradient is the rotated gradient). Computed as the fast
+    Walsh-Hadamard transform (:func:`walsh_hadamard`); on float32 CPU tensors by the native kernel's
+    ``hadamard_rows`` where it builds, which does the same float operations in the same order: the same bits
+    in training, evaluation and the packed layer, in one pass.
     """
-    channels = x.shape[-1]
-    if channels % check_rotation_block(block):
-        raise ValueError(f"cannot rotate {channels} channels in blocks of {block}")
-    lead = x.shape[:-1]
+    if x.shape[-1] % check_rotation_block(block):
+        raise ValueError(f"cannot rotate {x.shape[-1]} channels in blocks of {block}")
+    return _Rotate.apply(x, block)
+
+
+def walsh_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`rotate_channels` in torch ops: ``log2(block)`` stages of ``(a, b) -> (a + b, a - b)`` on channels
+    ``h = 1, 2, 4, ...`` apart within each block, then one multiply by ``1 / sqrt(block)`` in ``x``'s type."""
+    lead, channels = x.shape[:-1], x.shape[-1]
     y = x.reshape(*lead, channels // block, block)
     h = 1
     while h < block:
@@ -67,3 +72,25 @@ def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
         y = torch.stack((a + b, a - b), dim=-2)
         h *= 2
     return (y * (1 / math.sqrt(block))).reshape(x.shape)
+
+
+def _rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    if x.is_cpu and x.dtype == torch.float32:
+        from .kernels import native  # imported here: the kernels package imports the layers
+
+        if native.available():
+            return native.hadamard_rows(x, block)
+    return walsh_hadamard(x, block)
+
+
+class _Rotate(torch.autograd.Function):
+    """``x R`` with the gradient ``g R`` (``R`` symmetric and orthogonal)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, block: int) -> torch.Tensor:
+        ctx.block = block
+        return _rotate(x, block)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _rotate(grad, ctx.block), None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import StepAdapter
-from ..kernels import kernel_choice, layer_path, native, packed_forward
+from ..kernels import layer_path, packed_forward
 from ..masking import FORWARD_SCOPED, install_mask_hooks
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
 from ..quantizers import Quantizer
@@ -366,11 +366,7 @@ class PackedLayer(nn.Module):
         if self.smooth is not None:
             shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
             x = x / self.smooth.reshape(shape).to(x.dtype)
-        if self.rotate is None:
-            return x
-        if x.is_cpu and x.dtype == torch.float32 and kernel_choice() != "reference" and native.available():
-            return native.hadamard_rows(x, self.rotate)  # the same bits, one pass
-        return rotate_channels(x, self.rotate)
+        return x if self.rotate is None else rotate_channels(x, self.rotate)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded-float path: fake-quantized input times the dequantized weight (``x`` already :meth:`folded`)."""

@@ -116,7 +116,7 @@ def embedding_rows(
 
 
 def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor | None:
-    """:func:`asqpost.rotation.rotate_channels` of float32 CPU ``x`` in one native pass (the same bits), or
+    """:func:`asqpost.rotation.walsh_hadamard` of float32 CPU ``x`` in one native pass (the same bits), or
     ``None`` without the extension."""
     module = extension()
     return None if module is None else module.hadamard_rows(x, block, 1 / math.sqrt(block))
