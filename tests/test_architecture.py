@@ -27,6 +27,7 @@ LAYERS = (
         "asqpost.functional",
         "asqpost.batches",
         "asqpost.masking",
+        "asqpost.rotation",
     ),
     ("asqpost.adapters",),
     ("asqpost.config",),

@@ -172,3 +172,19 @@ def test_rotation_gradient_is_the_rotated_gradient():
     grad = torch.randn(2, 3, 16)
     rotate_channels(x32, 8).backward(grad)
     assert torch.equal(x32.grad, walsh_hadamard(grad, 8))
+
+
+def test_without_the_native_pass_the_packed_model_gives_the_same_bits(monkeypatch):
+    """The torch transform and the native one-pass rotation agree bit for bit, so whether ``asqpost.kernels``
+    installed the native pass changes nothing but speed."""
+    from asqpost import rotation
+
+    q = prepare_qat(_bert(outliers=True), QATConfig.recipe("post-asq", 4, act={"rotate": 32}))
+    calibrate(q, [_ids(2)], forward=_tokens)
+    packed = convert_to_packed(q.eval())
+    x = _ids(3)
+    with torch.no_grad():
+        fake, out = _tokens(q, x), _tokens(packed, x)
+        monkeypatch.setattr(rotation, "_ONE_PASS", [])
+        assert torch.equal(_tokens(q, x), fake)
+        assert torch.equal(_tokens(packed, x), out)

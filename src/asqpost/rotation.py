@@ -16,6 +16,7 @@ symmetric and orthogonal) on blocks of ``b`` consecutive channels; ``b`` is a po
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -52,8 +53,9 @@ def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
     Applies to inputs ``(..., C)`` and to weights ``(out, C)`` alike; ``C`` must be a multiple of ``block``.
     The rotation is its own inverse (so its gradient is the rotated gradient). Computed as the fast
     Walsh-Hadamard transform (:func:`walsh_hadamard`); on float32 CPU tensors by the native kernel's
-    ``hadamard_rows`` where it builds, which does the same float operations in the same order: the same bits
-    in training, evaluation and the packed layer, in one pass.
+    ``hadamard_rows`` once :mod:`asqpost.kernels` is imported and the extension builds (:func:`use_one_pass`),
+    which does the same float operations in the same order: the same bits in training, evaluation and the packed
+    layer, in one pass.
     """
     if x.shape[-1] % check_rotation_block(block):
         raise ValueError(f"cannot rotate {x.shape[-1]} channels in blocks of {block}")
@@ -74,12 +76,21 @@ def walsh_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     return (y * (1 / math.sqrt(block))).reshape(x.shape)
 
 
-def _rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    if x.is_cpu and x.dtype == torch.float32:
-        from .kernels import native  # imported here: the kernels package imports the layers
+OnePass = Callable[[torch.Tensor, int], "torch.Tensor | None"]
+_ONE_PASS: list[OnePass] = []  # installed by asqpost.kernels (a layer above this one), when it is imported
 
-        if native.available():
-            return native.hadamard_rows(x, block)
+
+def use_one_pass(rotate: OnePass | None) -> None:
+    """Install (or, with ``None``, remove) a one-pass :func:`walsh_hadamard` for float32 CPU tensors that gives
+    the same bits, or ``None`` when it cannot run. :mod:`asqpost.kernels` installs the native ``hadamard_rows``."""
+    _ONE_PASS[:] = [] if rotate is None else [rotate]
+
+
+def _rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    if _ONE_PASS and x.is_cpu and x.dtype == torch.float32:
+        y = _ONE_PASS[0](x, block)
+        if y is not None:
+            return y
     return walsh_hadamard(x, block)
 
 

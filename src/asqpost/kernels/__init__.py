@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..rotation import use_one_pass
 from . import native, triton_lut
 from .native import NativePlan
 from .reference import integer_accumulators, integer_forward_reference
+
+use_one_pass(native.hadamard_rows)  # rotated inputs (act.rotate) in one native pass, the same bits
 
 if TYPE_CHECKING:
     from ..export.modules import PackedLayer
