@@ -59,7 +59,9 @@ def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
     """
     if x.shape[-1] % check_rotation_block(block):
         raise ValueError(f"cannot rotate {x.shape[-1]} channels in blocks of {block}")
-    return _Rotate.apply(x, block)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotate.apply(x, block)
+    return _rotate(x, block)  # no graph to record: the autograd function's overhead shows at batch 1
 
 
 def walsh_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
