@@ -350,3 +350,21 @@ def test_text_runs_refuse_what_does_not_apply(tmp_path, st_dir, fortune_dir):
         fit(RunConfig(model="mlp", data="fortunes", data_root=str(fortune_dir), augment="none"), tmp_path / "c")
     with pytest.raises(ValueError, match="set quant"):
         fit(_distill_config(st_dir, fortune_dir, quant=None), tmp_path / "d")
+
+
+def test_rotated_w4a4_run_trains_exports_and_runs_the_same(tmp_path, st_dir, fortune_dir):
+    """The README's W4A4 command (``--set quant.act.bits=4 --set quant.act.rotate=128``) through training,
+    export and the packed file: the packed encoder gives its fake-quant model's embeddings."""
+    quant = {"recipe": "post-asq", "bits": 4, "act": {"bits": 4, "rotate": 128}}
+    run = tmp_path / "run"
+    fit(_distill_config(st_dir, fortune_dir, epochs=1, quant=quant), run)
+    fake = build_from_checkpoint(load_checkpoint(run / "checkpoint.pt")).eval()
+    layers = [m for m in fake.modules() if getattr(m, "rotate_block", None)]
+    assert layers and all(m.rotate_block == min(128, m.in_features & -m.in_features) for m in layers)
+    export = tmp_path / "model.safetensors"
+    assert main(["export", str(run / "checkpoint.pt"), str(export)]) == 0
+    inputs = load_tokenizer(st_dir)(_sentences(), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected, got = fake(**inputs), load_packed(export)(**inputs)
+    cosine = torch.nn.functional.cosine_similarity(got, expected)
+    assert cosine.min() > 0.999, cosine
