@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
 
 import torch
 
@@ -34,17 +33,13 @@ def rotation_block(in_features: int, max_block: int) -> int:
     return math.gcd(in_features, check_rotation_block(max_block))
 
 
-@lru_cache(maxsize=32)
-def _hadamard(block: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def hadamard(block: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normalised ``block x block`` Sylvester-Hadamard matrix (symmetric, ``H @ H = I``): the map
+    :func:`rotate_channels` applies per block, as a matrix (a reference; the layers never build it)."""
     h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < block:  # Sylvester: H_2n = [[H, H], [H, -H]]
+    while h.shape[0] < check_rotation_block(block):  # Sylvester: H_2n = [[H, H], [H, -H]]
         h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
-    return (h / math.sqrt(block)).to(device=device, dtype=dtype)
-
-
-def hadamard(block: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The normalised ``block x block`` Sylvester-Hadamard matrix (symmetric, ``H @ H = I``)."""
-    return _hadamard(check_rotation_block(block), torch.device(device), dtype)
+    return (h / math.sqrt(block)).to(dtype)
 
 
 def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
