@@ -1,4 +1,4 @@
-"""The ASQ step adapter's share of a packed layer's time, on all-MiniLM-L6-v2's shapes (issue 12, item 3).
+"""The ASQ step adapter's share of a packed layer's time, on all-MiniLM-L6-v2's shapes.
 
 For each input shape ``(N, T, C)`` ((1, 32, 384) and (8, 128, 384) into a 384 -> 384 layer, (8, 128, 1536) into
 MiniLM's 1536 -> 384 output layer) and each ASQ mode (per sample, per sample under a token mask as a
@@ -70,7 +70,7 @@ def stage_timers(layer: nn.Module, plain: nn.Module, x: torch.Tensor) -> dict[st
     first = adapter.hidden or adapter.out
 
     def statistics():
-        if hasattr(adapter, "_statistics_and_scale"):  # both from one masked copy (absent before issue 12)
+        if hasattr(adapter, "_statistics_and_scale"):  # both from one masked copy, where the adapter has it
             adapter._statistics_and_scale(x)
         else:
             adapter.statistics(x)

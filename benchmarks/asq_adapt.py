@@ -1,8 +1,8 @@
-"""Issue 13's study: does ASQ's step follow each sample, and does that buy robustness static steps lack?
+"""Does ASQ's step follow each sample, and does that buy robustness static steps lack?
 
-Runs (or reads) one ``asqpost compare`` grid per variant, all from the same float checkpoint with the README's
-QAT budget (one epoch on a fixed 20k-image subset), and writes one table over every variant: clean accuracy,
-the gain shift (``eval --shift``), the noise shift (``eval --shift noise``), and each ASQ variant's mean
+Runs (or reads) one ``asqpost compare`` grid per variant, all from the same float checkpoint with the QAT
+budget of docs/results.md (one epoch on a fixed 20k-image subset), and writes one table over every variant: clean
+accuracy, the gain shift (``eval --shift``), the noise shift (``eval --shift noise``), and each ASQ variant's mean
 beta(4x) / beta(1x) and beta(0.25x) / beta(1x) (over layers, then seeds), plus a plot of mean beta per gain.
 
     python benchmarks/asq_adapt.py --init runs/fmnist-float/checkpoint.pt --runs runs/asq-adapt \\
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-# variant name -> (methods, --set overrides); every cell also gets the README's QAT budget (BUDGET)
+# variant name -> (methods, --set overrides); every cell also gets the same QAT budget (BUDGET)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mse": (("post-lsq", "lsq-lsq"), ("quant.act.init=mse",)),
     "asq-paper-mse": (("post-asq",), ("quant.act.init=mse",)),

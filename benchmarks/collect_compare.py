@@ -4,7 +4,7 @@
 ``python benchmarks/collect_compare.py benchmarks/results/fmnist-resnet20 runs/cmp runs/cmp-s1``: copies every
 finished cell's ``final.json`` and ``config.yaml`` and rewrites ``results.md``, ``results.json`` and
 ``accuracy.png`` from all cells in DEST. Copy DEST's ``cells`` back under a run folder and ``asqpost compare
---out`` skips them, so a grid can be finished by a later session or by several processes.
+--out`` skips them, so a grid can be finished by a later run or by several processes.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def main() -> None:
         began = time.perf_counter()
         try:
             report[name] = run()
-        except Exception as err:  # one failing section must not cost the others' numbers on a lent GPU
+        except Exception as err:  # one failing section must not cost the others' numbers on a GPU run
             report.setdefault("errors", {})[name] = "".join(traceback.format_exception(err))[-3000:]
         report.setdefault("section_s", {})[name] = round(time.perf_counter() - began, 1)
         _write(out, report)  # what is measured survives a later crash

@@ -1,4 +1,4 @@
-"""Where packed all-MiniLM-L6-v2 departs from its fake-quant model (issue 12, "packed == fake quant").
+"""Where packed all-MiniLM-L6-v2 departs from its fake-quant model ("packed == fake quant").
 
 For one W4A8 recipe, runs the fake-quant model and its packed export on the same sentences and, for each
 quantized layer: (a) fed the *same* input, whether both quantize it to the same codes (and the same step

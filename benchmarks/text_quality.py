@@ -1,4 +1,4 @@
-"""Quality of quantized all-MiniLM-L6-v2 against the float model, on held-out real text (issue 11's table).
+"""Quality of quantized all-MiniLM-L6-v2 against the float model, on held-out real text.
 
 Data: Debian ``fortunes`` (``apt-get install fortunes``): the library's fixed 80/20 split; every row sees the
 same calibration texts, the same distillation texts (the ``minilm-distill`` recipe's ``train_subset``) and the

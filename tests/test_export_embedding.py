@@ -1,4 +1,4 @@
-"""Packed embeddings (issue 12 item 4): rows gathered from b-bit codes equal the fake-quant table bit for bit;
+"""Packed embeddings: rows gathered from b-bit codes equal the fake-quant table bit for bit;
 a tiny random BERT with quantized embeddings round-trips through the export file at its bits per row."""
 
 import json

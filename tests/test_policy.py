@@ -1,4 +1,4 @@
-"""The transformer layer policy (issue 11 items 3-4) on a tiny random BERT: first/last/unused layers, dotted
+"""The transformer layer policy on a tiny random BERT: first/last/unused layers, dotted
 patterns and exclusion, Q/K/V sharing one input quantizer, recipes with activation bits and ASQ fields,
 quantized embeddings, SmoothQuant factors and the ASQ adapter's size."""
 

@@ -37,7 +37,7 @@ def test_forward_before_calibration_raises():
 
 
 def _reference_asq(x, s, beta, qmin, qmax):
-    """Independent ASQ reference (method.md): returns x_hat and the analytic dL/ds, dL/dbeta, dL/dx."""
+    """Independent ASQ reference (docs/method.md): returns x_hat and the analytic dL/ds, dL/dbeta, dL/dx."""
     s_a = s * beta
     v = x / s_a
     inside = (v >= qmin) & (v <= qmax)

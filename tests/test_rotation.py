@@ -1,4 +1,4 @@
-"""The Hadamard rotation of Linear inputs (``act.rotate``, issue 11's outlier remedies): the matrix, the float
+"""The Hadamard rotation of Linear inputs (``act.rotate``, an outlier remedy): the matrix, the float
 identity it keeps, what it does to outlier channels at 4 bits, and its way through state, export and loading."""
 
 import math

@@ -2,7 +2,7 @@
 
 Each cell is a QAT run (or a float fine-tune for ``float``) written to ``OUT/cells/<method>-w<bits>-s<seed>/``
 as soon as it finishes; a cell with a ``final.json`` is skipped when the command runs again, so a grid can be
-completed over several sessions, or by several processes sharing one ``OUT`` (every write is atomic).
+completed over several runs, or by several processes sharing one ``OUT`` (every write is atomic).
 ``OUT/results.md`` (mean and spread over seeds of clean and shifted accuracy, and model size) and
 ``OUT/accuracy.png`` are rewritten after every cell. With ``beta=True`` (``asqpost compare --beta``) every cell
 with ASQ layers also gets its beta report (``beta.json``, ``beta.md``, ``beta.png``, :mod:`asqpost.beta_report`) on
@@ -144,18 +144,21 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
+def markdown_table(records: list[dict[str, Any]], shifted: bool = True) -> str:
+    """The report's table: one row per (method, bits), mean ± std over seeds; ``shifted=False`` leaves out the
+    shifted and noise columns (what a one-seed run cannot back)."""
     with_beta = _has_beta(records)
-    with_noise = any("noise_acc" in r for r in records)  # cells run before the noise shift existed lack it
-    columns = ["method", "bits (W/A)", "seeds", "test acc %", "shifted acc %"]
+    with_noise = shifted and any("noise_acc" in r for r in records)  # cells made before the noise shift lack it
+    columns = ["method", "bits (W/A)", "seeds", "test acc %", *(["shifted acc %"] if shifted else [])]
     columns += ["noise acc %"] if with_noise else []
     columns += ["size (KiB)", *(BETA_COLUMNS if with_beta else ())]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in summarize(records):
         bits = "32" if row["bits"] is None else f"{row['bits']}/{row['bits']}"
         label = method_label(row["method"])
+        shift = f" {row['shift']} |" if shifted else ""
         noise = f" {row['noise']} |" if with_noise else ""
-        line = f"| {label} | {bits} | {row['seeds']} | {row['test']} | {row['shift']} |{noise} {row['size_kib']:.1f} |"
+        line = f"| {label} | {bits} | {row['seeds']} | {row['test']} |{shift}{noise} {row['size_kib']:.1f} |"
         if with_beta:
             line += "".join(f" {row[k]:.3f} |" if k in row else " - |" for k in BETA_RATIOS)
         lines.append(line)

@@ -20,7 +20,7 @@ from .registry import FLOAT, get_method, methods_for
 from .rotation import check_rotation_block
 
 CONFIG_VERSION = 2
-# Version 1 (before issue 13) defaulted ASQ to the paper's adapter and activations to LSQ's init; its dicts
+# Version 1 defaulted ASQ to the paper's adapter and activations to LSQ's init; its dicts
 # still load, with those defaults written in (``_upgrade_v1``).
 V1_ACT_DEFAULTS = {"adapter_form": "paper", "init": "lsq"}
 INITS = ("lsq", "mse", "percentile")
@@ -88,12 +88,12 @@ class QuantizerConfig:
     adapter: ASQ only: the adapter's positive map (``softplus``, ``exp`` or the paper's ``relu``).
     adapter_form: ASQ only: ``scale`` (the default: beta follows the input's mean |x| by construction,
         ``beta = (r(x) / r_ref)^gamma * positive(mlp(m(x) / r(x)))``; see :mod:`asqpost.adapters`) or ``paper``
-        (beta from the channel means, as published). The README's "Does ASQ's step follow the sample?" says why.
+        (beta from the channel means, as published). docs/results.md, "Does ASQ's step follow the sample?", says why.
     per_token: ASQ on ``(N, T, C)`` inputs: one beta per token instead of per sample.
     init: scale initialisation: ``lsq`` (LSQ's ``2 mean|x| / sqrt(qmax)``; uniform grids only), ``mse``
         (search for the least squared error) or ``percentile`` (99th percentile of |x| on the top level, as
         the public POST code), among those the method implements. ``None``: ``mse`` for weights and
-        activations (ahead of LSQ's rule on clean and shifted data in issue 13's grid), or the method's first
+        activations (ahead of LSQ's rule on clean and shifted data in the Fashion-MNIST study), or the method's first
         init if it lacks that one.
     adapter_reduction, adapter_hidden: ASQ only: the adapter's hidden width, ``channels // adapter_reduction``
         (default 4, the paper's) or ``adapter_hidden`` when set (a fixed width, e.g. 8: a far smaller adapter

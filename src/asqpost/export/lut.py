@@ -1,6 +1,6 @@
 """Integer look-up tables: each level written as ``unit * (even + odd / sqrt 2)`` with small integers.
 
-This is what lets a packed layer accumulate exactly in integers (method.md, LUT): with integer activations
+This is what lets a packed layer accumulate exactly in integers (docs/method.md, LUT): with integer activations
 ``x_int``, ``sum_k x_int[k] * level[code[n, k]] = unit * (acc_even[n] + acc_odd[n] / sqrt 2)`` where
 ``acc_even = x_int @ even[codes]^T`` and ``acc_odd = x_int @ odd[codes]^T`` are exact integer sums, combined
 once per output.

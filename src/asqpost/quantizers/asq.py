@@ -21,7 +21,7 @@ class ASQQuantizer(LSQQuantizer):
 
     ``beta = adapter(x)`` is one positive factor per sample (per token with ``per_token``), shaped to
     broadcast against ``x``. LSQ's gradient scale applies to ``s`` only, so ``ds = beta * dx_hat/ds_a``
-    (scaled) and ``dbeta = s * dx_hat/ds_a`` (method.md). With beta = 1 this is exactly :class:`LSQQuantizer`.
+    (scaled) and ``dbeta = s * dx_hat/ds_a`` (docs/method.md). With beta = 1 this is exactly :class:`LSQQuantizer`.
 
     The step ``s`` is initialised as LSQ's (``init``: ``lsq``, ``mse`` or ``percentile``), searched on ``x`` with
     ``beta = 1``. With ``adapter_form="scale"`` calibration also sets the adapter's ``r_ref`` to the mean of
