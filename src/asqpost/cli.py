@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .beta_report import DEFAULT_GAINS, write_beta_report
-from .compare import DEFAULT_METHODS
+from .compare import DEFAULT_METHODS, markdown_table
 from .config import recipe_names
 from .data import DATASETS, SHIFTS, DataNotFoundError
 from .quantizers import NotCalibratedError
@@ -24,6 +24,7 @@ from .train.engine import TrainingDivergedError
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .demo import Deployment
     from .export import LayerKernel
     from .runconfig import RunConfig
 
@@ -137,7 +138,7 @@ def _print_accuracy(args: argparse.Namespace, result: dict[str, Any], what: str)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import markdown_table, run_grid
+    from .compare import run_grid
 
     base = _run_config(args)
     records = run_grid(
@@ -149,36 +150,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Float training on real data, then QAT (LSQ and ASQ + POST at 4 and 2 bits), then the table.
+    """Float training on real data, QAT (LSQ and ASQ + POST at 4 and 2 bits), the table, then the exported
+    4-bit model run from its file: accuracy, file size and latency against float.
 
     The data is the config's ``data``: the packaged demo recipe's ``mnist5k`` (shipped with a dependency, so
     every install runs the same demo) unless ``--set data=NAME`` (and ``--set data_root=DIR``) say otherwise.
     """
-    from .compare import markdown_table, run_grid
     from .data import describe_dataset
-    from .train.run import fit
+    from .demo import run_demo
 
     base = _run_config(argparse.Namespace(config=args.config or "demo", sets=args.sets))
     out = Path(args.out)
-    float_dir = out / "float"
-    _check_reusable(float_dir, base)
+    _check_reusable(out / "float", base)
     print(f"data: {base.data}: {describe_dataset(base.data)}")
-    print(f"[1/2] float {base.model} on {base.data} ({base.epochs} epochs) -> {float_dir}")
-    if not (float_dir / "final.json").is_file():
-        fit(base, float_dir)
-    # QAT fine-tunes for a third of the float epochs on at most 20k images: the whole job stays short on 2 cores
-    qat = base.replace(epochs=max(1, base.epochs // 3), lr=0.01, train_subset=base.train_subset or 20000)
-    print(
-        f"[2/2] QAT from the float model ({qat.epochs} epoch(s) on at most {qat.train_subset} images each): "
-        "LSQ and ASQ + POST at 4 and 2 bits"
-    )
-    records = run_grid(
-        qat, str(float_dir / "checkpoint.pt"), out / "compare", ("float", "lsq", "post-asq"), (4, 2), (0,)
-    )
-    print(f"\n{base.model} on {base.data} (test split; shifted: each image's gain and offset changed)\n")
-    print(markdown_table(records))
-    print(f"\nresults: {out / 'compare' / 'results.md'}")
+    result = run_demo(base, out, on_step=lambda line: print(line, flush=True))
+    print(f"\n{base.model} on {base.data}, test split, one seed\n")
+    print(markdown_table(result.records, shifted=False))
+    print(f"\nresults: {out / 'compare' / 'results.md'} (shifted accuracies too; at one seed they are noise)")
+    _print_deployment(result.deployment)
     return 0
+
+
+def _print_deployment(d: Deployment) -> None:
+    same = "equal to" if d.packed_accuracy == d.fake_quant_accuracy else "against"
+    print(
+        f"\nexported: {d.path}: {d.file_bytes / 1024:.1f} KiB, {d.float_bytes / d.file_bytes:.1f}x smaller than the "
+        f"float model's {d.float_bytes / 1024:.1f} KiB of float32 weights"
+    )
+    print(
+        f"run from the file: test accuracy {d.packed_accuracy * 100:.2f}%, {same} its fake-quant model's "
+        f"{d.fake_quant_accuracy * 100:.2f}%; the same class on {d.agreement * 100:.2f}% of {d.samples} images"
+    )
+    print(f"kernels: {d.kernels}")
+    print(f"latency on {d.machine}:\n")
+    print("| batch | float (ms) | packed 4-bit (ms) | packed / float |\n|---|---|---|---|")
+    for row in d.latency:
+        print(f"| {row.batch} | {row.float_ms:.2f} | {row.packed_ms:.2f} | {row.packed_ms / row.float_ms:.2f}x |")
 
 
 def _check_reusable(run_dir: Path, config: RunConfig) -> None:

@@ -148,7 +148,7 @@ def markdown_table(records: list[dict[str, Any]], shifted: bool = True) -> str:
     """The report's table: one row per (method, bits), mean ± std over seeds; ``shifted=False`` leaves out the
     shifted and noise columns (what a one-seed run cannot back)."""
     with_beta = _has_beta(records)
-    with_noise = shifted and any("noise_acc" in r for r in records)  # cells made before the noise shift lack it
+    with_noise = shifted and any("noise_acc" in r for r in records)  # results written without it: no column
     columns = ["method", "bits (W/A)", "seeds", "test acc %", *(["shifted acc %"] if shifted else [])]
     columns += ["noise acc %"] if with_noise else []
     columns += ["size (KiB)", *(BETA_COLUMNS if with_beta else ())]

@@ -432,16 +432,47 @@ class Normalizer:
 
     @classmethod
     def fit(cls, data: ImageSet) -> Normalizer:
+        """Mean and sample std per channel of the first images (up to 20000; 512 of a decoded folder).
+
+        uint8 images: exact integer sums, so the values are the correctly rounded statistics on every CPU,
+        whatever the order of the images; float images: float64 sums.
+        """
         limit = 20000 if isinstance(data.images, torch.Tensor) else 512  # decoded folders: a sample suffices
-        x = data.as_float(slice(0, min(len(data), limit)))
-        dims = [0, *range(2, x.dim())]
-        return cls(tuple(x.mean(dim=dims).tolist()), tuple(x.std(dim=dims).clamp_min(1e-6).tolist()))
+        x = data.images[: min(len(data), limit)]
+        channels = x.transpose(0, 1).reshape(x.shape[1], -1)
+        if x.dtype == torch.uint8:
+            stats = [_exact_mean_std(_pixel_counts(row), 255) for row in channels]
+        else:
+            stats = [_float64_mean_std(row) for row in channels.to(torch.float64)]
+        return cls(tuple(m for m, _ in stats), tuple(max(sd, 1e-6) for _, sd in stats))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = torch.tensor(self.mean, device=x.device).reshape(shape)
         std = torch.tensor(self.std, device=x.device).reshape(shape)
         return (x - mean) / std
+
+
+def _pixel_counts(values: torch.Tensor, chunk: int = 1 << 22) -> list[int]:
+    """How often each uint8 value occurs in ``values`` (counted a chunk at a time: little memory)."""
+    counts = torch.zeros(256, dtype=torch.int64)
+    for start in range(0, values.numel(), chunk):
+        counts += torch.bincount(values[start : start + chunk].to(torch.int64), minlength=256)
+    return counts.tolist()
+
+
+def _exact_mean_std(counts: list[int], scale: int) -> tuple[float, float]:
+    """Mean and sample std of ``value / scale`` over values counted by ``counts[value]``, from exact integer sums
+    (Python ints), so each result is rounded once."""
+    n = sum(counts)
+    total = sum(value * count for value, count in enumerate(counts))
+    squares = sum(value * value * count for value, count in enumerate(counts))
+    variance = (n * squares - total * total) / (n * max(n - 1, 1) * scale * scale)
+    return total / (n * scale), math.sqrt(variance)
+
+
+def _float64_mean_std(values: torch.Tensor) -> tuple[float, float]:
+    return float(values.mean()), float(values.std()) if values.numel() > 1 else 0.0
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
