@@ -166,7 +166,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(base, out, on_step=lambda line: print(line, flush=True))
     print(f"\n{base.model} on {base.data}, test split, one seed\n")
     print(markdown_table(result.records, shifted=False))
-    print(f"\nresults: {out / 'compare' / 'results.md'} (shifted accuracies too; at one seed they are noise)")
+    print(
+        "\none seed on 1000 test images: accuracies move by about a point between CPUs, so smaller gaps are noise; "
+        "`asqpost compare --seeds 0 1 2` compares with seeds"
+    )
+    print(f"results: {out / 'compare' / 'results.md'} (with the shifted accuracies, which one seed cannot back)")
     _print_deployment(result.deployment)
     return 0
 
