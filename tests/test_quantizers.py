@@ -87,12 +87,14 @@ def _adapter_input_grad(q, x, d_beta):
 
 @pytest.mark.parametrize("shape", [(4, 8, 3, 3), (4, 8), (4, 7, 8)])
 def test_asq_with_unit_beta_equals_lsq(shape):
+    """An adapter whose output is exactly 1 (zero last weights, the relu map's unit bias: ``relu(0 + 1) = 1`` in any
+    float arithmetic; softplus would give 1 only to within its implementation's rounding) makes ASQ LSQ itself."""
     x = torch.rand(shape, dtype=torch.float64) * 2
     lsq = _act("lsq", channels=8).double().calibrate_(x)
-    asq = _act("asq", channels=8, adapter_form="paper").double().calibrate_(x)
+    asq = _act("asq", channels=8, adapter_form="paper", adapter="relu").double().calibrate_(x)
     with torch.no_grad():
         asq.adapter.out.weight.zero_()
-        asq.adapter.out.bias.fill_(torch.log(torch.expm1(torch.tensor(1.0, dtype=torch.float64))))
+        asq.adapter.out.bias.fill_(1.0)
     assert torch.equal(asq.beta(x), torch.ones_like(asq.beta(x)))
     xa, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yl = asq(xa), lsq(xl)
