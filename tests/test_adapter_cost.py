@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from asqpost import StepAdapter
 from asqpost.masking import token_mask
 
+pytestmark = pytest.mark.numerics
+
 
 def _formula(adapter: StepAdapter, x: torch.Tensor) -> torch.Tensor:
     """``beta = (r / r_ref) ** gamma * positive(mlp(m / r))``, written as the docstring reads."""

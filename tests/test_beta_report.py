@@ -20,6 +20,8 @@ from asqpost.data import ImageSet, Normalizer, TensorBatches
 from asqpost.runconfig import RunConfig
 from asqpost.train.run import fit
 
+pytestmark = pytest.mark.numerics
+
 TINY = {
     "data": "synthetic",
     "model": "smallcnn",

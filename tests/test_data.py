@@ -91,6 +91,7 @@ def test_mnist5k_is_real_mnist_from_the_install():
     assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
 
 
+@pytest.mark.numerics
 def test_the_demo_data_its_split_and_its_normalisation_are_the_same_on_every_machine():
     """The pixels and labels of both splits (the seeded CPU permutation of the shipped 5000) and the fitted
     normalisation, pinned bit for bit: what the demo's numbers start from does not depend on the CPU."""
@@ -104,6 +105,7 @@ def test_the_demo_data_its_split_and_its_normalisation_are_the_same_on_every_mac
     assert (fitted.mean[0].hex(), fitted.std[0].hex()) == ("0x1.0d173994c7a54p-3", "0x1.3c05e37030313p-2")
 
 
+@pytest.mark.numerics
 def test_normalizer_of_uint8_images_is_the_exact_statistic_rounded_once():
     """Mean and sample std from exact integer sums: equal to the exact rational values rounded once, so
     independent of the CPU's reduction kernels and of the images' order."""

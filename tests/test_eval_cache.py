@@ -8,6 +8,8 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 
+pytestmark = pytest.mark.numerics
+
 
 def _model(recipe: str) -> tuple[nn.Module, torch.Tensor]:
     q = prepare_qat(nn.Sequential(nn.Linear(16, 8)), QATConfig.recipe(recipe, 4, first=None, last=None)).eval()

@@ -27,6 +27,8 @@ from asqpost.kernels.reference import integer_accumulators
 from asqpost.levels import GRIDS, make_levels
 from asqpost.models import create_model
 
+pytestmark = pytest.mark.numerics
+
 RECIPES = recipe_names()  # every registered weight method with every registered activation method
 
 

@@ -26,6 +26,8 @@ from asqpost.text import SentenceEncoder
 from test_export import _rewrite_meta
 from tiny_bert import VOCAB, tiny_bert_config
 
+pytestmark = pytest.mark.numerics
+
 WORD = "auto_model.embeddings.word_embeddings"
 
 

@@ -11,6 +11,8 @@ from asqpost.functional import (
 )
 from asqpost.levels import post
 
+pytestmark = pytest.mark.numerics
+
 SHAPES = [
     ((8, 4, 5, 5), ()),
     ((8, 4, 5, 5), (8, 1, 1, 1)),

@@ -61,6 +61,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bf16_autocast_keeps_the_codes_and_the_adapter_in_float32(dtype, device):
@@ -81,6 +82,7 @@ def test_bf16_autocast_keeps_the_codes_and_the_adapter_in_float32(dtype, device)
     assert (y.float() - y32).abs().max() <= 2e-2 * y32.abs().max()  # bf16 matmul tolerance
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_training_step_matches_float32_gradients():
     model = _qat_net()
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
@@ -99,6 +101,7 @@ def test_bf16_autocast_training_step_matches_float32_gradients():
             assert F.cosine_similarity(got[name].flatten(), grad.flatten(), dim=0) > 0.95, name
 
 
+@pytest.mark.numerics
 def test_half_inputs_without_autocast_come_back_in_their_dtype():
     layer = _qat_net()[0]
     x = torch.randn(2, 3, 8, 8)
@@ -154,6 +157,7 @@ def test_amp_training_run_and_resume(tmp_path, amp):
     assert 0.0 <= final["test_acc"] <= 1.0
 
 
+@pytest.mark.numerics
 def test_compiled_qat_matches_eager_without_graph_breaks():
     model = _qat_net()
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))

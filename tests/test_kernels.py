@@ -18,6 +18,8 @@ from asqpost.kernels.reference import exact_dtype, exact_run, integer_accumulato
 from asqpost.levels import GRIDS, make_levels
 from tiny_bert import tiny_bert_config
 
+pytestmark = pytest.mark.numerics
+
 needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
 
 

@@ -19,6 +19,8 @@ from asqpost.kernels import layer_path
 from asqpost.masking import token_mask
 from tiny_bert import tiny_bert_config
 
+pytestmark = pytest.mark.numerics
+
 transformers = pytest.importorskip("transformers")
 
 UNIT_ROUNDOFF = 2.0**-24  # float32

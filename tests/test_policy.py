@@ -27,6 +27,8 @@ from asqpost.runconfig import load_run_config
 from asqpost.size import adapter_parameters, model_size_bytes
 from tiny_bert import tiny_bert_config
 
+pytestmark = pytest.mark.numerics
+
 QKV0 = tuple(f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value"))
 LAST = "encoder.layer.1.output.dense"
 

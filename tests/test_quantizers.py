@@ -9,6 +9,8 @@ from asqpost.levels import GRIDS
 from asqpost.quantizers import ASQQuantizer, LevelSetQuantizer, LSQQuantizer
 from asqpost.registry import methods_for
 
+pytestmark = pytest.mark.numerics
+
 
 def _act(method="lsq", bits=4, channels=8, **kw):
     return build_quantizer(QuantizerConfig(method, bits, **kw), "act", channels=channels)

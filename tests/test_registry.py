@@ -13,6 +13,8 @@ from asqpost.levels import GRIDS
 from asqpost.quantizers import Quantizer, WeightExport, build_quantizer
 from asqpost.registry import get_method, method_names, methods_for, register_quantizer, unregister_quantizer
 
+pytestmark = pytest.mark.numerics
+
 
 class TernaryQuantizer(Quantizer):
     """A toy weight method: ``{-1, 0, 1}`` times a per-channel scale, defined only here."""

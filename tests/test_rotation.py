@@ -12,6 +12,8 @@ from asqpost.export import convert_to_packed, link_inputs, load_packed, save_pac
 from asqpost.rotation import hadamard, rotate_channels, rotation_block, walsh_hadamard
 from tiny_bert import tiny_bert_config
 
+pytestmark = pytest.mark.numerics
+
 
 def _bert(outliers=False):
     transformers = pytest.importorskip("transformers")  # imported late: see tests/test_policy.py

@@ -10,6 +10,8 @@ from asqpost.export.lut import INT8_PEAK, needs_single_sum, single_sum_table
 from asqpost.kernels import native
 from asqpost.levels import make_levels
 
+pytestmark = pytest.mark.numerics
+
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 8])
 def test_single_sum_table_is_an_int8_grid_within_half_a_step(bits):

@@ -38,6 +38,8 @@ from asqpost.train.engine import evaluate, train_one_epoch  # noqa: E402
 from asqpost.train.run import fit  # noqa: E402
 from tiny_bert import tiny_bert_config  # noqa: E402
 
+pytestmark = pytest.mark.numerics
+
 WORDS = [f"w{i}" for i in range(59)]
 
 

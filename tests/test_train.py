@@ -106,6 +106,7 @@ def test_cli_train_eval_compare_end_to_end(tmp_path, float_ckpt, capsys):
     assert (cmp_dir / "cells" / "lsq-w2-s0" / "final.json").stat().st_mtime == mtime
 
 
+@pytest.mark.numerics
 def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
     config = RunConfig(**{**TINY, "epochs": 3, "init": str(float_ckpt), "quant": {"recipe": "post-asq", "bits": 2}})
     fit(config, tmp_path / "straight")
@@ -171,6 +172,7 @@ def test_adapter_lr_mult_puts_the_adapters_in_their_own_group(float_ckpt):
     assert len(param_groups(lsq, 0.1, 5.0)) == 1  # no adapters: no second group
 
 
+@pytest.mark.numerics
 def test_scale_adapter_training_with_gain_augment_and_adapter_lr(tmp_path, float_ckpt):
     config = RunConfig(
         **{**TINY, "epochs": 1, "init": str(float_ckpt), "quant": SCALE_ASQ},
@@ -258,6 +260,7 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     assert "packaged recipe" in capsys.readouterr().err
 
 
+@pytest.mark.numerics
 def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
     out, record = tmp_path / "ddp", tmp_path / "ranks"
     record.mkdir()

@@ -21,6 +21,8 @@ from asqpost.kernels import packed_forward, triton_lut
 from asqpost.kernels.reference import integer_forward_reference
 from asqpost.levels import make_levels
 
+pytestmark = pytest.mark.numerics
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is jitted (first use, after this)
 pytest.importorskip("triton")

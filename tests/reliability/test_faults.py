@@ -89,6 +89,7 @@ def start_paused(tmp_path):
         proc.communicate()
 
 
+@pytest.mark.numerics
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, start_paused):
     config = RunConfig(**{**TINY, "epochs": 2})
     fit(config, tmp_path / "straight")
