@@ -355,8 +355,8 @@ def test_text_runs_refuse_what_does_not_apply(tmp_path, st_dir, fortune_dir):
 
 
 def test_rotated_w4a4_run_trains_exports_and_runs_the_same(tmp_path, st_dir, fortune_dir):
-    """The README's W4A4 command (``--set quant.act.bits=4 --set quant.act.rotate=128``) through training,
-    export and the packed file: the packed encoder gives its fake-quant model's embeddings."""
+    """The W4A4 command of docs/transformers.md (``--set quant.act.bits=4 --set quant.act.rotate=128``) through
+    training, export and the packed file: the packed encoder gives its fake-quant model's embeddings."""
     quant = {"recipe": "post-asq", "bits": 4, "act": {"bits": 4, "rotate": 128}}
     run = tmp_path / "run"
     fit(_distill_config(st_dir, fortune_dir, epochs=1, quant=quant), run)
