@@ -199,7 +199,7 @@ def test_hooks_survive_deepcopy_and_a_state_dict_round_trip():
     batch = _padded([4, 11])
     with torch.no_grad():
         want = q(**batch).last_hidden_state
-        assert not torch.equal(q.forward(**batch).last_hidden_state, want)  # bypassing the hooks drops the mask
+        assert_beyond_rounding(q.forward(**batch).last_hidden_state, want)  # bypassing the hooks drops the mask
         for other in (copied, restored):
             assert torch.equal(other(**batch).last_hidden_state, want)
 
@@ -294,7 +294,7 @@ def test_calibrate_takes_dicts_batch_encodings_positional_tuples_and_a_forward()
         for key, value in _act_state(q).items():
             assert torch.equal(value, by_dict[key]), f"{name}: {key}"
     without_mask = _act_state(calibrate(prepare_qat(bert, config), [{"input_ids": b["input_ids"]} for b in batches]))
-    assert any(not torch.equal(without_mask[k], by_dict[k]) for k in by_dict)  # the mask made the difference
+    assert max(relative_error(without_mask[k], by_dict[k]) for k in by_dict) > 100 * FLOAT32_RTOL  # the mask counted
 
 
 def test_calibrate_calls_positional_inputs_in_order():
