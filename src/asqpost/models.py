@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text import encoder_from_spec, is_text_spec
+from .text import encoder_from_spec, hf_model_from_spec, is_hf_model_spec, is_text_spec
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {}
@@ -59,6 +59,8 @@ def model_from_spec(spec: Any) -> nn.Module:
     initialised; ``ValueError`` if it is malformed or unknown."""
     if is_text_spec(spec):
         return encoder_from_spec(spec)
+    if is_hf_model_spec(spec):
+        return hf_model_from_spec(spec)
     try:
         return create_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["kwargs"])
     except (KeyError, TypeError) as err:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 from .masking import FORWARD_SCOPED, install_mask_hooks
 
 TEXT_MODELS = ("hf", "minilm")
+HF_MODEL = "hf-model"  # the spec name of a plain transformers PreTrainedModel (hf_model_spec)
 POOLINGS = ("mean", "cls")
 SPEC_KEYS = ("name", "kwargs", "hf_config", "pooling", "normalize")
 MODEL_ARGS = ("path", "pooling", "normalize", "dropout")
@@ -179,14 +181,18 @@ def is_text_spec(spec: Any) -> bool:
     return isinstance(spec, dict) and spec.get("name") in TEXT_MODELS
 
 
+def _config(hf_config: dict[str, Any]) -> Any:
+    """The transformers config a spec's ``hf_config`` mapping records."""
+    if not isinstance(hf_config, dict) or "model_type" not in hf_config:
+        raise ValueError("a model spec's hf_config is a transformers config mapping with a model_type")
+    values = dict(hf_config)
+    return _transformers().AutoConfig.for_model(values.pop("model_type"), **values)
+
+
 def _config_and_class(hf_config: dict[str, Any]) -> tuple[Any, type]:
-    transformers = _transformers()
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    if not isinstance(hf_config, dict) or "model_type" not in hf_config:
-        raise ValueError("a text model spec's hf_config is a transformers config mapping with a model_type")
-    values = dict(hf_config)
-    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    config = _config(hf_config)
     try:
         return config, MODEL_MAPPING[type(config)]
     except KeyError as err:
@@ -196,6 +202,45 @@ def _config_and_class(hf_config: dict[str, Any]) -> tuple[Any, type]:
 def _init_kwargs(model_class: type) -> dict[str, Any]:
     """No pooler: mean pooling never uses it (and an unused layer must not take the 'last layer' rule)."""
     return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+
+
+def is_pretrained_model(model: nn.Module) -> bool:
+    """``model`` is a transformers ``PreTrainedModel`` (checked without importing transformers)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def hf_model_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The spec that rebuilds a transformers ``PreTrainedModel`` (any head: ``BertModel``,
+    ``BertForSequenceClassification``...) from its class name and config, or ``None`` when its class is not one
+    that ``transformers`` exports (a subclass of the user's own: loading then needs ``model=``)."""
+    cls = type(model)
+    if getattr(_transformers(), cls.__name__, None) is not cls:
+        return None
+    spec: dict[str, Any] = {"name": HF_MODEL, "hf_class": cls.__name__, "hf_config": config_json(model.config)}
+    if "add_pooling_layer" in inspect.signature(cls).parameters:  # an init argument, not a config field
+        spec["init_kwargs"] = {"add_pooling_layer": getattr(model, "pooler", None) is not None}
+    return spec
+
+
+def is_hf_model_spec(spec: Any) -> bool:
+    return isinstance(spec, dict) and spec.get("name") == HF_MODEL
+
+
+def hf_model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The ``PreTrainedModel`` an :func:`hf_model_spec` records, randomly initialised (no folder, no network).
+
+    Only classes that ``transformers`` itself exports are built, so a file cannot name other code to run.
+    """
+    transformers = _transformers()
+    name = spec.get("hf_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"hf_class {name!r} is not a transformers model class")
+    init_kwargs = spec.get("init_kwargs", {})
+    if not isinstance(init_kwargs, dict) or set(init_kwargs) - {"add_pooling_layer"}:
+        raise ValueError(f"unknown init_kwargs {init_kwargs!r} in a transformers model spec")
+    return cls(_config(spec.get("hf_config")), **{k: bool(v) for k, v in init_kwargs.items()})
 
 
 def encoder_from_spec(spec: dict[str, Any]) -> SentenceEncoder:

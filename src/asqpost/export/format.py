@@ -40,7 +40,7 @@ from ..convert import CONFIG_ATTR, quant_embeddings, quant_layers
 from ..files import atomic_write_bytes
 from ..masking import install_mask_hooks
 from ..models import model_from_spec
-from ..text import SentenceEncoder, spec_of_encoder
+from ..text import SentenceEncoder, hf_model_spec, is_pretrained_model, spec_of_encoder
 from .embedding import PackedEmbedding
 from .modules import PACKED_LAYERS, QUANT_TO_PACKED, PackedLayer, input_links, link_inputs, log_kernel_plan
 
@@ -119,11 +119,15 @@ def save_packed(
 ) -> int:
     """Write a packed model atomically; returns the file size in bytes.
 
-    ``model_spec`` records what rebuilds the architecture; for a :class:`~asqpost.text.SentenceEncoder` without
-    one, its transformers config is recorded, so :func:`load_packed` needs no ``model=``.
+    ``model_spec`` records what rebuilds the architecture; without one, a :class:`~asqpost.text.SentenceEncoder`
+    records its transformers config, and a transformers ``PreTrainedModel`` of a class that ``transformers``
+    exports its class name and config (:func:`asqpost.text.hf_model_spec`), so :func:`load_packed` needs no
+    ``model=``.
     """
     if model_spec is None and isinstance(packed, SentenceEncoder):
         model_spec = spec_of_encoder(packed)
+    elif model_spec is None and is_pretrained_model(packed):
+        model_spec = hf_model_spec(packed)
     layers = packed_layers(packed)
     if not layers:
         raise ValueError("not a packed model: call convert_to_packed(model) first")

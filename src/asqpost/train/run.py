@@ -41,7 +41,7 @@ from ..files import atomic_write_bytes
 from ..models import model_from_spec, model_spec
 from ..runconfig import RunConfig
 from ..size import model_size_bytes
-from ..text import TEXT_MODELS, is_text_spec, load_tokenizer, pretrained_encoder, text_model_spec
+from ..text import TEXT_MODELS, is_hf_model_spec, is_text_spec, load_tokenizer, pretrained_encoder, text_model_spec
 from . import distributed
 from .accel import compile_model, grad_scaler, graph_breaks, resolve_device
 from .checkpoint import (
@@ -560,8 +560,9 @@ def evaluate_export(
     if is_text_spec(spec):
         _no_shift_for_text(shift)
         return evaluate_text_model(model, spec, data, data_root, split, min(batch_size, 64), subset=subset)
-    if not spec:
-        raise ValueError(f"{path} records no model spec, so not its input shape; evaluate it from Python")
+    if not spec or "input_shape" not in spec:
+        what = f"a transformers {spec['hf_class']}" if is_hf_model_spec(spec) else "no model spec"
+        raise ValueError(f"{path} records {what}, so no dataset it reads; evaluate it from Python (load_packed)")
     return _evaluate_model(
         model, spec["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path, subset
     )
