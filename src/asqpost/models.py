@@ -22,29 +22,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import Registry
 from .text import encoder_from_spec, hf_model_from_spec, is_hf_model_spec, is_text_spec
 
 ModelFactory = Callable[..., nn.Module]
-MODELS: dict[str, ModelFactory] = {}
+MODELS: Registry[ModelFactory] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    def wrap(factory: ModelFactory) -> ModelFactory:
-        MODELS[name] = factory
-        return factory
+    """Decorator: make ``factory(num_classes=, input_shape=, **kwargs)`` buildable as ``create_model(name)``;
+    a name registered twice raises ``ValueError``."""
+    return MODELS.register(name)
 
-    return wrap
+
+def list_models() -> tuple[str, ...]:
+    """Every registered model name (torchvision's with the ``[vision]`` extra), in registration order."""
+    _register_vision()
+    return MODELS.names()
 
 
 def create_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), **kwargs) -> nn.Module:
     """Build a registered model by name for inputs of ``input_shape`` (no batch dimension)."""
     _register_vision()
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    factory = MODELS.get(name)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     try:
-        return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+        return factory(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for model {name!r}: {err}") from err
 

@@ -1,4 +1,6 @@
-"""The quantizer registry: the one list of quantization methods, their roles and their report labels.
+"""The registries: quantization methods (with their roles and report labels), and the :class:`Registry` that
+models and datasets use, all in one style: names are registered once (a second registration of a name is an
+error), looked up with an error that lists the choices, and listed by a ``list_*()`` / ``*_names()`` function.
 
 A method is a name bound to a quantizer class by :func:`register_quantizer`. The class declares the roles it
 can quantize (``roles``: ``"weight"``, ``"act"`` or both), the scale initialisations it implements (``inits``)
@@ -13,15 +15,68 @@ methods are registered when :mod:`asqpost` is imported (its ``__init__`` imports
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 ROLES = ("weight", "act")
 FLOAT = "float"  # in configs and compare grids: no quantizer; so never a method name
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 T = TypeVar("T", bound=type)
+V = TypeVar("V")
+
+
+class Registry(Generic[V]):
+    """Names bound to objects of one kind (``kind``: ``"model"``, ``"dataset"``), in registration order.
+
+    ``register(name)`` is a decorator (``add(name, item)`` the plain call); a name registered twice raises
+    ``ValueError``, as does :meth:`get` of an unknown name (the message lists the registered ones). Read-only
+    as a mapping (``registry[name]``, ``name in registry``, iteration over the names).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, V] = {}
+
+    def add(self, name: str, item: V) -> V:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} name is a non-empty string, got {name!r}")
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = item
+        return item
+
+    def register(self, name: str) -> Callable[[V], V]:
+        def wrap(item: V) -> V:
+            return self.add(name, item)
+
+        return wrap
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (for plugins and tests that register one for a while)."""
+        self.get(name)
+        del self._items[name]
+
+    def get(self, name: str) -> V:
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} {name!r}; available: {sorted(self._items)}")
+        return self._items[name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._items)
+
+    def __getitem__(self, name: str) -> V:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass(frozen=True)

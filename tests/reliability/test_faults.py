@@ -145,7 +145,7 @@ def test_nan_in_training_stops_without_a_poisoned_checkpoint(tmp_path, monkeypat
         data.images[5] = float("nan")
         return data
 
-    monkeypatch.setitem(data_module.DATASETS, "synthetic", poisoned)
+    monkeypatch.setitem(data_module.DATASETS._items, "synthetic", poisoned)  # restored after the test
     with pytest.raises(TrainingDivergedError, match="loss is nan"):
         fit(config.replace(stop_after=None), tmp_path, resume=True)
     after = load_checkpoint(tmp_path / "checkpoint.pt")
