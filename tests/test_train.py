@@ -14,7 +14,7 @@ from asqpost.config import QATConfig
 from asqpost.data import Normalizer, TensorBatches, load_dataset
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
 from asqpost.train.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, save_checkpoint
-from asqpost.train.engine import evaluate
+from asqpost.train.engine import evaluate, register_step_hook, train_one_epoch
 from asqpost.train.run import evaluate_checkpoint, fit, param_groups, prepare
 
 TINY = {
@@ -325,3 +325,27 @@ def test_compare_cells_keep_the_quantizer_settings(tmp_path, monkeypatch):
         ("lsq", 3, "percentile", "scale", "float"),
         ("asq", 3, "percentile", "scale", "float"),
     ]
+
+
+def test_step_hooks_see_every_optimizer_step_in_order_until_removed():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 3, (4,))) for _ in range(3)]
+    calls, weights = [], []
+    first = register_step_hook(lambda epoch, step, steps: calls.append(("first", epoch, step, steps)))
+    second = register_step_hook(lambda *args: weights.append(model[1].weight.detach().clone()))
+    try:
+        train_one_epoch(model, batches, optimizer, scheduler, torch.device("cpu"), 0, progress=False)
+        train_one_epoch(model, iter(batches), optimizer, scheduler, torch.device("cpu"), 1, progress=False)
+        first.remove()
+        train_one_epoch(model, batches, optimizer, scheduler, torch.device("cpu"), 2, progress=False)
+    finally:
+        first.remove()
+        second.remove()
+    # epoch and step count from 1; batches without a length have no step count
+    assert calls == [("first", 1, s, 3) for s in (1, 2, 3)] + [("first", 2, s, None) for s in (1, 2, 3)]
+    assert len(weights) == 9 and not torch.equal(weights[0], weights[1])  # after each step: the new weights
+    train_one_epoch(model, batches, optimizer, scheduler, torch.device("cpu"), 3, progress=False)
+    assert len(weights) == 9  # removed: no longer called

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +16,12 @@ import torch
 from asqpost import data as data_module
 from asqpost.files import atomic_write_bytes
 from asqpost.runconfig import RunConfig
-from asqpost.train import _test_pause
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from asqpost.train.engine import TrainingDivergedError
 from asqpost.train.run import fit
 
 pytestmark = pytest.mark.reliability("injected fault")
+PAUSED_RUN = Path(__file__).with_name("paused_run.py")
 
 TINY = {
     "data": "synthetic",
@@ -54,7 +55,7 @@ def _sigint_as_in_a_terminal():
 
 @pytest.fixture
 def start_paused(tmp_path):
-    """Start ``asqpost train`` held (by the engine's test-only pause point) right after ``step`` of ``epoch``.
+    """Start ``asqpost train`` held (by the step hook of ``paused_run.py``) right after ``step`` of ``epoch``.
 
     ``start_paused(out, epoch, step, **config)`` returns the process, blocked at that step, and the marker it wrote
     there; a process still alive when the test ends is killed.
@@ -63,9 +64,10 @@ def start_paused(tmp_path):
 
     def start(out, epoch, step, **overrides):
         marker = tmp_path / f"{out.name}-paused.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", _test_pause.ENV: f"{epoch}:{step}:{marker}"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        runner = [sys.executable, str(PAUSED_RUN), str(epoch), str(step), str(marker)]
         proc = subprocess.Popen(
-            _cli(out, **overrides),
+            runner + _cli(out, **overrides)[3:],  # the CLI's arguments, run with the pause point's step hook
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -5,14 +5,15 @@ a dict / ``BatchEncoding`` called as ``model(**inputs)``, a tuple of positional 
 calls models that take their inputs another way. The loss is cross-entropy against the target (accuracy is
 counted), or a ``loss_fn(outputs, target, inputs)`` of the caller's (distillation: :mod:`.distill`).
 
-The one exception is a test-only pause point (:mod:`._test_pause`, off unless ``ASQPOST_TEST_PAUSE_AT`` is set)
-that the fault tests use to stop a run at a known step.
+Step hooks (:func:`register_step_hook`) are called after every optimizer step: progress reports, profilers,
+the fault tests' pause point.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +21,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
 from ..batches import Forward, batch_size, call_model, split_batch
-from . import _test_pause, distributed
+from . import distributed
 from .accel import autocast, host_to_device
 
 LossFn = Callable[[Any, Any, Any], torch.Tensor]
 """``loss_fn(outputs, target, inputs) -> scalar loss`` (``target`` is ``None`` for batches of inputs alone)."""
+StepHook = Callable[[int, int, "int | None"], None]
+"""``hook(epoch, step, steps_in_epoch)`` after an optimizer step (epoch and step from 1; ``None`` steps for
+batches without a length)."""
+_STEP_HOOKS: OrderedDict[int, StepHook] = OrderedDict()  # RemovableHandle keeps a weak reference to it
+
+
+def register_step_hook(hook: StepHook) -> RemovableHandle:
+    """Call ``hook`` after every optimizer step of :func:`train_one_epoch` in this process, in registration order;
+    ``handle.remove()`` takes it out again."""
+    handle = RemovableHandle(_STEP_HOOKS)
+    _STEP_HOOKS[handle.id] = hook
+    return handle
 
 
 class TrainingDivergedError(RuntimeError):
@@ -83,7 +97,7 @@ def train_one_epoch(
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    pause = _test_pause.requested()
+    steps = len(batches) if isinstance(batches, Sized) else None
     bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or None, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         inputs, target = split_batch(batch)
@@ -106,8 +120,8 @@ def train_one_epoch(
         elapsed = time.perf_counter() - start
         shown = {"loss": f"{total_loss / seen:.4g}", "samples_s": f"{seen / elapsed:.0f}"}
         bar.set_postfix(shown if loss_fn is not None else {**shown, "acc": f"{correct / seen:.3f}"})
-        if pause is not None:
-            pause.check(epoch + 1, step + 1, len(batches) if isinstance(batches, Sized) else None)
+        for hook in tuple(_STEP_HOOKS.values()):
+            hook(epoch + 1, step + 1, steps)
     totals = distributed.all_sum([total_loss, float(correct), float(seen)], device)
     accuracy = totals[1] / max(totals[2], 1) if loss_fn is None else math.nan
     return EpochStats(totals[0] / max(totals[2], 1), accuracy, int(totals[2]), time.perf_counter() - start)
