@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from asqpost import (
     quantized_state,
     resolve_layer_specs,
 )
-from asqpost.config import recipe_names
+from asqpost.config import parse_setting, recipe_names
 from asqpost.models import create_model
 
 RECIPES = ["lsq", *recipe_names()]  # the one-name form, and every registered weight x activation method
@@ -204,3 +206,30 @@ def test_recipe_sets_quantizer_fields():
         QATConfig.recipe("post-lsq", 4, weight={"method": "lsq"})
     with pytest.raises(ValueError, match="does not apply"):
         QATConfig.recipe("post-lsq", 4, weight={"init": "lsq"})
+
+
+@pytest.mark.parametrize("value", [True, 2.5, "4", [4], ("weight", 4)])
+def test_every_float_bits_or_mapping_setting_refuses_the_same_garbage_the_same_way(value):
+    """Quantizer configs, layer overrides (whole and per role), first / last and embeddings read one grammar
+    (``parse_setting``): the message names the setting and lists what it takes."""
+    sites = {
+        "quantizer config": lambda: QuantizerConfig.from_dict(value),
+        "layer override": lambda: QATConfig.recipe("post-asq", 4, overrides=(("layer1.*", value),)),
+        "act override": lambda: QATConfig.recipe("post-asq", 4, overrides=(("layer1.*", {"act": value}),)),
+        "first/last": lambda: QATConfig.recipe("post-asq", 4, first=value),
+        "embeddings": lambda: QATConfig.recipe("post-asq", 4, embeddings=value),
+    }
+    for what, build in sites.items():
+        with pytest.raises(ValueError, match=f"{re.escape(what)} is .*'float', an integer bit width or a mapping"):
+            build()
+
+
+def test_the_settings_grammar_reads_float_bits_and_mappings_alike():
+    assert parse_setting("float", "x") is None and parse_setting(None, "x", none_is_float=True) is None
+    assert parse_setting(3, "x") == 3
+    fields = {"method": "lsq", "bits": 4}
+    assert parse_setting(fields, "x") == fields and parse_setting(fields, "x") is not fields  # a copy
+    with pytest.raises(ValueError, match="x bits must be in"):
+        parse_setting(9, "x")
+    with pytest.raises(ValueError, match="x is 'float', an integer"):
+        parse_setting(None, "x")  # null is float only where the setting says so

@@ -170,12 +170,13 @@ class QuantizerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str | None) -> QuantizerConfig | None:
-        if data is None or data == FLOAT:
+        setting = parse_setting(data, "quantizer config", none_is_float=True)
+        if setting is None:
             return None
-        if not isinstance(data, dict):
-            raise ValueError(f"a quantizer config is a mapping or 'float', got {data!r}")
-        _reject_unknown(cls, data, "quantizer")
-        return cls(**data)
+        if isinstance(setting, int):
+            raise ValueError(f"a quantizer config is a mapping or 'float' (bits alone name no method), got {data!r}")
+        _reject_unknown(cls, setting, "quantizer")
+        return cls(**setting)
 
 
 @dataclass(frozen=True)
@@ -207,24 +208,39 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+Setting = int | dict[str, Any] | None
+"""A parsed "float | bits | mapping" value: ``None`` (float), a bit width, or a mapping of fields."""
+
+
+def parse_setting(value: Any, what: str, none_is_float: bool = False) -> Setting:
+    """The one reading of a "float | bits | mapping" value (quantizer configs, layer overrides, first / last,
+    embeddings): ``'float'`` (and ``None`` where ``none_is_float``) -> ``None``; an integer -> that bit width,
+    checked to lie in [2, 8]; a mapping -> a copy. Anything else raises ``ValueError`` naming ``what``."""
+    if value == FLOAT or (value is None and none_is_float):
+        return None
+    if _is_int(value):
+        return check_bits(value, f"{what} bits")
+    if isinstance(value, dict):
+        return dict(value)
+    allowed = "null, 'float'" if none_is_float else "'float'"
+    raise ValueError(f"{what} is {allowed}, an integer bit width or a mapping, got {value!r}")
+
+
 def _with_bits(q: QuantizerConfig | None, bits: int) -> QuantizerConfig | None:
     return None if q is None else dataclasses.replace(q, bits=bits)
 
 
 def _apply_part(q: QuantizerConfig | None, value: Any, role: str) -> QuantizerConfig | None:
     """Apply one override value (``'float'``, bits, or a mapping of fields) to a quantizer config."""
-    if value == FLOAT:
+    setting = parse_setting(value, f"{role} override")
+    if setting is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(setting, int):
         if q is None:
             raise ValueError(f"cannot set {role} bits on a float {role}; give a full mapping with a method")
-        return _with_bits(q, value)
-    if isinstance(value, dict):
-        _reject_unknown(QuantizerConfig, value, f"{role} override")
-        if q is None:
-            return QuantizerConfig(**value)
-        return dataclasses.replace(q, **value)
-    raise ValueError(f"a {role} override is 'float', an integer bit width or a mapping, got {value!r}")
+        return _with_bits(q, setting)
+    _reject_unknown(QuantizerConfig, setting, f"{role} override")
+    return QuantizerConfig(**setting) if q is None else dataclasses.replace(q, **setting)
 
 
 def _recipe_part(method: str, bits: int, fields_: dict[str, Any] | None, role: str) -> QuantizerConfig:
@@ -241,28 +257,26 @@ def _recipe_part(method: str, bits: int, fields_: dict[str, Any] | None, role: s
 
 def apply_edge(spec: LayerQuant, value: Any) -> LayerQuant:
     """First/last layer policy: bits mean uniform weights (LSQ) and activations at that width."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        check_bits(value, "first/last bits")
-        weight = None if spec.weight is None else dataclasses.replace(spec.weight, method="lsq", bits=value)
-        return LayerQuant(weight, _with_bits(spec.act, value))
+    setting = parse_setting(value, "first/last")
+    if isinstance(setting, int):
+        weight = None if spec.weight is None else dataclasses.replace(spec.weight, method="lsq", bits=setting)
+        return LayerQuant(weight, _with_bits(spec.act, setting))
     return apply_override(spec, value)
 
 
 def apply_override(spec: LayerQuant, value: Any) -> LayerQuant:
     """Apply a layer override: ``'float'``, bits for both, or ``{'weight': ..., 'act': ...}``."""
-    if value == FLOAT:
+    setting = parse_setting(value, "layer override")
+    if setting is None:
         return LayerQuant(None, None)
-    if isinstance(value, int) and not isinstance(value, bool):
-        check_bits(value, "override bits")
-        return LayerQuant(_with_bits(spec.weight, value), _with_bits(spec.act, value))
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"weight", "act"})
-        if unknown:
-            raise ValueError(f"unknown layer override key(s) {unknown}; known keys: ['act', 'weight']")
-        weight = _apply_part(spec.weight, value["weight"], "weight") if "weight" in value else spec.weight
-        act = _apply_part(spec.act, value["act"], "act") if "act" in value else spec.act
-        return LayerQuant(weight, act)
-    raise ValueError(f"a layer override is 'float', an integer bit width or a mapping, got {value!r}")
+    if isinstance(setting, int):
+        return LayerQuant(_with_bits(spec.weight, setting), _with_bits(spec.act, setting))
+    unknown = sorted(set(setting) - {"weight", "act"})
+    if unknown:
+        raise ValueError(f"unknown layer override key(s) {unknown}; known keys: ['act', 'weight']")
+    weight = _apply_part(spec.weight, setting["weight"], "weight") if "weight" in setting else spec.weight
+    act = _apply_part(spec.act, setting["act"], "act") if "act" in setting else spec.act
+    return LayerQuant(weight, act)
 
 
 @dataclass(frozen=True)
@@ -328,20 +342,17 @@ class QATConfig:
 
     def embedding_quant(self) -> QuantizerConfig | None:
         """The embeddings' quantizer (one scale per row), or ``None`` when they stay float."""
-        value = self.embeddings
-        if value is None or value == FLOAT:
+        setting = parse_setting(self.embeddings, "embeddings", none_is_float=True)
+        if setting is None:
             return None
-        if _is_int(value):
-            check_bits(value, "embedding bits")
-            return QuantizerConfig("lsq", value)
-        if isinstance(value, dict):
-            _reject_unknown(QuantizerConfig, value, "embeddings")
-            if "method" not in value or "bits" not in value:
-                raise ValueError(f"an embeddings mapping needs 'method' and 'bits', got {value!r}")
-            q = QuantizerConfig(**value)
-            q.check_role("weight")
-            return q
-        raise ValueError(f"embeddings is null, 'float', an integer bit width or a mapping, got {value!r}")
+        if isinstance(setting, int):
+            return QuantizerConfig("lsq", setting)
+        _reject_unknown(QuantizerConfig, setting, "embeddings")
+        if "method" not in setting or "bits" not in setting:
+            raise ValueError(f"an embeddings mapping needs 'method' and 'bits', got {setting!r}")
+        q = QuantizerConfig(**setting)
+        q.check_role("weight")
+        return q
 
     @classmethod
     def recipe(
