@@ -18,8 +18,14 @@ import yaml
 from .config import QATConfig
 from .data import AUGMENTS, check_gain_augment
 
-# what a recipe's quant may add to its bits
-RECIPE_SETTINGS = ("act_bits", "first", "last", "overrides", "exclude", "embeddings", "share_inputs", "act", "weight")
+# what a recipe's quant may add to its bits: QATConfig.recipe's own arguments (act_bits; act / weight: quantizer
+# fields on top of the recipe's methods) and every QATConfig policy field it passes on
+RECIPE_SETTINGS = (
+    "act_bits",
+    *(f.name for f in fields(QATConfig) if f.name not in ("weight", "act", "version")),
+    "act",
+    "weight",
+)
 RECIPE_KEYS = ("recipe", "bits", *RECIPE_SETTINGS)
 LOSSES = ("ce", "distill")
 OPTIMIZERS = ("sgd", "adamw")
