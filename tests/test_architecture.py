@@ -23,6 +23,7 @@ LAYERS = (
         "asqpost.version",
         "asqpost.files",
         "asqpost.timing",
+        "asqpost.devices",
         "asqpost.registry",
         "asqpost.levels",
         "asqpost.functional",

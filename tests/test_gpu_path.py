@@ -13,9 +13,10 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.cli import config_path, main
+from asqpost.devices import resolve_device
 from asqpost.models import create_model
 from asqpost.runconfig import RunConfig, load_run_config
-from asqpost.train.accel import autocast, grad_scaler, graph_breaks, host_to_device, resolve_device
+from asqpost.train.accel import autocast, grad_scaler, graph_breaks, host_to_device
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint
 from asqpost.train.run import evaluate_checkpoint, fit
 

@@ -18,6 +18,7 @@ from .beta_report import DEFAULT_GAINS, write_beta_report
 from .compare import DEFAULT_METHODS, markdown_table
 from .config import recipe_names
 from .data import DATASETS, SHIFTS, DataNotFoundError
+from .devices import DEVICE_NAMES
 from .quantizers import NotCalibratedError
 from .text import MissingExtraError
 from .train.engine import TrainingDivergedError
@@ -63,7 +64,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable; dotted keys reach into quant: quant.bits=2)",
     )
-    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: the same as --set device=...")
+    p.add_argument("--device", help=f"{DEVICE_NAMES}: the same as --set device=...")
     p.set_defaults(data_root_flag="--set data_root=DIR")  # named in the hint after a missing-dataset error
 
 
@@ -233,8 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _kernel_report(export: str, device: str) -> list[LayerKernel]:
     """The packed model's per-layer kernel plan on ``device`` (the model is loaded once more for it)."""
+    from .devices import resolve_device
     from .export import kernel_report, load_packed
-    from .train.run import resolve_device
 
     return kernel_report(load_packed(export).to(resolve_device(device)))
 

@@ -17,6 +17,7 @@ import yaml
 
 from .config import QATConfig
 from .data import AUGMENTS, check_gain_augment
+from .devices import check_amp, check_device_name
 
 # what a recipe's quant may add to its bits: QATConfig.recipe's own arguments (act_bits; act / weight: quantizer
 # fields on top of the recipe's methods) and every QATConfig policy field it passes on
@@ -107,9 +108,8 @@ class RunConfig:
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; choose one of {AUGMENTS}")
         check_gain_augment(self.gain_augment)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        _check_choice("amp", self.amp, ("off", "bf16", "fp16"))
+        check_device_name(self.device)
+        check_amp(self.amp)
         if self.pretrained is not None and self.init is not None:
             raise ValueError("set init (an asqpost float checkpoint) or pretrained (a state dict file), not both")
         if self.quant is not None:

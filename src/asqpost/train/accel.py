@@ -24,27 +24,8 @@ import torch
 from torch import nn
 
 from ..batches import call_model, to_device
+from ..devices import AMP_DTYPES, check_amp
 from ..nn import QuantConv2d, QuantLinear
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_MODES = ("off", *AMP_DTYPES)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; ``cuda``/``cuda:N`` without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r} requested but CUDA is not available (torch {torch.__version__}, "
-            f"built with CUDA: {torch.version.cuda or 'no'}); use device=cpu or device=auto"
-        )
-    return torch.device(name)
-
-
-def check_amp(amp: str) -> None:
-    if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

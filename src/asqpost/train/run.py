@@ -36,6 +36,7 @@ from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs,
 from ..config import QATConfig
 from ..convert import calibrate, prepare_qat
 from ..data import ImageSet, Normalizer, TensorBatches, TextBatches, TextSet, load_dataset
+from ..devices import resolve_device
 from ..export import read_packed
 from ..files import atomic_write_bytes
 from ..models import model_from_spec, model_spec
@@ -43,7 +44,7 @@ from ..runconfig import RunConfig
 from ..size import model_size_bytes
 from ..text import TEXT_MODELS, is_hf_model_spec, is_text_spec, load_tokenizer, pretrained_encoder, text_model_spec
 from . import distributed
-from .accel import compile_model, grad_scaler, graph_breaks, resolve_device
+from .accel import compile_model, grad_scaler, graph_breaks
 from .checkpoint import (
     CheckpointError,
     build_from_checkpoint,
