@@ -67,8 +67,8 @@ def main() -> None:
         rows.append(
             [
                 form,
-                f"{result['test_acc'] * 100:.2f}",
-                f"{result['shift_acc'] * 100:.2f}",
+                f"{result.metrics.test_acc * 100:.2f}",
+                f"{result.metrics.shift_acc * 100:.2f}",
                 f"{dead_share(model, batches) * 100:.2f}",
             ]
         )

@@ -323,9 +323,9 @@ def test_demo_says_its_data_ends_with_the_file_it_exported_and_reuses_only_a_mat
     cell = json.loads((tmp_path / "demo" / "compare" / "cells" / "post-asq-w4-s0" / "final.json").read_text())
     assert f"exported: {export}: {export.stat().st_size / 1024:.1f} KiB" in printed
     from_file = evaluate_export(export, "synthetic")
-    assert f"run from the file: test accuracy {from_file['accuracy'] * 100:.2f}%" in printed
+    assert f"run from the file: test accuracy {from_file.accuracy * 100:.2f}%" in printed
     assert f"its fake-quant model's {cell['test_acc'] * 100:.2f}%" in printed
-    assert abs(from_file["accuracy"] - cell["test_acc"]) <= 2 / from_file["samples"]  # float-rounding ties at most
+    assert abs(from_file.accuracy - cell["test_acc"]) <= 2 / from_file.samples  # float-rounding ties at most
     rows = [line.split("|") for line in printed.splitlines() if line.startswith(("| 1 |", "| 64 |"))]
     assert len(rows) == 2 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
     assert "cores, torch" in printed.split("latency on ")[1]  # the machine is named

@@ -153,9 +153,9 @@ def test_amp_training_run_and_resume(tmp_path, amp):
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert (payload["scaler"] is not None) == (amp == "fp16")
     final = fit(config, tmp_path, resume=True)
-    assert [row["epoch"] for row in final["history"]] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in final["history"])
-    assert 0.0 <= final["test_acc"] <= 1.0
+    assert [row["epoch"] for row in final.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in final.history)
+    assert 0.0 <= final.metrics.test_acc <= 1.0
 
 
 @pytest.mark.numerics
@@ -191,7 +191,7 @@ def test_compile_run_reports_graph_breaks_and_resumes(tmp_path, monkeypatch):
     assert report["breaks"] == 0 and report["graphs"] == 1 and len(report["per_layer"]) == 5  # smallcnn
     assert set(report["per_layer"].values()) == {0}
     final = fit(config, tmp_path, resume=True)
-    assert len(compiled) == 2 and [row["epoch"] for row in final["history"]] == [1, 2]
+    assert len(compiled) == 2 and [row["epoch"] for row in final.history] == [1, 2]
 
 
 def _write_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 24) -> None:
@@ -262,9 +262,9 @@ def test_cuda_compiled_amp_run_and_checkpoint_on_cpu(tmp_path, amp):
     fit(config.replace(stop_after=1), tmp_path)
     assert json.loads((tmp_path / "compile.json").read_text())["breaks"] == 0
     final = fit(config, tmp_path, resume=True)
-    assert [row["epoch"] for row in final["history"]] == [1, 2]
+    assert [row["epoch"] for row in final.history] == [1, 2]
     on_cpu = evaluate_checkpoint(tmp_path / "checkpoint.pt", "synthetic", device="cpu", subset=64)
-    assert abs(on_cpu["accuracy"] - final["test_acc"]) <= 0.05  # bf16/fp16 on the GPU vs float32 on the CPU
+    assert abs(on_cpu.accuracy - final.metrics.test_acc) <= 0.05  # bf16/fp16 on the GPU vs float32 on the CPU
 
 
 def test_gpu_check_reads_pytest_counts_finished_or_cut_short(monkeypatch):

@@ -270,11 +270,11 @@ def _distill_config(st_dir, fortune_dir, **changes) -> RunConfig:
 def test_distill_run_stops_and_resumes_bit_identical(tmp_path, st_dir, fortune_dir):
     config = _distill_config(st_dir, fortune_dir)
     straight = fit(config, tmp_path / "straight")
-    assert 0.5 < straight["test_cos_min"] <= straight["test_cos_mean"] <= 1.0 + 1e-9
-    assert straight["size_bytes"] < straight["float_size_bytes"]
+    assert 0.5 < straight.metrics.test_cos_min <= straight.metrics.test_cos_mean <= 1.0 + 1e-9
+    assert straight.metrics.size_bytes < straight.metrics.float_size_bytes
     rows = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2] and {"test_cos_mean", "test_cos_min", "train_loss"} <= set(rows[0])
-    assert fit(config.replace(stop_after=1), tmp_path / "resumed")["stopped_after_epoch"] == 1
+    assert fit(config.replace(stop_after=1), tmp_path / "resumed").stopped_after_epoch == 1
     resumed = fit(config, tmp_path / "resumed", resume=True)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["state_dict"]
@@ -282,7 +282,7 @@ def test_distill_run_stops_and_resumes_bit_identical(tmp_path, st_dir, fortune_d
     for key in a:
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key
-    assert resumed["test_cos_mean"] == straight["test_cos_mean"]
+    assert resumed.metrics.test_cos_mean == straight.metrics.test_cos_mean
 
 
 def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir, capsys):
@@ -291,8 +291,8 @@ def test_export_rebuilds_the_encoder_without_model(tmp_path, st_dir, fortune_dir
     data = ["--data", "fortunes", "--data-root", str(fortune_dir)]
     assert main(["eval", str(run / "checkpoint.pt"), *data, "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert evaluated["cos_mean"] == pytest.approx(final["test_cos_mean"], abs=1e-6)
-    assert evaluated["samples"] == final["test_samples"]
+    assert evaluated["cos_mean"] == pytest.approx(final.metrics.test_cos_mean, abs=1e-6)
+    assert evaluated["samples"] == final.metrics.test_samples
     assert main(["eval", str(run / "checkpoint.pt"), *data, "--shift"]) == 2
     assert "without one" in capsys.readouterr().err
     export = tmp_path / "model.safetensors"

@@ -111,7 +111,7 @@ def test_resume_gives_the_same_weights(tmp_path, float_ckpt):
     config = RunConfig(**{**TINY, "epochs": 3, "init": str(float_ckpt), "quant": {"recipe": "post-asq", "bits": 2}})
     fit(config, tmp_path / "straight")
     partial = fit(config.replace(stop_after=1), tmp_path / "stopped")
-    assert partial["stopped_after_epoch"] == 1
+    assert partial.stopped_after_epoch == 1 and partial.metrics is None
     assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["epoch"] == 1
     fit(config, tmp_path / "stopped", resume=True)
     a, b = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "stopped" / "checkpoint.pt")
@@ -139,7 +139,7 @@ def test_resume_from_a_version_1_checkpoint(tmp_path, float_ckpt):
     save_checkpoint(tmp_path / "checkpoint.pt", {**payload, "run": run, "qat": json.dumps(qat, sort_keys=True)})
     with pytest.raises(CheckpointError, match=re.escape("quant.act.adapter_form=paper --set quant.act.init=lsq")):
         fit(config, tmp_path, resume=True)
-    assert "history" in fit(as_v1, tmp_path, resume=True)
+    assert fit(as_v1, tmp_path, resume=True).metrics is not None  # resumed and finished
 
 
 def test_post_asq_defaults_to_the_scale_adapter_and_mse_init():
@@ -186,7 +186,7 @@ def test_scale_adapter_training_with_gain_augment_and_adapter_lr(tmp_path, float
     gammas = [v for k, v in payload["state_dict"].items() if k.endswith("adapter.gamma")]
     assert gammas and all(g != 1.0 for g in gammas), "training reached gamma"
     # the run's test batches (eval_batch_size, 500, is evaluate_checkpoint's batch size): the same bits, exactly
-    assert evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", "synthetic")["accuracy"] == final["test_acc"]
+    assert evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", "synthetic").accuracy == final.metrics.test_acc
     with pytest.raises(CheckpointError, match="adapter_lr_mult"):
         fit(config.replace(adapter_lr_mult=1.0, epochs=1), tmp_path / "run", resume=True)
 

@@ -22,6 +22,7 @@ from .devices import DEVICE_NAMES
 from .quantizers import NotCalibratedError
 from .text import MissingExtraError
 from .train.engine import TrainingDivergedError
+from .train.results import Accuracy, Agreement, TextMetrics
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -82,17 +83,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _run_config(args)
     out = Path(args.out)
     result = fit(config, out, resume=args.resume)
-    if "stopped_after_epoch" in result:
-        print(f"stopped after epoch {result['stopped_after_epoch']}; continue with: asqpost train ... --resume")
-    elif "test_cos_mean" in result:
+    metrics = result.metrics
+    if metrics is None:
+        print(f"stopped after epoch {result.stopped_after_epoch}; continue with: asqpost train ... --resume")
+    elif isinstance(metrics, TextMetrics):
         print(
-            f"held-out cosine to the float model: mean {result['test_cos_mean']:.4f}  min {result['test_cos_min']:.4f}"
-            f"  size {result['size_bytes'] / 2**20:.1f} MiB  ->  {out / 'checkpoint.pt'}"
+            f"held-out cosine to the float model: mean {metrics.test_cos_mean:.4f}  min {metrics.test_cos_min:.4f}"
+            f"  size {metrics.size_bytes / 2**20:.1f} MiB  ->  {out / 'checkpoint.pt'}"
         )
     else:
         print(
-            f"test accuracy {result['test_acc'] * 100:.2f}%  shifted {result['shift_acc'] * 100:.2f}%  "
-            f"size {result['size_bytes'] / 1024:.1f} KiB  ->  {out / 'checkpoint.pt'}"
+            f"test accuracy {metrics.test_acc * 100:.2f}%  shifted {metrics.shift_acc * 100:.2f}%  "
+            f"size {metrics.size_bytes / 1024:.1f} KiB  ->  {out / 'checkpoint.pt'}"
         )
     return 0
 
@@ -111,30 +113,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
     )
+    extra = {}
     if report is not None:
         paths = write_beta_report(report, args.beta_report)
-        if args.json:
-            result["beta"] = report.to_dict()
-    _print_accuracy(args, result, "")
+        extra["beta"] = report.to_dict()
+    _print_accuracy(args, result, "", extra)
     if report is not None and not args.json:
         print(f"\n{report.markdown()}\n\nwritten: {', '.join(map(str, paths))}")
     return 0
 
 
-def _print_accuracy(args: argparse.Namespace, result: dict[str, Any], what: str) -> None:
+def _print_accuracy(
+    args: argparse.Namespace, result: Accuracy | Agreement, what: str, extra: dict[str, Any] | None = None
+) -> None:
+    """The result as one line, or with ``--json`` as JSON (with ``extra``: the beta report, the kernels)."""
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result.to_dict(), **(extra or {})}))
         return
-    if "cos_mean" in result:
+    if isinstance(result, Agreement):
         print(
-            f"{args.data}/{args.split}: cosine to the float model mean {result['cos_mean']:.4f} "
-            f"min {result['cos_min']:.4f} over {result['samples']} texts{what}"
+            f"{args.data}/{args.split}: cosine to the float model mean {result.cos_mean:.4f} "
+            f"min {result.cos_min:.4f} over {result.samples} texts{what}"
         )
         return
     shifted = f" ({args.shift}-shifted)" if args.shift else ""
     print(
-        f"{args.data}/{args.split}{shifted}: accuracy {result['accuracy'] * 100:.2f}% "
-        f"over {result['samples']} samples{what}"
+        f"{args.data}/{args.split}{shifted}: accuracy {result.accuracy * 100:.2f}% over {result.samples} samples{what}"
     )
 
 
@@ -226,9 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = evaluate_export(
         args.export, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
     )
-    if report is not None:
-        result["kernels"] = [dataclasses.asdict(entry) for entry in report]
-    _print_accuracy(args, result, " (packed model)")
+    extra = {} if report is None else {"kernels": [dataclasses.asdict(entry) for entry in report]}
+    _print_accuracy(args, result, " (packed model)", extra)
     return 0
 
 

@@ -54,6 +54,7 @@ from .checkpoint import (
 )
 from .distill import AgreementStats, Distillation, evaluate_agreement, frozen_teacher
 from .engine import EpochStats, evaluate, train_one_epoch
+from .results import Accuracy, Agreement, FitResult, ImageMetrics, TextMetrics
 
 log = logging.getLogger(__name__)
 SHIFT_SEED = 2504
@@ -224,8 +225,9 @@ def _optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def fit(config: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train as ``config`` says, writing into ``out_dir``; returns the final (or latest) metrics."""
+def fit(config: RunConfig, out_dir: str | Path, resume: bool = False) -> FitResult:
+    """Train as ``config`` says, writing into ``out_dir``; returns the history and the final metrics (or the epoch
+    a ``stop_after`` run stopped after)."""
     out = Path(out_dir)
     device = resolve_device(config.device)
     if config.threads:
@@ -238,7 +240,9 @@ def fit(config: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[st
         distributed.teardown()
 
 
-def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_info: distributed.DistInfo):
+def _fit(
+    config: RunConfig, out: Path, resume: bool, device: torch.device, dist_info: distributed.DistInfo
+) -> FitResult:
     ckpt_path = out / "checkpoint.pt"
     prep = prepare(config)
     model = prep.model.to(device)
@@ -313,14 +317,15 @@ def _fit(config: RunConfig, out: Path, resume: bool, device: torch.device, dist_
             _write_metrics(out, history)
         distributed.barrier()
     if last_epoch < config.epochs:
-        return {"stopped_after_epoch": last_epoch, "history": history}
+        return FitResult(history, stopped_after_epoch=last_epoch)
     if teacher is not None:
-        final = {**agreement_metrics(model, teacher, test_batches, device, config, test), "history": history}  # type: ignore[arg-type]
+        metrics: ImageMetrics | TextMetrics = agreement_metrics(model, teacher, test_batches, device, config, test)  # type: ignore[arg-type]
     else:
-        final = {**final_metrics(model, test_batches, device, test), "history": history}  # type: ignore[arg-type]
+        metrics = final_metrics(model, test_batches, device, test)  # type: ignore[arg-type]
+    result = FitResult(history, metrics)
     if dist_info.is_main:
-        atomic_write_bytes(out / "final.json", json.dumps(final, indent=2).encode())
-    return final
+        atomic_write_bytes(out / "final.json", json.dumps(result.to_dict(), indent=2).encode())
+    return result
 
 
 def _compiled(
@@ -367,17 +372,17 @@ def agreement_metrics(
     device: torch.device,
     config: RunConfig,
     test: AgreementStats | None = None,
-) -> dict[str, Any]:
+) -> TextMetrics:
     """Held-out mean and min cosine to the teacher (``test`` if the last epoch just measured it), and sizes."""
     test = test or evaluate_agreement(model, teacher, test_batches, device, config.distill_settings()["embedding"])
-    return {
-        "test_cos_mean": test.cos_mean,
-        "test_cos_min": test.cos_min,
-        "test_loss": test.loss,
-        "test_samples": test.samples,
-        "size_bytes": model_size_bytes(model),
-        "float_size_bytes": model_size_bytes(model, as_float=True),
-    }
+    return TextMetrics(
+        test.cos_mean,
+        test.cos_min,
+        test.loss,
+        test.samples,
+        model_size_bytes(model),
+        model_size_bytes(model, as_float=True),
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -398,19 +403,19 @@ def _set_rng(state: dict[str, Any] | None) -> None:
 
 def final_metrics(
     model: nn.Module, test_batches: TensorBatches, device: torch.device, clean: EpochStats | None = None
-) -> dict[str, Any]:
+) -> ImageMetrics:
     """Clean (``clean`` if the last epoch just measured it), gain-shifted and noise-shifted test accuracy, and the
     model size."""
     clean = clean or evaluate(model, test_batches, device)
     shifted = evaluate(model, dataclasses.replace(test_batches, shift_seed=SHIFT_SEED), device)
     noisy = evaluate(model, dataclasses.replace(test_batches, shift_seed=SHIFT_SEED, shift_kind="noise"), device)
-    return {
-        "test_acc": clean.accuracy,
-        "shift_acc": shifted.accuracy,
-        "noise_acc": noisy.accuracy,
-        "size_bytes": model_size_bytes(model),
-        "float_size_bytes": model_size_bytes(model, as_float=True),
-    }
+    return ImageMetrics(
+        clean.accuracy,
+        shifted.accuracy,
+        noisy.accuracy,
+        model_size_bytes(model),
+        model_size_bytes(model, as_float=True),
+    )
 
 
 def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Module) -> None:
@@ -515,10 +520,10 @@ def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, 
 
 def _evaluate_model(
     model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None
-):
+) -> Accuracy:
     batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset)
     stats = evaluate(model, batches, next(model.buffers()).device)
-    return {"accuracy": stats.accuracy, "loss": stats.loss, "samples": stats.samples, "shift": shift}
+    return Accuracy(stats.accuracy, stats.loss, stats.samples, shift)
 
 
 def evaluate_text_model(
@@ -530,7 +535,7 @@ def evaluate_text_model(
     batch_size: int = 64,
     max_length: int = 128,
     subset: int | None = None,
-) -> dict[str, Any]:
+) -> Agreement:
     """Mean and min cosine of a text model's embeddings to those of its spec's float model (read from the spec's
     folder) over a text dataset split (``subset``: the same fixed subset as a run's ``test_subset``)."""
     dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
@@ -540,7 +545,7 @@ def evaluate_text_model(
     teacher = pretrained_encoder(spec).to(device)
     batches = TextBatches(dataset, load_tokenizer(spec), batch_size, max_length)
     stats = evaluate_agreement(model, teacher, batches, device)
-    return {"cos_mean": stats.cos_mean, "cos_min": stats.cos_min, "samples": stats.samples, "loss": stats.loss}
+    return Agreement(stats.cos_mean, stats.cos_min, stats.samples, stats.loss)
 
 
 def evaluate_export(
@@ -552,7 +557,7 @@ def evaluate_export(
     batch_size: int = 500,
     device: str = "auto",
     subset: int | None = None,
-) -> dict[str, Any]:
+) -> Accuracy | Agreement:
     """Accuracy of an exported (packed) model, computed from its packed form (text models: cosine to the float
     model, :func:`evaluate_text_model`); ``subset``: a fixed random subset of that many samples."""
     model, meta = read_packed(path)
@@ -578,7 +583,7 @@ def evaluate_checkpoint(
     batch_size: int = 500,
     device: str = "auto",
     subset: int | None = None,
-) -> dict[str, Any]:
+) -> Accuracy | Agreement:
     """Accuracy of a checkpoint on a dataset split (optionally under the per-sample gain/offset shift); text
     models: cosine to the float model (:func:`evaluate_text_model`). ``subset``: a fixed random subset of that
     many samples (a run's ``test_subset`` picks the same)."""
