@@ -17,7 +17,8 @@ from asqpost.adapters import RELU_FLOOR, StepAdapter
 from asqpost.data import TensorBatches
 from asqpost.runconfig import RunConfig
 from asqpost.train.checkpoint import build_from_checkpoint, load_checkpoint
-from asqpost.train.run import fit, prepare
+from asqpost.train.loading import prepare
+from asqpost.train.run import fit
 from common import machine, table
 
 

@@ -28,7 +28,8 @@ from asqpost.data import (
     shift_distribution,
 )
 from asqpost.runconfig import RunConfig
-from asqpost.train.run import evaluate_export, fit
+from asqpost.train.evaluation import evaluate_export
+from asqpost.train.run import fit
 
 
 def _write_idx(path, array, gz=True):

@@ -18,7 +18,8 @@ from asqpost.models import create_model
 from asqpost.runconfig import RunConfig, load_run_config
 from asqpost.train.accel import autocast, grad_scaler, graph_breaks, host_to_device
 from asqpost.train.checkpoint import CheckpointError, load_checkpoint
-from asqpost.train.run import evaluate_checkpoint, fit
+from asqpost.train.evaluation import evaluate_checkpoint
+from asqpost.train.run import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

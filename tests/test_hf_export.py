@@ -8,7 +8,7 @@ import torch
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import ExportError, convert_to_packed, load_packed, read_export, save_packed
 from asqpost.models import model_from_spec
-from asqpost.train.run import evaluate_export
+from asqpost.train.evaluation import evaluate_export
 from tiny_bert import VOCAB, tiny_bert_config
 
 transformers = pytest.importorskip("transformers")

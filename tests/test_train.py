@@ -15,7 +15,9 @@ from asqpost.data import Normalizer, TensorBatches, load_dataset
 from asqpost.runconfig import RunConfig, load_run_config, parse_set
 from asqpost.train.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, save_checkpoint
 from asqpost.train.engine import evaluate, register_step_hook, train_one_epoch
-from asqpost.train.run import evaluate_checkpoint, fit, param_groups, prepare
+from asqpost.train.evaluation import evaluate_checkpoint
+from asqpost.train.loading import prepare
+from asqpost.train.run import fit, param_groups
 
 TINY = {
     "data": "synthetic",

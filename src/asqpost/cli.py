@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.run import beta_report_checkpoint, evaluate_checkpoint
+    from .train.evaluation import beta_report_checkpoint, evaluate_checkpoint
 
     if args.gains is not None and args.beta_report is None:
         raise ValueError("--gains sets the gains of --beta-report OUT_DIR; pass both")
@@ -222,7 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .export import format_kernel_report
-    from .train.run import evaluate_export
+    from .train.evaluation import evaluate_export
 
     report = _kernel_report(args.export, args.device) if args.kernels else None
     if report is not None and not args.json:

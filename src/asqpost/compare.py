@@ -24,7 +24,8 @@ from .config import split_recipe
 from .files import atomic_write_bytes
 from .registry import FLOAT, get_method
 from .runconfig import RECIPE_SETTINGS, RunConfig
-from .train.run import beta_report_checkpoint, fit
+from .train.evaluation import beta_report_checkpoint
+from .train.run import fit
 
 log = logging.getLogger(__name__)
 

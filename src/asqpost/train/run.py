@@ -1,4 +1,5 @@
-"""A whole training run: data, model (float or QAT from a float checkpoint), resume, checkpoints, metrics.
+"""A whole training run (:func:`fit`): calibration, epochs, resume, checkpoints and metrics; the data and model
+come from :mod:`.loading`, the final metrics from :mod:`.evaluation`.
 
 ``fit(config, out_dir)`` writes into ``out_dir``:
 
@@ -16,13 +17,10 @@ batches from the model's own tokenizer. With ``loss: distill`` the teacher is th
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,132 +30,27 @@ from torch import nn
 
 from ..adapters import StepAdapter
 from ..batches import split_batch, to_device
-from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs, require_asq
 from ..config import QATConfig
-from ..convert import calibrate, prepare_qat
-from ..data import ImageSet, Normalizer, TensorBatches, TextBatches, TextSet, load_dataset
+from ..convert import calibrate
+from ..data import TensorBatches, TextBatches
 from ..devices import resolve_device
-from ..export import read_packed
 from ..files import atomic_write_bytes
-from ..models import model_from_spec, model_spec
 from ..runconfig import RunConfig
-from ..size import model_size_bytes
-from ..text import TEXT_MODELS, is_hf_model_spec, is_text_spec, load_tokenizer, pretrained_encoder, text_model_spec
 from . import distributed
 from .accel import compile_model, grad_scaler, graph_breaks
 from .checkpoint import (
     CheckpointError,
-    build_from_checkpoint,
     load_checkpoint,
     qat_json,
     save_checkpoint,
 )
-from .distill import AgreementStats, Distillation, evaluate_agreement, frozen_teacher
+from .distill import AgreementStats, Distillation, evaluate_agreement
 from .engine import EpochStats, evaluate, train_one_epoch
-from .results import Accuracy, Agreement, FitResult, ImageMetrics, TextMetrics
+from .evaluation import agreement_metrics, final_metrics
+from .loading import Prepared, prepare
+from .results import FitResult, ImageMetrics, TextMetrics
 
 log = logging.getLogger(__name__)
-SHIFT_SEED = 2504
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs, built from its config.
-
-    Text runs have no normalizer and a tokenizer; distillation runs a frozen float ``teacher``.
-    """
-
-    model: nn.Module
-    spec: dict[str, Any]
-    normalizer: Normalizer | None
-    train: ImageSet | TextSet
-    test: ImageSet | TextSet
-    tokenizer: Any = None
-    teacher: nn.Module | None = None
-
-    @property
-    def is_text(self) -> bool:
-        return is_text_spec(self.spec)
-
-
-def _float_model(config: RunConfig, train: ImageSet | TextSet) -> tuple[nn.Module, dict[str, Any], Normalizer | None]:
-    if config.init is None and config.model in TEXT_MODELS:
-        if config.pretrained is not None:
-            raise ValueError(f"pretrained applies to image models; {config.model!r} loads its own weights")
-        spec = text_model_spec(config.model, config.model_args)
-        return pretrained_encoder(spec), spec, None
-    if config.init is None:
-        if isinstance(train, TextSet):
-            raise ValueError(f"dataset {config.data!r} is text: train a text model ({', '.join(TEXT_MODELS)})")
-        spec = model_spec(config.model, train.num_classes, train.input_shape, config.model_args)
-        model = model_from_spec(spec)
-        if config.pretrained is not None:
-            load_pretrained(model, config.pretrained)
-        return model, spec, None
-    payload = load_checkpoint(config.init)
-    if payload["qat"] is not None:
-        raise CheckpointError(f"init checkpoint {config.init} is already quantized; start QAT from a float checkpoint")
-    spec = payload["model"]
-    if is_text_spec(spec):
-        return build_from_checkpoint(payload), spec, None
-    if tuple(spec["input_shape"]) != train.input_shape or spec["num_classes"] != train.num_classes:
-        raise CheckpointError(
-            f"{config.init} was trained on inputs {tuple(spec['input_shape'])} with {spec['num_classes']} classes; "
-            f"dataset {config.data!r} has {train.input_shape} and {train.num_classes}"
-        )
-    norm = payload.get("normalizer")
-    return build_from_checkpoint(payload), spec, Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else None
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load float weights from ``path`` into ``model`` strictly: a plain state dict of tensors, or a dict holding
-    one under ``state_dict`` or ``model`` (read with ``weights_only=True``, onto the CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"pretrained weights {path} do not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable or unsafe file is the same error for the user
-        kind = type(err).__name__
-        raise CheckpointError(f"pretrained weights {path} are not a readable tensor file ({kind})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"pretrained weights {path} hold no state dict of tensors")
-    try:
-        model.load_state_dict(data)
-    except RuntimeError as err:
-        raise CheckpointError(f"pretrained weights {path} do not fit the model: {err}") from None
-
-
-def prepare(config: RunConfig) -> Prepared:
-    """Load data and build the (possibly quantized, not yet calibrated) model, deterministically from the seed."""
-    torch.manual_seed(config.seed)  # model init, ASQ adapter init and calibration subsampling
-    train = load_dataset(config.data, "train", config.data_root).subset(config.train_subset, seed=config.seed)
-    test = load_dataset(config.data, "test", config.data_root).subset(config.test_subset, seed=0)
-    model, spec, normalizer = _float_model(config, train)
-    text = is_text_spec(spec)
-    _check_data_fits(config, train, text)
-    if config.loss == "distill" and config.quant is None:
-        raise ValueError("loss: distill trains a quantized model against its float self; set quant")
-    teacher = frozen_teacher(model) if config.loss == "distill" else None
-    qat = config.qat_config()
-    if qat is not None:
-        model = prepare_qat(model, qat, inplace=True)
-    if text:
-        return Prepared(model, spec, None, train, test, load_tokenizer(spec), teacher)
-    return Prepared(model, spec, normalizer or Normalizer.fit(train), train, test, teacher=teacher)
-
-
-def _check_data_fits(config: RunConfig, train: ImageSet | TextSet, text_model: bool) -> None:
-    if text_model != isinstance(train, TextSet):
-        what = "a text model" if text_model else f"model {config.model!r}"
-        raise ValueError(f"{what} cannot train on {'image' if text_model else 'text'} dataset {config.data!r}")
-    if text_model and config.loss != "distill":
-        raise ValueError("text models train by distillation (loss: distill): the text datasets have no targets")
-    if text_model and (config.augment != "none" or config.gain_augment):
-        raise ValueError("augment and gain_augment apply to images; set augment: none (and no gain_augment) for text")
 
 
 def _batches(
@@ -365,26 +258,6 @@ def _test_row(test: EpochStats | AgreementStats) -> dict[str, float]:
     return {"test_loss": test.loss, "test_acc": test.accuracy}
 
 
-def agreement_metrics(
-    model: nn.Module,
-    teacher: nn.Module,
-    test_batches: Any,
-    device: torch.device,
-    config: RunConfig,
-    test: AgreementStats | None = None,
-) -> TextMetrics:
-    """Held-out mean and min cosine to the teacher (``test`` if the last epoch just measured it), and sizes."""
-    test = test or evaluate_agreement(model, teacher, test_batches, device, config.distill_settings()["embedding"])
-    return TextMetrics(
-        test.cos_mean,
-        test.cos_min,
-        test.loss,
-        test.samples,
-        model_size_bytes(model),
-        model_size_bytes(model, as_float=True),
-    )
-
-
 def _rng_state() -> dict[str, Any]:
     """The global random streams (dropout draws from them): saved so a resumed run continues them exactly."""
     state = {"cpu": torch.get_rng_state()}
@@ -399,23 +272,6 @@ def _set_rng(state: dict[str, Any] | None) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def final_metrics(
-    model: nn.Module, test_batches: TensorBatches, device: torch.device, clean: EpochStats | None = None
-) -> ImageMetrics:
-    """Clean (``clean`` if the last epoch just measured it), gain-shifted and noise-shifted test accuracy, and the
-    model size."""
-    clean = clean or evaluate(model, test_batches, device)
-    shifted = evaluate(model, dataclasses.replace(test_batches, shift_seed=SHIFT_SEED), device)
-    noisy = evaluate(model, dataclasses.replace(test_batches, shift_seed=SHIFT_SEED, shift_kind="noise"), device)
-    return ImageMetrics(
-        clean.accuracy,
-        shifted.accuracy,
-        noisy.accuracy,
-        model_size_bytes(model),
-        model_size_bytes(model, as_float=True),
-    )
 
 
 def _check_resumable(payload: dict[str, Any], config: RunConfig, model: nn.Module) -> None:
@@ -504,135 +360,3 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 def _fmt(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch")
-
-
-def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None) -> TensorBatches:
-    """A split's batches, normalised as the model was trained (optionally shifted), after checking its shape."""
-    dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
-    if isinstance(dataset, TextSet):
-        raise ValueError(f"{source} is an image model; {data!r} is a text dataset")
-    if tuple(input_shape) != dataset.input_shape:
-        raise ValueError(f"{source} expects inputs {tuple(input_shape)}; {data!r} has {dataset.input_shape}")
-    normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
-    kind = "gain" if shift is True or not shift else shift  # --shift alone is the gain shift
-    return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None, shift_kind=kind)
-
-
-def _evaluate_model(
-    model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None
-) -> Accuracy:
-    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset)
-    stats = evaluate(model, batches, next(model.buffers()).device)
-    return Accuracy(stats.accuracy, stats.loss, stats.samples, shift)
-
-
-def evaluate_text_model(
-    model: nn.Module,
-    spec: dict[str, Any],
-    data: str,
-    data_root: str | None = None,
-    split: str = "test",
-    batch_size: int = 64,
-    max_length: int = 128,
-    subset: int | None = None,
-) -> Agreement:
-    """Mean and min cosine of a text model's embeddings to those of its spec's float model (read from the spec's
-    folder) over a text dataset split (``subset``: the same fixed subset as a run's ``test_subset``)."""
-    dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
-    if not isinstance(dataset, TextSet):
-        raise ValueError(f"a text model is evaluated on text data; {data!r} is an image dataset")
-    device = next(model.parameters()).device
-    teacher = pretrained_encoder(spec).to(device)
-    batches = TextBatches(dataset, load_tokenizer(spec), batch_size, max_length)
-    stats = evaluate_agreement(model, teacher, batches, device)
-    return Agreement(stats.cos_mean, stats.cos_min, stats.samples, stats.loss)
-
-
-def evaluate_export(
-    path: str | Path,
-    data: str,
-    data_root: str | None = None,
-    split: str = "test",
-    shift: bool | str = False,
-    batch_size: int = 500,
-    device: str = "auto",
-    subset: int | None = None,
-) -> Accuracy | Agreement:
-    """Accuracy of an exported (packed) model, computed from its packed form (text models: cosine to the float
-    model, :func:`evaluate_text_model`); ``subset``: a fixed random subset of that many samples."""
-    model, meta = read_packed(path)
-    model = model.to(resolve_device(device))
-    spec = meta.get("model")
-    if is_text_spec(spec):
-        _no_shift_for_text(shift)
-        return evaluate_text_model(model, spec, data, data_root, split, min(batch_size, 64), subset=subset)
-    if not spec or "input_shape" not in spec:
-        what = f"a transformers {spec['hf_class']}" if is_hf_model_spec(spec) else "no model spec"
-        raise ValueError(f"{path} records {what}, so no dataset it reads; evaluate it from Python (load_packed)")
-    return _evaluate_model(
-        model, spec["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path, subset
-    )
-
-
-def evaluate_checkpoint(
-    path: str | Path,
-    data: str,
-    data_root: str | None = None,
-    split: str = "test",
-    shift: bool | str = False,
-    batch_size: int = 500,
-    device: str = "auto",
-    subset: int | None = None,
-) -> Accuracy | Agreement:
-    """Accuracy of a checkpoint on a dataset split (optionally under the per-sample gain/offset shift); text
-    models: cosine to the float model (:func:`evaluate_text_model`). ``subset``: a fixed random subset of that
-    many samples (a run's ``test_subset`` picks the same)."""
-    payload = load_checkpoint(path)
-    model = build_from_checkpoint(payload).to(resolve_device(device))
-    if is_text_spec(payload["model"]):
-        _no_shift_for_text(shift)
-        max_length = payload.get("run", {}).get("max_length", 128)
-        return evaluate_text_model(
-            model, payload["model"], data, data_root, split, min(batch_size, 64), max_length, subset
-        )
-    return _evaluate_model(
-        model,
-        payload["model"]["input_shape"],
-        payload.get("normalizer"),
-        data,
-        data_root,
-        split,
-        shift,
-        batch_size,
-        path,
-        subset,
-    )
-
-
-def _no_shift_for_text(shift: bool | str) -> None:
-    if shift:
-        raise ValueError("the shifts (--shift) change images; a text model is evaluated without one")
-
-
-def beta_report_checkpoint(
-    path: str | Path,
-    data: str,
-    data_root: str | None = None,
-    split: str = "test",
-    shift: bool | str = False,
-    gains: tuple[float, ...] = DEFAULT_GAINS,
-    batch_size: int = 500,
-    device: str = "auto",
-    subset: int | None = None,
-) -> BetaReport:
-    """Beta of every ASQ layer of a checkpoint over a dataset split, at each input gain (:mod:`asqpost.beta_report`).
-
-    ``subset`` takes the same fixed test subset as a run with ``test_subset``. Raises
-    :class:`~asqpost.beta_report.NoASQLayersError` (a ``ValueError``) for a model without ASQ layers.
-    """
-    payload = load_checkpoint(path)
-    model = build_from_checkpoint(payload).to(resolve_device(device))
-    require_asq(model, str(path))
-    input_shape, norm = payload["model"]["input_shape"], payload.get("normalizer")
-    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, path, subset)
-    return beta_report(model, partial(gained_inputs, batches), gains, source=str(path))
