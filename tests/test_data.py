@@ -19,6 +19,7 @@ from asqpost.data import (
     ImageSet,
     Normalizer,
     TensorBatches,
+    data_home_root,
     describe_dataset,
     load_dataset,
     noise_distribution,
@@ -335,3 +336,20 @@ def test_demo_says_its_data_ends_with_the_file_it_exported_and_reuses_only_a_mat
     assert again.split("latency on ")[0] == printed.split("latency on ")[0]  # only the timings differ
     assert main(["demo", *tiny, "--set", "data=digits", *out]) == 2  # another dataset: not the finished run
     assert "holds a run made with another config" in capsys.readouterr().err
+
+
+def test_datasets_are_found_under_the_data_home_without_a_data_root(tmp_path, monkeypatch, capsys):
+    """``$ASQPOST_DATA/<name>`` stands in for ``data_root``; an explicit root still wins; the CLI's hint says so."""
+    folder = tmp_path / "home" / "fortunes"
+    folder.mkdir(parents=True)
+    (folder / "tiny").write_text("".join(f"fortune number {i}\n%\n" for i in range(10)))
+    monkeypatch.setenv("ASQPOST_DATA", str(tmp_path / "home"))
+    assert data_home_root("fortunes") == folder and data_home_root("cifar10") is None  # no such folder there
+    train, test = load_dataset("fortunes", "train"), load_dataset("fortunes", "test")
+    assert len(train) + len(test) == 10 and "fortune number 3" in train.texts + test.texts
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "more").write_text("".join(f"another {i}\n%\n" for i in range(5)))
+    assert len(load_dataset("fortunes", "train", other)) == 4  # data_root given: the home is not read
+    assert main(["train", "--set", "data=cifar10", "--out", str(tmp_path / "run")]) == 2
+    assert "hint: or put the files in $ASQPOST_DATA/<dataset name>/" in capsys.readouterr().err

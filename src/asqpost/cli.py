@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .beta_report import DEFAULT_GAINS, write_beta_report
 from .compare import DEFAULT_METHODS, markdown_table
 from .config import recipe_names
-from .data import DATASETS, SHIFTS, DataNotFoundError
+from .data import DATA_HOME_ENV, DATASETS, SHIFTS, DataNotFoundError
 from .devices import DEVICE_NAMES
 from .quantizers import NotCalibratedError
 from .text import MissingExtraError
@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         if isinstance(err, DataNotFoundError):
             print(f"hint: asqpost {args.command} takes data_root as {args.data_root_flag}", file=sys.stderr)
+            print(f"hint: or put the files in ${DATA_HOME_ENV}/<dataset name>/", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+import os
 import pickle
 import re
 import struct
@@ -29,6 +30,7 @@ from .registry import Registry
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FORTUNES_DIR = "/usr/share/games/fortunes"
+DATA_HOME_ENV = "ASQPOST_DATA"  # a folder of datasets by name, read when no data_root is given
 DatasetLoader = Callable[[str | Path | None, str], "ImageSet | TextSet"]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
@@ -422,7 +424,15 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Image
     loader = DATASETS.get(name)
     if root is not None and not Path(root).exists():
         raise DataNotFoundError(f"{name}: data root {root} does not exist")
-    return loader(root, split)
+    return loader(root if root is not None else data_home_root(name), split)
+
+
+def data_home_root(name: str) -> Path | None:
+    """``$ASQPOST_DATA/<name>`` when that folder exists: where datasets are found without a ``data_root`` (one
+    folder per dataset name, e.g. ``$ASQPOST_DATA/cifar10``); ``None`` otherwise (the dataset's own default)."""
+    home = os.environ.get(DATA_HOME_ENV)
+    folder = None if not home else Path(home) / name
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def describe_dataset(name: str) -> str:
