@@ -48,7 +48,7 @@ from torch import nn
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.cli import config_path
 from asqpost.data import TextBatches, TextSet, fortunes
-from asqpost.runconfig import load_run_config
+from asqpost.runconfig import load_run_config, merge, parse_set
 from asqpost.text import load_tokenizer, pretrained_encoder, text_model_spec
 from asqpost.train.checkpoint import build_from_checkpoint, load_checkpoint
 from asqpost.train.run import fit
@@ -148,7 +148,9 @@ def cached(path: Path, compute: Callable[[], dict], only: bool = False) -> list[
 
 
 def distilled(out: Path, recipe: str, bits: int, act_bits: int, act: dict, seed: int, sets: list[str]) -> nn.Module:
-    quant = {"recipe": recipe, "bits": bits, "act": {**act, "bits": act_bits}}
+    """The row's model distilled with the recipe; ``quant.*`` keys of ``--set`` are laid over the row's quant
+    (which replaces the recipe's own), so ``--set quant.embeddings=4`` reaches every distilled row."""
+    quant = merge({"recipe": recipe, "bits": bits, "act": {**act, "bits": act_bits}}, parse_set(sets).get("quant", {}))
     config = load_run_config(config_path(RECIPE), [*sets, f"seed={seed}"]).replace(quant=quant, progress=False)
     if not (out / "final.json").exists():
         fit(config, out, resume=(out / "checkpoint.pt").exists())
