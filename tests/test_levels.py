@@ -6,7 +6,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asqpost.levels import GRIDS, apot, check_bits, make_levels, post, pot, uniform
+from asqpost.export.lut import integer_lut
+from asqpost.levels import (
+    GRIDS,
+    apot,
+    check_bits,
+    lattice_ints,
+    lattice_size,
+    make_levels,
+    post,
+    post_int8,
+    pot,
+    uniform,
+)
 
 ALL = [(g, b, s) for g in GRIDS for b in range(2, 9) for s in (True, False)]
 
@@ -93,3 +105,41 @@ def test_project_is_nearest_and_idempotent(grid, bits, signed, xs):
     table = levels.table(dtype=torch.float64)
     nearest = (x[:, None] - table[None, :]).abs().min(dim=1).values
     assert torch.allclose((x - p).abs(), nearest, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- POST on an int8 lattice
+
+# the published table (docs/method.md): bits -> (L, the lattice integers of the magnitudes, largest first)
+LATTICE = {3: (58, [58, 41, 29]), 4: (96, [96, 68, 48, 34, 24, 17, 12])}
+
+
+@pytest.mark.parametrize("bits", sorted(LATTICE))
+def test_post_int8_levels_are_the_published_lattice_integers(bits):
+    size, ints = LATTICE[bits]
+    levels = post_int8(bits)
+    assert lattice_size(len(ints)) == size and lattice_ints(size, len(ints)) == ints
+    assert [round(v * size) for v in levels.values] == sorted([0, *ints, *(-n for n in ints)])
+    assert all(v == round(v * size) * (1.0 / size) for v in levels.values)  # built as n * (1 / L): exact LUT
+    exact = [v for v in post(bits).values if v > 0]
+    worst = max(abs(a - b) / b for a, b in zip([v for v in levels.values if v > 0], exact, strict=True))
+    assert worst < {3: 3.1e-4, 4: 1.8e-3}[bits]  # within 0.03% and 0.18% of the powers of sqrt 2
+    lut = integer_lut(levels.table(dtype=torch.float64))
+    assert lut.unit == 1.0 / size and not lut.has_odd and lut.peak == size <= 127  # one int8 sum per weight
+
+
+def test_the_lattice_size_is_the_best_int8_one():
+    """No other L in 1..127 keeps the 4-bit levels distinct with a smaller worst relative error."""
+
+    def worst(size):
+        ints = lattice_ints(size, 7)
+        if len(set(ints)) < 7 or min(ints) < 1:
+            return math.inf
+        return max(abs(n / size - math.sqrt(0.5) ** k) / math.sqrt(0.5) ** k for k, n in enumerate(ints))
+
+    assert min(range(1, 128), key=worst) == lattice_size(7) == 96
+    assert lattice_size(15) is None  # 5 bits: 1/128 below the lattice's reach
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_post_int8_keeps_the_exact_grid_where_no_lattice_is_needed_or_possible(bits):
+    assert post_int8(bits).values == post(bits).values and post_int8(bits).name == "post_int8"

@@ -10,6 +10,11 @@ Grids (``bits`` counts the sign when ``signed``):
 * ``pot``: powers of two, ``{0} U {2**-k : k = 0 .. K}``.
 * ``post``: powers of sqrt 2 (the paper's POST), ``{0} U {sqrt(2)**-k : k = 0 .. K}``. Signed (sign-magnitude)
   ``K = 2**(bits-1) - 2`` so the set has ``2**bits - 1`` levels; unsigned ``K = 2**bits - 2``.
+* ``post_int8``: POST on an int8 lattice: the levels are the integers ``n_k = round(L * sqrt(2)**-k)`` over
+  ``L`` (:func:`lattice_size`: the ``L <= 127`` that keeps the ``n_k`` distinct and makes the worst relative
+  distance to the exact powers smallest; 3 bits ``L = 58``, 4 bits ``L = 96``), so a packed layer needs one
+  integer sum per weight instead of POST's two. Sets of at most 2 magnitude bits are the exact grid already
+  (ternary at 2 bits); wider ones (5-8 bits), whose deepest powers no int8 lattice separates, are exact POST.
 * ``apot``: additive powers of two (Li et al., ICLR 2020): sums of ``n`` terms, term ``i`` taking
   ``{0} U {2**-(i + 1 + j*n)}``, with two bits per term (the last term gets one when the magnitude bits are
   odd), except that 3 magnitude bits use APoT's published set. At 3, 4 and 5 bits signed this is exactly
@@ -18,6 +23,7 @@ Grids (``bits`` counts the sign when ``signed``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +145,47 @@ def post(bits: int, signed: bool = True) -> LevelSet:
     return _normalised("post", bits, signed, _powers(bits, signed, _sqrt2_power))
 
 
+INT8_MAX = 127  # the largest lattice integer: an int8 weight
+
+
+def lattice_size(count: int) -> int | None:
+    """``L`` for ``count`` non-zero POST magnitudes on an int8 lattice: among ``1..127`` the one whose integers
+    ``round(L * sqrt(2)**-k)``, ``k < count``, are distinct and non-zero with the smallest worst relative error
+    (the smallest such ``L`` on a tie); ``None`` when no ``L`` keeps them distinct."""
+    best: tuple[float, int] | None = None
+    for size in range(1, INT8_MAX + 1):
+        ints = lattice_ints(size, count)
+        if len(set(ints)) < count or min(ints) < 1:
+            continue
+        error = max(abs(n / size - _sqrt2_power(k)) / _sqrt2_power(k) for k, n in enumerate(ints))
+        if best is None or error < best[0]:
+            best = (error, size)
+    return None if best is None else best[1]
+
+
+def lattice_ints(size: int, count: int) -> list[int]:
+    """``round(size * sqrt(2)**-k)`` for ``k = 0 .. count - 1``."""
+    return [round(size * _sqrt2_power(k)) for k in range(count)]
+
+
+def post_int8(bits: int, signed: bool = True) -> LevelSet:
+    """POST on an int8 lattice: ``{0} U {n_k / L}`` with ``n_k = round(L * sqrt(2)**-k)`` (module docstring).
+
+    Each level is built as ``n_k * (1 / L)`` in float64, so the look-up table is exactly ``unit * n_k`` with
+    ``unit = 1 / L``: one integer sum per weight in a packed layer. Where no int8 lattice separates the levels
+    (5 bits and more), or the exact grid is integral already (2 bits), this is :func:`post`.
+    """
+    check_bits(bits)
+    count = 2 ** _magnitude_bits(bits, signed) - 1
+    size = lattice_size(count) if count > 1 else None
+    if size is None:
+        return dataclasses.replace(post(bits, signed), name="post_int8")
+    unit = 1.0 / size
+    mags = {0.0} | {n * unit for n in lattice_ints(size, count)}
+    values = mags | {-m for m in mags} if signed else mags
+    return LevelSet("post_int8", bits, signed, tuple(sorted(values)))
+
+
 def apot(bits: int, signed: bool = True) -> LevelSet:
     """Additive powers of two (APoT): sums of one level from each of ``ceil(m / 2)`` two-bit terms."""
     check_bits(bits)
@@ -168,6 +215,7 @@ GRIDS: dict[str, Grid] = {
     "uniform": Grid("uniform", uniform),
     "pot": Grid("POT", pot),
     "post": Grid("POST", post),
+    "post_int8": Grid("POST-int8", post_int8),
     "apot": Grid("APoT", apot),
 }
 
