@@ -298,7 +298,7 @@ def test_torchrun_two_cpu_processes(tmp_path, float_ckpt):
     # rounding only, so a prediction that sits on a tie between two classes could go either way.)
     model = build_from_checkpoint(payload)
     test = load_dataset("synthetic", "test")
-    norm = Normalizer(tuple(payload["normalizer"]["mean"]), tuple(payload["normalizer"]["std"]))
+    norm = Normalizer.from_dict(payload["normalizer"])
     shards = [
         evaluate(model, TensorBatches(test, 500, norm, rank=r, world_size=2), torch.device("cpu")) for r in (0, 1)
     ]

@@ -451,6 +451,14 @@ class Normalizer:
     std: tuple[float, ...]
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        """The normaliser a checkpoint or an export records (:meth:`to_dict`)."""
+        return cls(tuple(data["mean"]), tuple(data["std"]))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
     def fit(cls, data: ImageSet) -> Normalizer:
         """Mean and sample std per channel of the first images (up to 20000; 512 of a decoded folder).
 

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from .compare import run_grid
-from .data import Normalizer, TensorBatches, load_dataset
+from .data import TensorBatches
 from .export import convert_to_packed, kernel_report, kernel_summary, load_packed, save_packed
 from .runconfig import RunConfig
 from .size import model_size_bytes
 from .timing import interleaved_medians, machine_description
 from .train.checkpoint import build_from_checkpoint, load_checkpoint
+from .train.evaluation import eval_batches
 from .train.run import fit
 
 DEMO_METHODS = ("float", "lsq", "post-asq")
@@ -113,12 +114,9 @@ def deploy(
     )
     packed = load_packed(export_path)
     float_model = build_from_checkpoint(load_checkpoint(float_checkpoint)).eval()
-    norm = payload["normalizer"]
-    test = TensorBatches(
-        load_dataset(data, "test", data_root), 500, Normalizer(tuple(norm["mean"]), tuple(norm["std"]))
-    )
-    fake_correct, packed_correct, agree, seen = _compare_predictions(fake_quant, packed, test)
     shape = tuple(payload["model"]["input_shape"])
+    test = eval_batches(shape, payload["normalizer"], data, data_root, "test", False, 500, str(qat_checkpoint))
+    fake_correct, packed_correct, agree, seen = _compare_predictions(fake_quant, packed, test)
     return Deployment(
         path=Path(export_path),
         file_bytes=file_bytes,

@@ -66,14 +66,14 @@ def final_metrics(
     )
 
 
-def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None) -> TensorBatches:
+def eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None) -> TensorBatches:
     """A split's batches, normalised as the model was trained (optionally shifted), after checking its shape."""
     dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
     if isinstance(dataset, TextSet):
         raise ValueError(f"{source} is an image model; {data!r} is a text dataset")
     if tuple(input_shape) != dataset.input_shape:
         raise ValueError(f"{source} expects inputs {tuple(input_shape)}; {data!r} has {dataset.input_shape}")
-    normalizer = Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else Normalizer.fit(dataset)
+    normalizer = Normalizer.from_dict(norm) if norm else Normalizer.fit(dataset)
     kind = "gain" if shift is True or not shift else shift  # --shift alone is the gain shift
     return TensorBatches(dataset, batch_size, normalizer, shift_seed=SHIFT_SEED if shift else None, shift_kind=kind)
 
@@ -81,7 +81,7 @@ def _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, 
 def _evaluate_model(
     model: nn.Module, input_shape, norm, data, data_root, split, shift, batch_size, source, subset=None
 ) -> Accuracy:
-    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset)
+    batches = eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, source, subset)
     stats = evaluate(model, batches, next(model.buffers()).device)
     return Accuracy(stats.accuracy, stats.loss, stats.samples, shift)
 
@@ -194,5 +194,5 @@ def beta_report_checkpoint(
     model = build_from_checkpoint(payload).to(resolve_device(device))
     require_asq(model, str(path))
     input_shape, norm = payload["model"]["input_shape"], payload.get("normalizer")
-    batches = _eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, path, subset)
+    batches = eval_batches(input_shape, norm, data, data_root, split, shift, batch_size, path, subset)
     return beta_report(model, partial(gained_inputs, batches), gains, source=str(path))

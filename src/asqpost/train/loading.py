@@ -69,7 +69,7 @@ def _float_model(config: RunConfig, train: ImageSet | TextSet) -> tuple[nn.Modul
             f"dataset {config.data!r} has {train.input_shape} and {train.num_classes}"
         )
     norm = payload.get("normalizer")
-    return build_from_checkpoint(payload), spec, Normalizer(tuple(norm["mean"]), tuple(norm["std"])) if norm else None
+    return build_from_checkpoint(payload), spec, Normalizer.from_dict(norm) if norm else None
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> None:

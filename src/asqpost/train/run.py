@@ -340,9 +340,7 @@ def _save(
             "seed": config.seed,
             "run": config.to_dict(),
             "metrics": history,
-            "normalizer": None
-            if prep.normalizer is None
-            else {"mean": list(prep.normalizer.mean), "std": list(prep.normalizer.std)},
+            "normalizer": None if prep.normalizer is None else prep.normalizer.to_dict(),
             "rng": _rng_state(),
             "scaler": None if scaler is None else scaler.state_dict(),
         },
