@@ -4,10 +4,10 @@ import json
 import os
 import pickle
 import random
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,35 +54,36 @@ def _sigint_as_in_a_terminal():
 
 
 @pytest.fixture
-def start_paused(tmp_path):
+def start_paused():
     """Start ``asqpost train`` held (by the step hook of ``paused_run.py``) right after ``step`` of ``epoch``.
 
-    ``start_paused(out, epoch, step, **config)`` returns the process, blocked at that step, and the marker it wrote
-    there; a process still alive when the test ends is killed.
+    ``start_paused(out, epoch, step, **config)`` returns the process, blocked at that step, and the record it
+    wrote to a pipe there (the read blocks until the line arrives, or the pipe closes because the run ended);
+    a process still alive when the test ends is killed.
     """
     procs = []
 
     def start(out, epoch, step, **overrides):
-        marker = tmp_path / f"{out.name}-paused.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        runner = [sys.executable, str(PAUSED_RUN), str(epoch), str(step), str(marker)]
+        read_end, write_end = os.pipe()
+        runner = [sys.executable, str(PAUSED_RUN), str(epoch), str(step), str(write_end)]
         proc = subprocess.Popen(
             runner + _cli(out, **overrides)[3:],  # the CLI's arguments, run with the pause point's step hook
-            env=env,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            pass_fds=(write_end,),
             preexec_fn=_sigint_as_in_a_terminal,
         )
         procs.append(proc)
-        deadline = time.monotonic() + 120
-        while not marker.is_file():  # polls for the marker only; where the signal lands is fixed by the pause
-            if proc.poll() is not None:
-                raise AssertionError(f"training ended before the pause point: {proc.stderr.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for the run to reach the pause point")
-            time.sleep(0.02)
-        return proc, json.loads(marker.read_text())
+        os.close(write_end)  # the child holds the only write end: end of file means it ended without pausing
+        ready, _, _ = select.select([read_end], [], [], 300)
+        with os.fdopen(read_end) as pipe:
+            line = pipe.readline() if ready else ""
+        if not line:
+            proc.kill()
+            raise AssertionError(f"training did not reach the pause point: {proc.communicate()[1][-2000:]}")
+        return proc, json.loads(line)
 
     yield start
     for proc in procs:
