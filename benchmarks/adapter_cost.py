@@ -27,7 +27,6 @@ from torch import nn
 
 from asqpost import QATConfig, StepAdapter, calibrate, prepare_qat
 from asqpost.export import convert_to_packed
-from asqpost.kernels import layer_path
 from asqpost.masking import token_mask
 from common import machine, table
 
@@ -109,7 +108,7 @@ def share_rows(repeats: int) -> list[list[str]]:
                 [
                     f"{shape} -> {out}",
                     label,
-                    layer_path(layer)[0],
+                    layer.plans.describe(torch.device("cpu"))[0],
                     f"{ms['layer']:.3f}",
                     f"{ms['layer without adapter']:.3f}",
                     f"{ms['adapter']:.3f}",

@@ -356,12 +356,12 @@ def packed_layer(sizes: Sizes, device) -> list[dict[str, Any]]:
 def _layer_rows(n: int, k: int, sizes: Sizes, device) -> list[dict[str, Any]]:
     import torch
 
-    from asqpost.kernels import triton_lut
+    from asqpost.kernels import Ineligible
 
     packed, w = _packed_linear(n, k, device)
-    plan = triton_lut.prepare(packed, device)
-    if plan is None:
-        raise RuntimeError(f"the Triton kernel does not take the {n}x{k} packed layer")
+    plan = packed.plans.plan("triton", device, torch.float16)
+    if isinstance(plan, Ineligible):
+        raise RuntimeError(f"the Triton kernel does not take the {n}x{k} packed layer: {plan.reason}")
     copy_dst = torch.empty_like(plan.words)
     copy_ms = median_ms(lambda: copy_dst.copy_(plan.words), device, sizes.repeats, sizes.warmup)
     try:
@@ -387,15 +387,11 @@ def _layer_times(packed, w16, int4, batch: int, sizes: Sizes, device) -> dict[st
     import torch
     import torch.nn.functional as F
 
-    from asqpost.kernels import triton_lut
-
     x = torch.randn(batch, w16.shape[1], device=device)
     x16, xbf = x.half(), x.bfloat16()
     with torch.no_grad():
         times = {
-            "triton LUT": median_ms(
-                lambda: triton_lut.forward(packed, x16, strict=True), device, sizes.repeats, sizes.warmup
-            ),
+            "triton LUT": median_ms(lambda: packed(x16, kernel="triton"), device, sizes.repeats, sizes.warmup),
             "fp16 F.linear": median_ms(lambda: F.linear(x16, w16), device, sizes.repeats, sizes.warmup),
         }
         if int4 is not None:
@@ -424,6 +420,7 @@ def end_to_end(sizes: Sizes, device) -> list[dict[str, Any]]:
 
     from asqpost import QATConfig, calibrate, prepare_qat
     from asqpost.export import convert_to_packed
+    from asqpost.kernels import use_kernel
 
     torch.manual_seed(0)
     name, base, _ = _image_model("resnet18", sizes.image, sizes is DRY)
@@ -433,20 +430,14 @@ def end_to_end(sizes: Sizes, device) -> list[dict[str, Any]]:
     packed = convert_to_packed(qat).eval()
     half = copy.deepcopy(base).half()
     rows = []
-    kernel_before = os.environ.get("ASQPOST_KERNEL")
-    os.environ["ASQPOST_KERNEL"] = "triton"  # what auto picks on CUDA; the dry run takes the same path
     for batch in sizes.e2e_batches:
         x = torch.randn(batch, 3, sizes.image, sizes.image, device=device)
         x16 = x.half()
-        with torch.no_grad():
+        with torch.no_grad(), use_kernel("triton"):  # what auto picks on CUDA; the dry run takes the same path
             packed_ms = median_ms(lambda x=x: packed(x), device, sizes.repeats, sizes.warmup)
             half_ms = median_ms(lambda x16=x16: half(x16), device, sizes.repeats, sizes.warmup)
         rows.append({"model": name, "batch": batch, "variant": "packed 4-bit (POST + ASQ)", "ms": packed_ms})
         rows.append({"model": name, "batch": batch, "variant": "fp16 float", "ms": half_ms})
-    if kernel_before is None:
-        os.environ.pop("ASQPOST_KERNEL")
-    else:
-        os.environ["ASQPOST_KERNEL"] = kernel_before
     for row in rows:
         fp16 = next(r["ms"] for r in rows if r["batch"] == row["batch"] and r["variant"] == "fp16 float")
         row["vs_fp16"] = row["ms"] / fp16

@@ -7,10 +7,10 @@ threads awake, as a layer inside a model does.
 
 * fp32 ``F.linear``; torch int8 dynamic quantization (``quantize_dynamic``, FBGEMM); torch's int4 CPU kernel
   (``_weight_int4pack_mm_for_cpu``, bf16 activations);
-* asqpost reference (``ASQPOST_KERNEL=reference``: float64 exact sums) and native (this package's kernel);
+* asqpost reference (the ``reference`` kernel selection: float64 exact sums) and native (this package's kernel);
   both run the whole packed layer: u8 activation codes, two accumulators, rescale; the ASQ row adds the
   adapter (GAP -> Linear(C, C/4) -> ReLU -> Linear(C/4, 1) in fp32, which at C = 4096 is 4M MACs);
-  the native rows call ``packed_forward`` with one plan per copy of the weights (``dataclasses.replace``);
+  the native rows run the native backend with one plan per copy of the weights (``dataclasses.replace``);
 * the 4-bit memory floor: summing the same 8 MiB of codes (a pure stream read of what our layer must read), on
   the native path's own copies (same memory), half a rotation away from where that path reads.
 
@@ -20,7 +20,6 @@ Usage: ``python benchmarks/lut_kernel.py [--repeats 30] [--threads 2]``
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from dataclasses import replace
 
@@ -30,7 +29,7 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed
-from asqpost.kernels import native, packed_forward
+from asqpost.kernels import extension, get_backend
 from common import interleaved_medians, machine, table
 
 STREAM_BYTES = 512 * 2**20  # total size of the rotated copies per path: far beyond any L3
@@ -77,26 +76,25 @@ def build_paths(n: int, k: int, batch: int) -> dict[str, Rotating]:
     ]
     paths["torch int4 (bf16 act)"] = Rotating(int4, lambda w: torch._weight_int4pack_mm_for_cpu(x_bf16, w, 128, scales))
 
-    def run(model, kernel):
-        os.environ["ASQPOST_KERNEL"] = kernel
+    def run(layer, kernel):
         with torch.no_grad():
-            return model(x)
+            return layer(x, kernel=kernel)
 
     layers = {}
     for recipe in ("post-lsq", "post-asq"):
         q = prepare_qat(nn.Sequential(base), QATConfig.recipe(recipe, 4, first=None, last=None)).eval()
         calibrate(q, [x])
         layers[recipe] = convert_to_packed(q)[0]
-    weights = native.prepare(layers["post-lsq"]).weights  # kernel layout, built once at load
+    weights = layers["post-lsq"].plans.plan("native").weights  # kernel layout, built once at load
+    native = get_backend("native")
 
     def streams(recipe):  # each path its own copies: a copy another path just read would still be in cache
-        plan = native.prepare(layers[recipe])
+        plan = layers[recipe].plans.plan("native")
         return [replace(plan, weights=weights.clone()) for _ in range(copies(weights.numel()))]
 
     def run_native(plan, recipe):  # same codes, another copy in memory: streamed from DRAM
-        os.environ["ASQPOST_KERNEL"] = "native"
         with torch.no_grad():
-            return packed_forward(layers[recipe], x, plan)
+            return native.run(plan, x, layers[recipe].input_quant.step_of(x))
 
     native_plans = streams("post-lsq")
     paths["asqpost native (POST 4-bit, LSQ act)"] = Rotating(native_plans, lambda p: run_native(p, "post-lsq"))
@@ -117,7 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.n} x {args.k} linear, median of {args.repeats} interleaved runs, native path: {native.capability()}")
+    path = extension.capability()
+    print(f"{args.n} x {args.k} linear, median of {args.repeats} interleaved runs, native path: {path}")
     print(f"machine: {machine()}\n")
     results = {}
     for batch in args.batches:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from asqpost.convert import quant_layers
 from asqpost.export import convert_to_packed
 from asqpost.export.modules import PackedLayer
-from asqpost.kernels import layer_path
 from asqpost.masking import token_mask
 from common import machine, table
 from transformer_latency import load_minilm, mean_pooled, quantized, sentences
@@ -82,7 +81,7 @@ def main() -> None:
             rows.append(
                 [
                     name,
-                    layer_path(p)[0],
+                    p.plans.describe(torch.device("cpu"))[0],
                     int((codes_p != codes_q)[real].sum()),
                     bool(torch.equal(step_p.expand_as(step_q), step_q)),
                     f"{same_rel:.1e}",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from asqpost.export import convert_to_packed
-from asqpost.kernels import native
+from asqpost.kernels import NativePlan, extension, get_backend
 from common import machine, table
 from transformer_latency import load_minilm, quantized, sentences
 
@@ -66,15 +66,16 @@ def main() -> None:
     with torch.no_grad():
         query(x), last(wide)  # build the native plans
         rows, inp = x.reshape(-1, 384), query.input_quant
-        plan = native.prepare(query)
-        assert plan is not None and native.prepare(last) is not None and native.prepare(last).direct
-        ext = native.extension()
+        plan, last_plan = query.plans.plan("native"), last.plans.plan("native")
+        assert isinstance(plan, NativePlan) and isinstance(last_plan, NativePlan) and last_plan.direct
+        ext, sums = extension.extension(), get_backend("torch sums")
+        sums_plan, args = last.plans.plan(sums), plan.kernel_args()
         fns = {
             "query: packed module call": lambda: query(x),
-            "query: extension call alone": lambda: ext.lut_linear_forward(rows, inp.step, inp.qmin, inp.qmax, plan),
+            "query: extension call alone": lambda: ext.lut_linear_forward(rows, inp.step, inp.qmin, inp.qmax, *args),
             "query: torch int8 dynamic": lambda: query8(x),
             "output dense 8-bit: packed (direct int8)": lambda: last(wide),
-            "output dense 8-bit: torch sums path": lambda: native.forward_torch_sums(last, wide),
+            "output dense 8-bit: torch sums path": lambda: sums.run(sums_plan, wide, last.input_quant.step_of(wide)),
             "output dense 8-bit: torch int8 dynamic": lambda: last8(wide),
             "word embeddings: packed 4-bit lookup": lambda: packed.embeddings.word_embeddings(ids),
             "word embeddings: float lookup": lambda: float_words(ids),

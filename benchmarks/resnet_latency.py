@@ -8,13 +8,12 @@ Usage: ``python benchmarks/resnet_latency.py [--repeats 30]``
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed
-from asqpost.kernels import native
+from asqpost.kernels import extension, use_kernel
 from asqpost.models import create_model
 from common import interleaved_medians, machine, table
 
@@ -33,13 +32,11 @@ def main() -> None:
     calibrate(qat, [torch.randn(64, *shape)])
     packed = convert_to_packed(qat)
 
-    def run(m, kernel=None):
-        if kernel:
-            os.environ["ASQPOST_KERNEL"] = kernel
-        with torch.no_grad():
+    def run(m, kernel="auto"):
+        with torch.no_grad(), use_kernel(kernel):
             return m(x)
 
-    print(f"ResNet-20 on {shape}, {args.recipe} 4-bit, native path: {native.capability()}")
+    print(f"ResNet-20 on {shape}, {args.recipe} 4-bit, native path: {extension.capability()}")
     print(f"machine: {machine()}\n")
     rows = []
     for batch in (1, 64):
@@ -48,7 +45,7 @@ def main() -> None:
             {
                 "float": lambda: run(model),
                 "fake quant (QAT model)": lambda: run(qat),
-                "packed, native kernel": lambda: run(packed, "native" if native.available() else "reference"),
+                "packed, native kernel": lambda: run(packed, "native" if extension.available() else "reference"),
                 "packed, reference": lambda: run(packed, "reference"),
             },
             args.repeats,
@@ -56,7 +53,6 @@ def main() -> None:
         )
         for name, t in medians.items():
             rows.append([batch, name, f"{t * 1e3:.2f}", f"{t / medians['float']:.2f}x"])
-    os.environ["ASQPOST_KERNEL"] = "auto"
     print(table(["batch", "model", "latency (ms)", "vs float"], rows))
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.cpp_extension import load_inline
 
-from asqpost.kernels import native
+from asqpost.kernels import extension, native
 from common import machine, table
 
 PEAK_SOURCE = r"""
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    if native.capability() != "avx512_vnni":
-        raise SystemExit(f"needs an AVX-512 VNNI CPU (native path here: {native.capability()})")
+    if extension.capability() != "avx512_vnni":
+        raise SystemExit(f"needs an AVX-512 VNNI CPU (native path here: {extension.capability()})")
     torch.set_num_threads(args.threads)
     peak = load_inline("asqpost_vnni_peak", cpp_sources=PEAK_SOURCE, functions=["dpbusd_ns"], extra_cflags=["-O2"])
     ns_per_op = min(peak.dpbusd_ns(20_000_000) for _ in range(3))

@@ -1,6 +1,6 @@
 """The package is a one-way stack: no module imports from a layer above its own, and no import cycle exists,
-at module level or hidden in a function. Checked on the source with ``ast``, then by importing every module
-first in a fresh interpreter."""
+at module level, hidden in a function or under ``if TYPE_CHECKING`` (a type-only back edge is still a back edge).
+Checked on the source with ``ast``, then by importing every module first in a fresh interpreter."""
 
 import ast
 import graphlib
@@ -38,6 +38,7 @@ LAYERS = (
     ("asqpost.policy",),
     ("asqpost.convert",),
     ("asqpost.models", "asqpost.data", "asqpost.size", "asqpost.runconfig", "asqpost.beta_report", "asqpost.text"),
+    ("asqpost.packed",),
     ("asqpost.kernels",),
     ("asqpost.export",),
     ("asqpost.train",),
@@ -68,10 +69,6 @@ def _layer(module: str) -> int:
     return max(matches)[1]
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def _imports(module: str) -> list[tuple[str, int, bool]]:
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -79,12 +76,10 @@ def _imports(module: str) -> list[tuple[str, int, bool]]:
 
 
 def _imports_of(module: str, package: str, source: str) -> list[tuple[str, int, bool]]:
-    """``(imported asqpost module, line, inside a function)`` for every import outside ``if TYPE_CHECKING``."""
+    """``(imported asqpost module, line, inside a function)`` for every import, ``if TYPE_CHECKING`` ones too."""
     found: list[tuple[str, int, bool]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
-        if _is_type_checking(node):
-            return
         if isinstance(node, ast.Import):
             found.extend((a.name, node.lineno, in_function) for a in node.names if a.name.startswith("asqpost"))
         elif isinstance(node, ast.ImportFrom):
@@ -119,17 +114,22 @@ def test_no_module_imports_from_a_layer_above(module):
     assert not upward, "\n".join(upward)
 
 
-def test_no_import_cycle_even_through_function_level_imports():
-    graph: dict[str, set[str]] = {module: set() for module in MODULES}
-    for module in MODULES:
-        for target, _, _ in _imports(module):
+def _check_no_cycle(imports: dict[str, list[str]]) -> None:
+    """Raise ``graphlib.CycleError`` (naming the cycle) if the modules' imports form one."""
+    graph: dict[str, set[str]] = {module: set() for module in imports}
+    for module, targets in imports.items():
+        for target in targets:
             graph[module].add(target)
             # importing asqpost.a.b from outside asqpost.a runs asqpost/a/__init__.py first
             parent = target.rpartition(".")[0]
             if parent != "asqpost" and parent in MODULES and not module.startswith(parent):
                 graph[module].add(parent)
         graph[module].discard(module)
-    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+    graphlib.TopologicalSorter(graph).prepare()
+
+
+def test_no_import_cycle_even_through_function_level_or_type_only_imports():
+    _check_no_cycle({module: [target for target, _, _ in _imports(module)] for module in MODULES})
 
 
 def test_function_level_imports_only_where_allowed():
@@ -153,10 +153,29 @@ def test_the_import_reader_sees_every_kind_of_import():
     assert found == [
         ("asqpost.train.run", False),
         ("asqpost.cli", False),
+        ("asqpost.export.modules", False),
         ("asqpost.compare", True),
         ("asqpost.levels", True),
     ]
     assert _layer("asqpost.train.run") > _layer("asqpost.size")
+
+
+def test_a_type_only_back_edge_is_an_upward_import():
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..export.modules import PackedLayer\n"
+    found = _imports_of("asqpost.kernels.native", "asqpost.kernels", source)
+    assert found == [("asqpost.export.modules", 3, False)]
+    assert _layer("asqpost.export.modules") > _layer("asqpost.kernels.native")
+
+
+def test_the_cycle_check_fails_on_a_type_only_cycle():
+    back_edge = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..export.modules import PackedLayer\n"
+    found = _imports_of("asqpost.kernels.native", "asqpost.kernels", back_edge)
+    imports = {
+        "asqpost.kernels.native": [target for target, _, _ in found],
+        "asqpost.export.modules": ["asqpost.kernels.native"],
+    }
+    with pytest.raises(graphlib.CycleError):
+        _check_no_cycle(imports)
 
 
 def test_every_module_imports_first_in_a_fresh_interpreter():

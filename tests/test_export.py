@@ -23,7 +23,7 @@ from asqpost.export import (
     unpack_codes,
 )
 from asqpost.export.format import VERSION, _digest
-from asqpost.kernels.reference import integer_accumulators
+from asqpost.kernels.reference import integer_accumulators, reference_plan
 from asqpost.levels import GRIDS, make_levels
 from asqpost.models import create_model
 
@@ -97,7 +97,7 @@ def test_packed_layer_equals_fake_quant_layer(recipe, bits, index):
         # the exact integer path against the same maths written directly
         x_int, step = packed[0].input_quant(x)
         w = packed[0].weight.dequantize(torch.float64)
-        direct = packed[0].apply_op(
+        direct = packed[0].geometry.apply(
             x_int.double() * step.double(), w, None if layer.bias is None else layer.bias.double()
         )
     assert torch.allclose(got, direct, rtol=1e-6, atol=1e-7)  # exact sums, one float32 rounding at the end
@@ -110,7 +110,7 @@ def test_accumulators_are_integers():
     calibrate(q, [x])
     layer = convert_to_packed(q)[0]
     x_int, _ = layer.input_quant(x)
-    even, odd = integer_accumulators(layer, x_int)
+    even, odd = integer_accumulators(reference_plan(layer.spec(), x.device), x_int)
     assert torch.equal(even, even.round()) and odd is not None and torch.equal(odd, odd.round())
 
 

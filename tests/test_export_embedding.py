@@ -21,7 +21,7 @@ from asqpost.export import (
     save_packed,
     unpack_codes,
 )
-from asqpost.kernels import native
+from asqpost.kernels import extension as native
 from asqpost.text import SentenceEncoder
 from test_export import _rewrite_meta
 from tiny_bert import VOCAB, tiny_bert_config
@@ -94,7 +94,6 @@ def test_int64_ids_take_the_native_lookup_with_the_same_rows(method, bits, dim, 
 def test_lookups_decode_no_table(monkeypatch):
     packed = PackedEmbedding.from_quant(_quant_embedding("lsq", 4, 16))
     expected = packed.weight.dequantize()[torch.tensor([[1, 7], [49, 0]])].clone()
-    packed.weight._cache.clear()
 
     def refuse(*args, **kwargs):
         raise AssertionError("a lookup decoded the whole table")
@@ -102,9 +101,11 @@ def test_lookups_decode_no_table(monkeypatch):
     monkeypatch.setattr(PackedWeight, "code_tensor", refuse)
     monkeypatch.setattr(PackedWeight, "dequantize", refuse)
     assert torch.equal(packed(torch.tensor([[1, 7], [49, 0]])), expected)
-    cached = dict(packed.weight._cache)  # only the levels of each byte value: 256 x 2 float32 at 4 bits
-    assert set(cached) <= {"byte-levels-torch.float32", "native-lookup"}  # the native lookup: views of the codes
-    assert cached["byte-levels-torch.float32"].numel() == 256
+    cached = packed._byte_levels_by_dtype  # only the levels of each byte value: 256 x 2 float32 at 4 bits
+    assert list(cached) == [torch.float32] and cached[torch.float32].numel() == 256
+    if packed._native_lookup_args is not None:  # the native lookup: a view of the codes and those levels
+        codes, levels = packed._native_lookup_args
+        assert codes.data_ptr() == packed.weight.codes.data_ptr() and levels.numel() == 256 * 2
 
 
 def test_max_norm_renormalises_the_looked_up_rows_as_nn_embedding_does():

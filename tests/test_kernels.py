@@ -1,6 +1,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from dataclasses import replace
 from pathlib import Path
@@ -13,14 +14,37 @@ from torch.utils.cpp_extension import include_paths
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.config import recipe_names
 from asqpost.export import convert_to_packed, integer_lut
-from asqpost.kernels import native, packed_forward
-from asqpost.kernels.reference import exact_dtype, exact_run, integer_accumulators, integer_forward_reference
+from asqpost.kernels import Ineligible, backends, current_kernel, extension, get_backend, native, use_kernel
+from asqpost.kernels.reference import exact_dtype, exact_run, integer_accumulators, reference_plan
 from asqpost.levels import GRIDS, make_levels
 from tiny_bert import tiny_bert_config
 
 pytestmark = pytest.mark.numerics
 
-needs_native = pytest.mark.skipif(not native.available(), reason="native LUT kernel could not be built here")
+needs_native = pytest.mark.skipif(not extension.available(), reason="native LUT kernel could not be built here")
+NATIVE = get_backend("native")
+
+
+def _prepare(packed):
+    """The layer's native plan, or ``None`` where the native kernel does not take it."""
+    plan = packed.plans.plan("native")
+    return None if isinstance(plan, Ineligible) else plan
+
+
+def _run(packed, x, plan, backend=NATIVE):
+    """``packed`` computed by ``backend`` with ``plan`` (for the native backend: a variant of the layer's plan,
+    another path or another copy of the weights)."""
+    x = packed.folded(x)
+    return backend.run(plan, x, None if packed.input_quant is None else packed.input_quant.step_of(x))
+
+
+def _run_on(name, packed, x):
+    """``packed`` computed by the backend ``name`` with the layer's own plan for it."""
+    return _run(packed, x, packed.plans.plan(name), get_backend(name))
+
+
+def _ref_plan(packed):
+    return reference_plan(packed.spec(), torch.device("cpu"))
 
 
 def test_native_kernel_builds_where_a_compiler_exists():
@@ -29,7 +53,7 @@ def test_native_kernel_builds_where_a_compiler_exists():
         pytest.skip("no C++ compiler or ninja: the reference path is the expected fallback")
     if os.environ.get("ASQPOST_KERNEL") == "reference":
         pytest.skip("native kernel switched off")
-    assert native.available(), "the native LUT kernel failed to build (its error is in the log)"
+    assert extension.available(), "the native LUT kernel failed to build (its error is in the log)"
 
 
 def test_kernel_source_compiles_for_aarch64():
@@ -41,7 +65,7 @@ def test_kernel_source_compiles_for_aarch64():
     cxx = shutil.which("aarch64-linux-gnu-g++")
     if cxx is None:
         pytest.skip("no aarch64 cross-compiler (Debian package g++-aarch64-linux-gnu)")
-    source = Path(native.__file__).with_name("lut_kernel.cpp")
+    source = Path(extension.__file__).with_name("lut_kernel.cpp")
     includes = [*include_paths(), sysconfig.get_paths()["include"]]
     command = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror"]
     command += ["-DTORCH_EXTENSION_NAME=asqpost_lut_kernel", "-DTORCH_API_INCLUDE_EXTENSION_H"]
@@ -77,7 +101,7 @@ def test_native_accumulators_equal_reference_exactly(grid, bits, m, k, n):
     )
     x = torch.randint(0, 256, (m, k)).to(torch.uint8)
     expected_even, expected_odd = x.long() @ lut.even[codes].T, x.long() @ lut.odd[codes].T
-    for path in native.available_paths():
+    for path in extension.available_paths():
         even, odd = native.lut_matmul(x, replace(plan, path=path))
         assert torch.equal(even.long(), expected_even), path
         assert torch.equal(odd.long(), expected_odd), path
@@ -100,9 +124,9 @@ def _plan_of(lut_even: torch.Tensor, codes: torch.Tensor, path: str = "auto") ->
 
 @needs_native
 def test_paths_are_reported_once_fastest_first():
-    paths = native.available_paths()
+    paths = extension.available_paths()
     assert paths[-1] == "scalar" and set(paths) <= {"avx512_vnni", "avx2", "scalar"}
-    assert native.capability() == paths[0]
+    assert extension.capability() == paths[0]
     plan = _plan_of(torch.arange(16), torch.randint(0, 16, (3, 8)))
     assert native.kernel_path(plan) == paths[0]
     for path in paths:
@@ -115,7 +139,7 @@ def test_paths_are_reported_once_fastest_first():
 @pytest.mark.parametrize(("biggest", "avx2_runs"), [(64, "avx2"), (65, "scalar"), (127, "scalar"), (-128, "scalar")])
 def test_avx2_runs_scalar_where_its_int16_pairs_could_saturate(biggest, avx2_runs):
     """AVX2 adds u8 x s8 products in int16 pairs: exact only while 2 * 255 * max|lut| <= 32767."""
-    if "avx2" not in native.available_paths():
+    if "avx2" not in extension.available_paths():
         pytest.skip("this CPU has no AVX2")
     table = torch.full((16,), biggest)
     codes = torch.randint(0, 16, (21, 40))
@@ -162,7 +186,7 @@ def test_native_layer_equals_reference_layer(kind, recipe, bits, monkeypatch):
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, bits, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    plan = native.prepare(packed)
+    plan = _prepare(packed)
     assert plan is not None, "unsigned-input <= 4-bit linear and conv layers take the native kernel"
     _assert_native_equals_reference(packed, plan, kind, x, monkeypatch)
 
@@ -177,12 +201,12 @@ def test_8_bit_weights_run_natively_as_direct_int8(kind, recipe, signed, monkeyp
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe(recipe, 8, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q, single_sum=True)[0]  # 8-bit POST: int8 levels, one sum
-    plan = native.prepare(packed)
+    plan = _prepare(packed)
     assert plan is not None and plan.direct and not plan.has_odd
     assert native.kernel_path(replace(plan, path="avx2")) == "scalar", "AVX2's int16 pairs could saturate"
     _assert_native_equals_reference(packed, plan, kind, x, monkeypatch)
     if recipe == "post-asq":  # exact 8-bit POST (two sums, integers beyond int8) is not taken
-        assert native.prepare(convert_to_packed(q)[0]) is None
+        assert _prepare(convert_to_packed(q)[0]) is None
 
 
 @needs_native
@@ -206,7 +230,7 @@ def test_batched_tile_pairs_equal_reference_exactly(direct, m, n):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for path in native.available_paths():
+            for path in extension.available_paths():
                 even, _ = native.lut_matmul(x, replace(plan, path=path))
                 assert torch.equal(even.long(), expected), (path, threads)
     finally:
@@ -230,18 +254,18 @@ def _assert_native_equals_reference(packed, plan, kind, x, monkeypatch):
         x_int = x_int.detach()
         rows = (x_int.reshape(-1, x_int.shape[-1]) + plan.offset).to(torch.uint8)  # codes + offset, as the kernel
         nat_even, nat_odd = native.lut_matmul(rows, plan)
-        ref_even, ref_odd = integer_accumulators(packed, x_int)
+        ref_even, ref_odd = integer_accumulators(_ref_plan(packed), x_int)
         assert torch.equal(nat_even.double(), ref_even.reshape(rows.shape[0], -1).double())
         assert (nat_odd is None) == (ref_odd is None)
         if ref_odd is not None:
             assert torch.equal(nat_odd.double(), ref_odd.reshape(rows.shape[0], -1).double())
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "reference")
     with torch.no_grad():
-        ref = packed_forward(packed, x)
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    for path in native.available_paths():  # every CPU path, quantize and rescale included
+        ref = packed(x)
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "native")
+    for path in extension.available_paths():  # every CPU path, quantize and rescale included
         with torch.no_grad():
-            out = packed_forward(packed, x, replace(plan, path=path))
+            out = _run(packed, x, replace(plan, path=path))
         assert torch.equal(out, ref), path
 
 
@@ -250,11 +274,11 @@ def test_reference_sums_are_exact_in_either_float_format():
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-asq", 4, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert exact_dtype(packed) == torch.float32
+    assert exact_dtype(packed.spec()) == torch.float32
     x_int, _ = packed.input_quant(x)
-    acc32, _ = integer_accumulators(packed, x_int)
-    even, _, _ = packed.weight.integer_weights()
-    acc64 = packed.apply_op(x_int.double(), even.double())
+    acc32, _ = integer_accumulators(_ref_plan(packed), x_int)
+    even, _ = packed.spec().weight.integer_weights()
+    acc64 = packed.geometry.apply(x_int.double(), even.double())
     assert torch.equal(acc32.double(), acc64)
 
 
@@ -268,14 +292,14 @@ def test_wide_linear_sums_run_exactly_in_float32_pieces(fan_in):
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("lsq-lsq", 8, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert exact_dtype(packed) == torch.float64
-    run = exact_run(packed)
+    assert exact_dtype(packed.spec()) == torch.float64
+    run = exact_run(packed.spec())
     assert run is not None and run < fan_in
-    weights, _, _ = packed.weight.integer_weights()
+    weights, _ = packed.spec().weight.integer_weights()
     x_int = torch.sign(weights[:1].double()).expand(3, fan_in) * packed.input_quant.qmax  # row 0's largest sum
-    even, _ = integer_accumulators(packed, x_int.float())
+    even, _ = integer_accumulators(_ref_plan(packed), x_int.float())
     assert even.dtype == torch.float64
-    assert torch.equal(even, packed.apply_op(x_int, weights.double()))
+    assert torch.equal(even, packed.geometry.apply(x_int, weights.double()))
     assert even[:, 0].min() >= 2**24, "the sums really pass float32's exact range"
 
 
@@ -286,22 +310,50 @@ def test_layer_without_integer_table_takes_the_float_path():
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-lsq", 8, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert native.prepare(packed) is None
+    assert _prepare(packed) is None
     with torch.no_grad():
         out = packed(x)
         assert packed.weight.lut() is None
-        assert torch.equal(out, packed.float_forward(x)), "the decoded-float path runs instead"
+        assert torch.equal(out, _run_on("float", packed, x)), "the decoded-float path runs instead"
         assert torch.allclose(out, q(x), rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_choice_is_validated(monkeypatch):
+def test_kernel_choice_is_validated():
     layer, x = _layer("linear")
     q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-asq", 4, first=None, last=None)).eval()
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "fastest")
-    with pytest.raises(ValueError, match="ASQPOST_KERNEL"):
+    with pytest.raises(ValueError, match="kernel must be one of auto, native, triton, reference"):
+        packed(x, kernel="fastest")
+    with pytest.raises(ValueError, match="kernel must be one of"), use_kernel("fastest"):
+        pass
+    env = {**os.environ, "ASQPOST_KERNEL": "fastest"}  # read once, when asqpost.kernels is imported
+    result = subprocess.run(
+        [sys.executable, "-c", "import asqpost.kernels"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0 and "ASQPOST_KERNEL must be one of" in result.stderr
+
+
+def test_the_selection_is_an_argument_a_block_or_the_default(monkeypatch):
+    layer, x = _layer("linear")
+    q = prepare_qat(nn.Sequential(layer), QATConfig.recipe("post-asq", 4, first=None, last=None)).eval()
+    calibrate(q, [x])
+    packed = convert_to_packed(q)[0]
+    seen = []
+    reference = get_backend("reference")
+    monkeypatch.setattr(reference, "run", lambda plan, x, step: seen.append(current_kernel()) or x.new_zeros(1))
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "reference")
+    packed(x)
+    with use_kernel("auto"), use_kernel("reference"):
         packed(x)
+        assert current_kernel() == "reference"
+    assert current_kernel() == "reference" and seen == ["reference", "reference"]
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "auto")
+    with use_kernel("native"):
+        packed(x, kernel="reference")  # the argument wins over the block
+    assert len(seen) == 3 and backends.list_backends() == ["triton", "native", "torch sums", "reference", "float"]
+    with pytest.raises(ValueError, match="already registered"):
+        backends.register_backend(reference)
 
 
 @needs_native
@@ -314,7 +366,7 @@ def test_native_linear_propagates_nan_rows_like_the_reference(monkeypatch):
     x[1, 3] = float("nan")
     outs = {}
     for kernel in ("reference", "native"):
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", kernel)
         with torch.no_grad():
             outs[kernel] = packed(x)
     for out in outs.values():
@@ -341,19 +393,19 @@ def test_native_conv_equals_reference(channels, kernel, stride, padding, dilatio
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
     with torch.no_grad():
-        assert native.forward(packed, x, native.prepare(packed)) is not None, "the native conv ran"
+        assert _run(packed, x, _prepare(packed)) is not None, "the native conv ran"
     # The adapter's means are reduced in memory order, so a channels_last input may round its beta differently:
     # each layout is compared with the reference on that same tensor.
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "reference")
     with torch.no_grad():
         ref, ref_cl = packed(x), packed(x_cl)
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
-    for path in native.available_paths():
-        plan = replace(native.prepare(packed), path=path)
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "native")
+    for path in extension.available_paths():
+        plan = replace(_prepare(packed), path=path)
         with torch.no_grad():
-            out = packed_forward(packed, x, plan)
-            channels_last = packed_forward(packed, x_cl, plan)
+            out = _run(packed, x, plan)
+            channels_last = _run(packed, x_cl, plan)
         assert out.shape == ref.shape
         assert torch.equal(out, ref), path
         assert torch.equal(channels_last, ref_cl), path
@@ -368,10 +420,10 @@ def test_native_conv_with_nan_input_matches_reference(monkeypatch):
     packed = convert_to_packed(q)[0]
     x[1, 2, 3, 3] = float("nan")
     with torch.no_grad():
-        assert native.forward(packed, x, native.prepare(packed)) is None, "non-finite input: reference path"
+        assert torch.isnan(_run(packed, x, _prepare(packed))).any(), "the native conv marks the NaN windows itself"
     outs = {}
     for kernel_choice in ("reference", "native"):
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel_choice)
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", kernel_choice)
         with torch.no_grad():
             outs[kernel_choice] = packed(x)
     nan = torch.isnan(outs["reference"])
@@ -387,7 +439,7 @@ def test_grouped_conv_takes_the_reference_path():
     x = torch.rand(2, 8, 5, 5)
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert native.prepare(packed) is None
+    assert _prepare(packed) is None
     with torch.no_grad():
         assert torch.allclose(packed(x), q(x), rtol=1e-4, atol=1e-5)
 
@@ -407,16 +459,16 @@ def test_ineligible_layers_take_torch_sums_with_native_rescale(layer, shape, rec
     x = torch.randn(*shape)
     calibrate(q, [x])
     packed = convert_to_packed(q)[0]
-    assert native.prepare(packed) is None
-    assert native.ineligible_reason(packed) in (
+    assert _prepare(packed) is None
+    assert native.ineligible_reason(packed.spec()) in (
         "8-bit weight levels span integers beyond int8",
         "grouped conv (groups=4)",
     )
     x[0].view(-1)[1] = float("nan")
     with torch.no_grad():
-        ref = integer_forward_reference(packed, x)
-        out = native.forward_torch_sums(packed, x)
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+        ref = packed(x, kernel="reference")
+        out = _run_on("torch sums", packed, x)
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", "auto")
         auto = packed(x)
     nan = torch.isnan(ref)
     assert nan.any() and not nan.all()
@@ -438,8 +490,8 @@ def test_non_float32_inputs_match_the_reference_exactly(dtype, kind, recipe, mon
     packed = convert_to_packed(q)[0]
     x = x.to(dtype)
     with torch.no_grad():
-        ref = integer_forward_reference(packed, x)
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+        ref = packed(x, kernel="reference")
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", "native")
         out = packed(x)
     assert out.dtype == dtype
     assert torch.equal(out, ref)
@@ -462,10 +514,10 @@ def test_native_equals_reference_with_the_scale_following_adapter(kind, per_toke
         q[0].input_quantizer.adapter.gamma.fill_(1.2)
     packed = convert_to_packed(q)[0]
     assert packed.input_quant.adapter.form == "scale"
-    assert native.prepare(packed) is not None, "the native kernel takes this layer"
+    assert _prepare(packed) is not None, "the native kernel takes this layer"
     outs = {}
     for kernel in ("reference", "native"):
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", kernel)
         with torch.no_grad():
             outs[kernel] = packed(x)
     assert torch.equal(outs["native"], outs["reference"])
@@ -506,7 +558,7 @@ def test_native_signed_accumulators_equal_reference_exactly(grid, act_bits, m, k
     x[0, :] = -offset  # the extremes of the range in every product
     x[-1, : k // 2] = offset - 1
     expected_even, expected_odd = x @ lut.even[codes].T, x @ lut.odd[codes].T
-    for path in native.available_paths():
+    for path in extension.available_paths():
         even, odd = native.lut_matmul((x + offset).to(torch.uint8), replace(plan, path=path))
         assert torch.equal(even.long(), expected_even), path
         assert torch.equal(odd.long(), expected_odd), path
@@ -530,14 +582,14 @@ def _packed(layer: nn.Module, x: torch.Tensor, recipe: str, act: dict, weight_bi
 
 def _outputs_on_every_path(packed, x, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reference output and the native one on every CPU path (the layer's plan, each path in turn)."""
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "reference")
     with torch.no_grad():
-        ref = packed_forward(packed, x)
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "native")
+        ref = packed(x)
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "native")
     outs = {}
-    for path in native.available_paths():
+    for path in extension.available_paths():
         with torch.no_grad():
-            outs[path] = packed_forward(packed, x, replace(native.prepare(packed), path=path))
+            outs[path] = _run(packed, x, replace(_prepare(packed), path=path))
     return ref, outs
 
 
@@ -560,8 +612,8 @@ def test_native_signed_input_layer_equals_reference(kind, recipe, act, act_bits,
     layer, x = _signed_layer(kind)
     q, packed = _packed(layer, x, recipe, {**act, "bits": act_bits, "signed": True})
     assert packed.input_quant.qmin == -(2 ** (act_bits - 1)) and packed.input_quant.qmax == 2 ** (act_bits - 1) - 1
-    plan = native.prepare(packed)
-    assert plan is not None, native.state(packed).reason
+    plan = _prepare(packed)
+    assert plan is not None, packed.plans.describe(torch.device("cpu"))
     assert plan.offset == 2 ** (act_bits - 1)
     ref, outs = _outputs_on_every_path(packed, x, monkeypatch)
     for path, out in outs.items():
@@ -576,7 +628,7 @@ def test_native_signed_input_layer_equals_reference(kind, recipe, act, act_bits,
 def test_native_signed_input_propagates_nan_rows_like_the_reference(kind, monkeypatch):
     layer, x = _signed_layer(kind)
     _, packed = _packed(layer, x, "post-asq", {"per_token": kind == "tokens"})
-    assert native.prepare(packed).offset > 0
+    assert _prepare(packed).offset > 0
     x = x.clone()
     x.view(-1, x.shape[-1])[1, 3] = float("nan")
     ref, outs = _outputs_on_every_path(packed, x, monkeypatch)
@@ -592,16 +644,16 @@ def test_native_takes_a_token_input_without_copying_it(monkeypatch):
     """(N, T, C) float32 rows reach the kernel as the input itself (the kernel reads its storage in place)."""
     layer, x = _signed_layer("tokens")
     _, packed = _packed(layer, x, "post-asq", {"per_token": True})
-    module, seen = native.extension(), []
+    module, seen = extension.extension(), []
     kernel = module.lut_linear_forward
 
-    def spy(x, step, qmin, qmax, plan):
+    def spy(x, step, qmin, qmax, *plan):
         seen.append((x.data_ptr(), tuple(x.shape), step.numel()))
-        return kernel(x, step, qmin, qmax, plan)
+        return kernel(x, step, qmin, qmax, *plan)
 
     monkeypatch.setattr(module, "lut_linear_forward", spy)
     with torch.no_grad():
-        y = native.forward(packed, x, native.prepare(packed))
+        y = _run(packed, x, _prepare(packed))
     assert seen == [(x.data_ptr(), (3, 7, 24), 21)], "one call, on the input's own storage, one step per token"
     assert y.shape == (3, 7, 19)
 
@@ -624,12 +676,12 @@ def test_kernel_results_do_not_depend_on_the_thread_count(monkeypatch):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert native.threads() == threads, "the kernel reads torch's thread count"
+            assert extension.threads() == threads, "the kernel reads torch's thread count"
             with torch.no_grad():
                 outs[threads] = [
-                    native.forward(packed, row, native.prepare(packed)),  # one row: tiles split
-                    native.forward(packed, rows, native.prepare(packed)),  # 600 rows: row blocks split too
-                    native.forward(packed_conv, xc, native.prepare(packed_conv)),
+                    _run(packed, row, _prepare(packed)),  # one row: tiles split
+                    _run(packed, rows, _prepare(packed)),  # 600 rows: row blocks split too
+                    _run(packed_conv, xc, _prepare(packed_conv)),
                 ]
     finally:
         torch.set_num_threads(before)
@@ -661,21 +713,21 @@ def test_kernel_report_names_each_layers_path_and_reason(monkeypatch):
     packed, x = _mixed_model()
     report = {entry.name: entry for entry in kernel_report(packed)}
     assert list(report) == ["0", "2", "3", "5"]
-    fastest = f"native {native.capability()}"
+    fastest = f"native {extension.capability()}"
     assert (report["2"].kind, report["2"].path, report["2"].reason) == ("linear", fastest, "signed input, offset codes")
     assert report["0"].path == "torch sums" and "grouped conv" in report["0"].reason
     assert report["3"].path == "float" and "no small-integer form" in report["3"].reason  # 8-bit POST
     assert report["5"].path == "float" and report["5"].reason == "float weight"
     summary = kernel_summary(list(report.values()))
     assert summary.startswith("4 packed layers: ") and f"1 {fastest} (signed input" in summary
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "reference")
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "reference")
     assert kernel_report(packed)[1].path == "reference"
     # the report is what runs: the native layer's output is the native kernel's
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "auto")
     layer = packed[2]
     with torch.no_grad():
         h = packed[1](packed[0](x))
-        assert torch.equal(layer(h), native.forward(layer, h, native.prepare(layer)))
+        assert torch.equal(layer(h), _run(layer, h, _prepare(layer)))
 
 
 @needs_native
@@ -730,10 +782,10 @@ def test_tiny_bert_runs_every_linear_layer_natively_and_exactly(per_token, monke
     packed = convert_to_packed(q)
     report = kernel_report(packed)
     # 13 Linear layers; the pooler, unused by a token-embedding forward, stays float
-    assert len(report) == 12 and {e.path for e in report} == {f"native {native.capability()}"}
+    assert len(report) == 12 and {e.path for e in report} == {f"native {extension.capability()}"}
     outs = {}
     for kernel in ("reference", "native"):
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", kernel)
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", kernel)
         with torch.no_grad():
             outs[kernel] = packed(ids).last_hidden_state
     assert torch.equal(outs["native"], outs["reference"])

@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asqpost.export.lut import integer_lut
 from asqpost.levels import (
     GRIDS,
     apot,
@@ -19,6 +18,7 @@ from asqpost.levels import (
     pot,
     uniform,
 )
+from asqpost.packed.lut import integer_lut
 
 ALL = [(g, b, s) for g in GRIDS for b in range(2, 9) for s in (True, False)]
 

@@ -15,7 +15,6 @@ from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.convert import quant_layers
 from asqpost.export import convert_to_packed
 from asqpost.export.modules import PackedLayer
-from asqpost.kernels import layer_path
 from asqpost.masking import token_mask
 from tiny_bert import tiny_bert_config
 
@@ -94,7 +93,7 @@ def test_each_packed_layer_is_its_fake_quant_layer_within_float_rounding(recipe,
     with torch.no_grad(), token_mask(batch["attention_mask"]):
         for name, x in inputs.items():
             p, q = packed.get_submodule(name), fake_layers[name]
-            paths.add(layer_path(p)[0])
+            paths.add(p.plans.describe(torch.device("cpu"))[0])
             codes, step = p.input_quant(x)
             fake_codes, fake_step = _fake_quant_codes(q, x)
             assert torch.equal(step.expand_as(fake_step), fake_step), name

@@ -6,9 +6,9 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed, integer_lut, load_packed, save_packed
-from asqpost.export.lut import INT8_PEAK, needs_single_sum, single_sum_table
-from asqpost.kernels import native
+from asqpost.kernels import NativePlan, extension
 from asqpost.levels import make_levels
+from asqpost.packed.lut import INT8_PEAK, needs_single_sum, single_sum_table
 
 pytestmark = pytest.mark.numerics
 
@@ -56,9 +56,9 @@ def test_single_sum_packs_post_into_one_sum_close_to_the_exact_packing(tmp_path)
         peak_step = e.scale * float(e.table.abs().max())  # per output channel
         moved = (s.dequantize(torch.float64) - e.dequantize(torch.float64)).abs().amax(dim=1)
         assert (moved <= peak_step.double() / (2 * INT8_PEAK) * (1 + 1e-5)).all()
-        if native.available():
-            plan = native.prepare(single[index])
-            assert plan is not None and not plan.has_odd
+        if extension.available():
+            plan = single[index].plans.plan("native")
+            assert isinstance(plan, NativePlan) and not plan.has_odd
     with torch.no_grad():
         y_exact, y_single = exact(x), single(x)
         assert not torch.equal(y_exact, y_single)

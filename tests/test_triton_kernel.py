@@ -16,10 +16,9 @@ from torch import nn
 
 from asqpost import QATConfig, calibrate, prepare_qat
 from asqpost.export import convert_to_packed, integer_lut
-from asqpost.export.packing import pack_codes
-from asqpost.kernels import packed_forward, triton_lut
-from asqpost.kernels.reference import integer_forward_reference
+from asqpost.kernels import Ineligible, backends, get_backend, triton_lut
 from asqpost.levels import make_levels
+from asqpost.packed import pack_codes
 
 pytestmark = pytest.mark.numerics
 
@@ -48,12 +47,24 @@ def _packed(layer: nn.Module, x: torch.Tensor, recipe: str, bits: int, **act):
 
 def _reference(packed, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        return integer_forward_reference(packed, x)
+        return packed(x, kernel="reference")
+
+
+TRITON = get_backend("triton")
+
+
+def _on_triton(packed, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer on the Triton backend with its own plan, or ``None`` where the backend does not take it."""
+    plan = packed.plans.plan(TRITON, x.device, x.dtype)
+    if isinstance(plan, Ineligible):
+        return None
+    with torch.no_grad():
+        folded = packed.folded(x)
+        return TRITON.run(plan, folded, packed.input_quant.step_of(folded))
 
 
 def _kernel(packed, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        y = triton_lut.forward(packed, x, strict=True)
+    y = _on_triton(packed, x)
     assert y is not None, "the Triton kernel takes this layer"
     return y
 
@@ -101,7 +112,7 @@ def test_every_dot_form_is_exercised():
     forms = set()
     for recipe, bits in [("post-asq", 4), ("lsq-lsq", 6), ("lsq-lsq", 8), ("uniform-asq", 8), ("post-asq", 6)]:
         x = torch.rand(3, 20)
-        plan = triton_lut.prepare(_packed(nn.Linear(20, 4), x, recipe, bits), x.device)
+        plan = triton_lut.triton_plan(_packed(nn.Linear(20, 4), x, recipe, bits).spec(), x.device)
         forms.add((plan.dot_int8, plan.split, plan.register_table, plan.has_odd))
     assert forms == {
         (True, False, True, True),  # 4-bit POST: int8, odd levels, table in registers
@@ -183,8 +194,8 @@ def test_layers_the_kernel_does_not_take_run_the_reference(layer, shape, dtype, 
     _device("cpu")
     x = x.to(dtype)
     with torch.no_grad():
-        assert triton_lut.forward(packed, x) is None
-        monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "triton")
+        assert _on_triton(packed, x) is None
+        monkeypatch.setattr(backends, "DEFAULT_KERNEL", "triton")
         _assert_same(packed(x), _reference(packed, x))
 
 
@@ -193,16 +204,16 @@ def test_asqpost_kernel_triton_selects_the_kernel_and_auto_leaves_cpu_alone(monk
     packed = _packed(nn.Linear(30, 7), x, "post-asq", 4)
     _device("cpu")
     calls = []
-    run = triton_lut.forward
-    monkeypatch.setattr(triton_lut, "forward", lambda *args, **kw: calls.append(kw) or run(*args, **kw))
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "triton")
+    run = TRITON.run
+    monkeypatch.setattr(TRITON, "run", lambda *args: calls.append(1) or run(*args))
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "triton")
     with torch.no_grad():
         y = packed(x)
-    assert calls == [{"strict": True}]
+    assert calls == [1]
     _assert_same(y, _reference(packed, x))
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "auto")
     with torch.no_grad():
-        packed_forward(packed, x)
+        packed(x)
     assert len(calls) == 1, "auto never runs the Triton kernel on CPU tensors"
 
 
@@ -213,21 +224,21 @@ def test_auto_takes_the_triton_kernel_for_cuda_inputs(monkeypatch):
     on = _device("cuda")
     packed, x = packed.to(on), x.to(on)
     calls = []
-    run = triton_lut.forward
-    monkeypatch.setattr(triton_lut, "forward", lambda *args, **kw: calls.append(kw) or run(*args, **kw))
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "auto")
+    run = TRITON.run
+    monkeypatch.setattr(TRITON, "run", lambda *args: calls.append(1) or run(*args))
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "auto")
     with torch.no_grad():
         y = packed(x)
-    assert calls == [{"strict": False}]
+    assert calls == [1]
     _assert_same(y, _reference(packed, x))
 
 
 def test_asqpost_kernel_triton_fails_loudly_where_it_cannot_run(monkeypatch):
     x = torch.rand(3, 30)
     packed = _packed(nn.Linear(30, 7), x, "post-asq", 4)
-    monkeypatch.setattr(triton_lut, "runs_on", lambda x: False)
-    monkeypatch.setitem(os.environ, "ASQPOST_KERNEL", "triton")
-    with pytest.raises(RuntimeError, match="ASQPOST_KERNEL=triton needs triton and a CUDA tensor"):
+    monkeypatch.setattr(triton_lut, "available", lambda: False)
+    monkeypatch.setattr(backends, "DEFAULT_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="kernel=triton needs triton and a CUDA tensor"):
         packed(x)
 
 
@@ -253,7 +264,7 @@ def test_largest_sums_stay_exact(recipe, bits, device):
     largest = int((lut.even.abs() + lut.odd.abs()).argmax())
     with torch.no_grad():
         packed.weight.codes.copy_(pack_codes(torch.full((n * k,), largest), bits))
-    packed.weight._cache.clear()
+    packed.plans.clear()  # the codes were changed in place
     x = torch.full((4, k), 1e4)
     on = _device(device)
     packed, x = packed.to(on), x.to(on)

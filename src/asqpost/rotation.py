@@ -16,7 +16,6 @@ symmetric and orthogonal) on blocks of ``b`` consecutive channels; ``b`` is a po
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -47,16 +46,15 @@ def rotate_channels(x: torch.Tensor, block: int) -> torch.Tensor:
 
     Applies to inputs ``(..., C)`` and to weights ``(out, C)`` alike; ``C`` must be a multiple of ``block``.
     The rotation is its own inverse (so its gradient is the rotated gradient). Computed as the fast
-    Walsh-Hadamard transform (:func:`walsh_hadamard`); on float32 CPU tensors by the native kernel's
-    ``hadamard_rows`` once :mod:`asqpost.kernels` is imported and the extension builds (:func:`use_one_pass`),
-    which does the same float operations in the same order: the same bits in training, evaluation and the packed
-    layer, in one pass.
+    Walsh-Hadamard transform (:func:`walsh_hadamard`). Packed layers rotate through
+    :func:`asqpost.kernels.rotate`, whose native one-pass transform does the same float operations in the same
+    order: the same bits in training, evaluation and the packed layer.
     """
     if x.shape[-1] % check_rotation_block(block):
         raise ValueError(f"cannot rotate {x.shape[-1]} channels in blocks of {block}")
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotate.apply(x, block)
-    return _rotate(x, block)  # no graph to record: the autograd function's overhead shows at batch 1
+    return walsh_hadamard(x, block)  # no graph to record: the autograd function's overhead shows at batch 1
 
 
 def walsh_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -73,32 +71,14 @@ def walsh_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     return (y * (1 / math.sqrt(block))).reshape(x.shape)
 
 
-OnePass = Callable[[torch.Tensor, int], "torch.Tensor | None"]
-_ONE_PASS: list[OnePass] = []  # installed by asqpost.kernels (a layer above this one), when it is imported
-
-
-def use_one_pass(rotate: OnePass | None) -> None:
-    """Install (or, with ``None``, remove) a one-pass :func:`walsh_hadamard` for float32 CPU tensors that gives
-    the same bits, or ``None`` when it cannot run. :mod:`asqpost.kernels` installs the native ``hadamard_rows``."""
-    _ONE_PASS[:] = [] if rotate is None else [rotate]
-
-
-def _rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    if _ONE_PASS and x.is_cpu and x.dtype == torch.float32:
-        y = _ONE_PASS[0](x, block)
-        if y is not None:
-            return y
-    return walsh_hadamard(x, block)
-
-
 class _Rotate(torch.autograd.Function):
     """``x R`` with the gradient ``g R`` (``R`` symmetric and orthogonal)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, block: int) -> torch.Tensor:
         ctx.block = block
-        return _rotate(x, block)
+        return walsh_hadamard(x, block)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _rotate(grad, ctx.block), None
+        return walsh_hadamard(grad, ctx.block), None

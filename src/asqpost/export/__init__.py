@@ -1,8 +1,8 @@
 """Export: packed b-bit codes + level tables (the LUT), a safetensors file format, and packed modules."""
 
+from ..packed import IntegerLUT, integer_lut, pack_codes, packed_nbytes, unpack_codes
 from .embedding import PackedEmbedding
 from .format import ExportError, convert_to_packed, load_packed, read_export, read_packed, save_packed
-from .lut import IntegerLUT, integer_lut
 from .modules import (
     LayerKernel,
     PackedConv2d,
@@ -17,7 +17,6 @@ from .modules import (
     link_inputs,
     log_kernel_plan,
 )
-from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
     "ExportError",

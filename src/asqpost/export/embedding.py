@@ -6,7 +6,7 @@ the packed byte stream: code ``j`` of row ``i`` starts at bit ``p = (i * dim + j
 ``((byte[p // 8] | byte[p // 8 + 1] << 8) >> p % 8) & (2**bits - 1)`` (a code of at most 8 bits spans at most
 two bytes; with 1, 2, 4 or 8 bits and whole-byte rows, a row's bytes are gathered and each byte looks up its
 levels in a 256-entry table instead; int64 ids on the CPU take that lookup in one native pass,
-:func:`asqpost.kernels.native.embedding_rows`). No float table of the embedding is ever built, and the rows
+:func:`asqpost.kernels.extension.embedding_rows`). No float table of the embedding is ever built, and the rows
 equal the dequantized table's bit for bit.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import native
+from ..kernels import current_kernel, extension
 from ..nn import QuantEmbedding
 from .modules import PackedWeight
 
@@ -41,6 +41,20 @@ class PackedEmbedding(nn.Module):
         self.max_norm = meta.get("max_norm")
         self.norm_type = float(meta.get("norm_type", 2.0))
         self.weight = PackedWeight(self.shape, int(meta["bits"]), int(meta["table_size"]))
+        self._byte_levels_by_dtype: dict[torch.dtype, torch.Tensor] = {}  # cleared when the tensors change
+        self._native_lookup_args: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _apply(self, fn, recurse=True):
+        self._forget_lookups()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_lookups()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _forget_lookups(self) -> None:
+        self._byte_levels_by_dtype.clear()
+        self._native_lookup_args = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -131,21 +145,20 @@ class PackedEmbedding(nn.Module):
     def _byte_levels(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``(256,)``: for each byte value, the levels (in ``dtype``) of the ``8 / bits`` codes it holds, lowest
         bits first, reinterpreted as one element of a wider dtype (one gather per byte, a fast 1-D one); ``None``
-        when no dtype is that wide. Cached per dtype on the packed weight, whose cache loading clears."""
+        when no dtype is that wide. Kept per dtype until the tensors change."""
         per_byte = 8 // self.weight.bits
         wide = _BY_SIZE.get(torch.empty((), dtype=dtype).element_size() * per_byte)
         if wide is None:
             return None
-        key = f"byte-levels-{dtype}"
-        cache = self.weight._cache
-        if key not in cache:
+        cache = self._byte_levels_by_dtype
+        if dtype not in cache:
             bits = self.weight.bits
             byte = torch.arange(256, device=self.weight.table.device)
             codes = torch.stack([(byte >> shift) & (2**bits - 1) for shift in range(0, 8, bits)], dim=1)
             table = self.weight.table.to(dtype)
             levels = table[codes.clamp_max(table.numel() - 1)]  # codes past the table never occur
-            cache[key] = levels.contiguous().view(wide).reshape(256)
-        return cache[key]
+            cache[dtype] = levels.contiguous().view(wide).reshape(256)
+        return cache[dtype]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._native_rows(ids) if self.max_norm is None else None
@@ -162,23 +175,21 @@ class PackedEmbedding(nn.Module):
 
     def _native_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """The rows of int64 CPU ``ids`` in one native pass (the same arithmetic as :meth:`rows`), or ``None`` where
-        that does not apply (other ids or tables, no extension, an id out of range: the Python path says why)."""
+        that does not apply (other ids or tables, no extension, inside ``torch.compile``, an id out of range: the
+        Python path says why)."""
         if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and ids.is_cpu):
             return None
-        scale = self.weight.scale
-        lookup = self.weight._cache.get("native-lookup")
-        if lookup is None or lookup[2] is not scale:  # built once per loaded (or moved) table
-            lookup = self.weight._cache["native-lookup"] = self._native_lookup(scale)
-        return None if lookup[0] is None else native.embedding_rows(*lookup, ids)
-
-    def _native_lookup(self, scale: torch.Tensor) -> tuple:
-        """``(codes (V, R), byte levels float32 (256, P), scale)`` as the native lookup reads them; ``(None, None,
-        scale)`` for tables it does not take (not whole-byte rows, not float32 on the CPU)."""
-        usable = scale.is_cpu and scale.dtype == torch.float32 and self._whole_byte_rows()
-        levels = self._byte_levels(torch.float32) if usable else None
-        if levels is None:
-            return None, None, scale
-        return self.weight.codes.view(self.num_embeddings, -1), levels.view(torch.float32).reshape(256, -1), scale
+        if torch.compiler.is_compiling() or current_kernel() not in ("auto", "native") or not extension.available():
+            return None
+        if self._native_lookup_args is None:  # built once per loaded (or moved) table
+            scale = self.weight.scale
+            usable = scale.is_cpu and scale.dtype == torch.float32 and self._whole_byte_rows()
+            levels = self._byte_levels(torch.float32) if usable else None
+            if levels is None:
+                return None
+            codes = self.weight.codes.view(self.num_embeddings, -1)
+            self._native_lookup_args = (codes, levels.view(torch.float32).reshape(256, -1))
+        return extension.embedding_rows(*self._native_lookup_args, self.weight.scale, ids)
 
     def dequantize(self) -> torch.Tensor:
         """The whole float table (for inspection; lookups never build it)."""

@@ -63,7 +63,7 @@ def convert_to_packed(model: nn.Module, single_sum: bool = False) -> nn.Module:
     The packed model computes what the fake-quant model computes (within float rounding). ``single_sum=True``
     trades that for speed: weight grids with odd powers of sqrt 2 (POST), which cost the kernels two integer
     sums per weight, are rounded onto an int8 grid (one sum; levels move by up to ``peak / 254``; see
-    :func:`~asqpost.export.lut.single_sum_table`). Grids that already take one sum (LSQ, uniform, POT) stay exact.
+    :func:`~asqpost.packed.single_sum_table`). Grids that already take one sum (LSQ, uniform, POT) stay exact.
     """
     layers = list(quant_layers(model))
     if not layers:

@@ -6,37 +6,47 @@ per-sample step ``s_a = s * beta(x)`` (``beta = 1`` for LSQ):
     y[n] = s_a * scale[n] * unit * (acc_even[n] + acc_odd[n] / sqrt 2) + bias[n]
     acc_even = x_int . even[codes[n, :]],  acc_odd = x_int . odd[codes[n, :]]
 
-where ``(even, odd, unit)`` is the table's :class:`~asqpost.export.lut.IntegerLUT` (POST splits even and odd
-powers of sqrt 2; other grids have ``odd = 0``). The two sums are exact integers. Which kernel computes them
-is chosen by :mod:`asqpost.kernels` (the float64 reference, or a native CPU kernel). A layer whose table has
-no small-integer form, or whose input stays float, runs the same maths with decoded float weights.
+where ``(even, odd, unit)`` is the table's :class:`~asqpost.packed.IntegerLUT` (POST splits even and odd
+powers of sqrt 2; other grids have ``odd = 0``). The two sums are exact integers. A packed layer hands its data
+to the kernels as a :class:`~asqpost.packed.LayerSpec` and keeps their plans in one
+:class:`~asqpost.kernels.PlanCache`, cleared whenever its tensors change; the registry of
+:mod:`asqpost.kernels` picks the backend. A layer whose table has no small-integer form, or whose input stays
+float, runs the same maths with decoded float weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import StepAdapter
-from ..kernels import layer_path, packed_forward
+from ..kernels import PlanCache, rotate
 from ..masking import FORWARD_SCOPED, install_mask_hooks
 from ..nn import QuantConv2d, QuantLinear, check_conv_input, check_linear_input
+from ..packed import (
+    ConvGeometry,
+    InputSpec,
+    IntegerLUT,
+    LayerSpec,
+    LinearGeometry,
+    WeightSpec,
+    integer_lut,
+    needs_single_sum,
+    pack_codes,
+    packed_nbytes,
+    single_sum_table,
+    unpack_codes,
+)
 from ..quantizers import Quantizer
-from ..rotation import check_rotation_block, rotate_channels
-from .lut import IntegerLUT, integer_lut, needs_single_sum, single_sum_table
-from .packing import pack_codes, packed_nbytes, unpack_codes
-
-if TYPE_CHECKING:
-    from ..kernels.native import NativeState
+from ..rotation import check_rotation_block
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +68,11 @@ class PackedWeight(nn.Module):
         self.register_buffer("codes", torch.zeros(packed_nbytes(numel, bits), dtype=torch.uint8))
         self.register_buffer("table", torch.zeros(table_size, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(shape[0]))
-        self._cache: dict[str, object] = {}
-        self.native_state: NativeState | None = None  # the native kernel's plan and caches, built on first use
 
     @classmethod
     def from_quantizer(cls, weight: torch.Tensor, quantizer: Quantizer, single_sum: bool = False) -> PackedWeight:
         """The packed form of ``quantizer(weight)``; ``single_sum`` rounds a table with odd levels (POST) onto
-        the int8 grid of :func:`~asqpost.export.lut.single_sum_table` (approximate; other tables are unchanged)."""
+        the int8 grid of :func:`~asqpost.packed.single_sum_table` (approximate; other tables are unchanged)."""
         with torch.no_grad():
             export = quantizer.export_weight(weight)
             table, scale = export.table, export.scale.reshape(-1)
@@ -77,40 +85,26 @@ class PackedWeight(nn.Module):
             packed.scale.copy_(scale.float())
         return packed
 
-    def _load_from_state_dict(self, *args, **kwargs):  # decoded caches follow the loaded codes
-        self._cache.clear()
-        self.native_state = None
-        super()._load_from_state_dict(*args, **kwargs)
-
     @property
     def code_count(self) -> int:
         return math.prod(self.shape)
 
     def code_tensor(self) -> torch.Tensor:
-        """Unpacked codes, int64, shaped like the weight (decoded on each call: kernels cache their own form)."""
+        """Unpacked codes, int64, shaped like the weight, on the CPU (decoded on each call: kernels keep their own
+        form in their plans)."""
         return unpack_codes(self.codes.cpu(), self.bits, math.prod(self.shape)).reshape(self.shape)
 
     def lut(self) -> IntegerLUT | None:
-        if "lut" not in self._cache:
-            self._cache["lut"] = integer_lut(self.table.cpu())
-        return self._cache["lut"]  # type: ignore[return-value]
+        """The table's small-integer form (computed on each call), or ``None``."""
+        return integer_lut(self.table.cpu())
+
+    def spec(self) -> WeightSpec:
+        """This weight as the kernels read it (codes decoded on the CPU)."""
+        return WeightSpec(self.code_tensor(), self.table, self.lut(), self.scale, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight ``table[codes] * scale`` (what fake quantization produced; cached per dtype)."""
-        key = f"dequantized-{dtype}"
-        if key not in self._cache:
-            scale = self.scale.to(dtype).reshape((-1,) + (1,) * (len(self.shape) - 1))
-            codes = self.code_tensor().to(self.table.device)
-            self._cache[key] = self.table.to(dtype)[codes] * scale
-        return self._cache[key]  # type: ignore[return-value]
-
-    def integer_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(even, odd, unit)``: int64 weight-shaped, ``w = scale * unit * (even + odd / sqrt 2)``."""
-        lut = self.lut()
-        if lut is None:
-            raise ValueError("this table has no small-integer form")
-        codes = self.code_tensor()
-        return lut.even[codes], lut.odd[codes], lut.unit
+        """The float weight ``table[codes] * scale`` (what fake quantization produced), on the table's device."""
+        return self.spec().dequantize(dtype, self.table.device)
 
 
 def _adapter_meta(adapter: StepAdapter | None) -> dict | None:
@@ -161,6 +155,8 @@ class PackedInput(nn.Module):
         """``s_a = s * beta(x)``: broadcasts against ``x`` (a scalar, or one per sample/token with ASQ)."""
         if self.adapter is None:
             return self.step
+        if torch.compiler.is_compiling():  # a traced graph computes the step once per tensor by itself
+            return self.step * self.adapter(x)
         if self._lead:
             return self._lead[0].step_of(x)
         if not self._followers:
@@ -176,7 +172,7 @@ class PackedInput(nn.Module):
     def folded_of(self, x: torch.Tensor, fold: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``fold(x)`` (the layer's smoothing and rotation), computed once per input tensor for a linked group:
         the followers get the lead's tensor, so :meth:`step_of` finds the lead's step for it as well."""
-        if not self._lead and not self._followers:
+        if (not self._lead and not self._followers) or torch.compiler.is_compiling():
             return fold(x)
         holder = self._lead[0] if self._lead else self
         version = None if x.is_inference() else x._version
@@ -268,14 +264,17 @@ class PackedLayer(nn.Module):
     """Base of :class:`PackedLinear` and :class:`PackedConv2d`; built from :meth:`meta` alone, filled by loading.
 
     ``weight`` is a :class:`PackedWeight` (or ``None`` with ``float_weight`` kept for float-weight layers);
-    ``input_quant`` a :class:`PackedInput` (or ``None`` when the layer's input stays float).
+    ``input_quant`` a :class:`PackedInput` (or ``None`` when the layer's input stays float); ``geometry`` a
+    :class:`~asqpost.packed.LinearGeometry` or :class:`~asqpost.packed.ConvGeometry`; ``plans`` the kernels'
+    :class:`~asqpost.kernels.PlanCache`.
     """
 
     kind = ""
+    geometry_type: type[LinearGeometry] | type[ConvGeometry]
 
     def __init__(self, meta: dict):
         super().__init__()
-        self.geometry = dict(meta["geometry"])
+        self.geometry = self.geometry_type(**meta["geometry"])
         weight_shape = tuple(meta["weight_shape"])
         w = meta["weight"]
         self.weight = None if w is None else PackedWeight(weight_shape, w["bits"], w["table_size"])
@@ -283,11 +282,12 @@ class PackedLayer(nn.Module):
         a = meta["input"]
         self.input_quant = None if a is None else PackedInput(a["qmin"], a["qmax"], a["adapter"])
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if meta["bias"] else None
-        in_channels = weight_shape[1] * self.geometry.get("groups", 1)
+        in_channels = self.geometry.input_channels
         self.register_buffer("smooth", torch.ones(in_channels) if meta.get("smooth") else None)
         self.rotate = meta.get("rotate")  # exports before rotation have no field
         if self.rotate is not None and (self.kind != "linear" or in_channels % check_rotation_block(self.rotate)):
             raise ValueError(f"bad rotation block {self.rotate!r} for a {self.kind} layer of {in_channels} inputs")
+        self.plans = PlanCache(self.spec)
 
     @classmethod
     def from_quant(cls, layer: QuantConv2d | QuantLinear, single_sum: bool = False) -> PackedLayer:
@@ -324,9 +324,10 @@ class PackedLayer(nn.Module):
         raise NotImplementedError
 
     def meta(self) -> dict:
+        geometry = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.geometry).items()}
         return {
             "kind": self.kind,
-            "geometry": self.geometry,
+            "geometry": geometry,
             "weight_shape": list(self.weight.shape if self.weight is not None else self.float_weight.shape),
             "weight": None
             if self.weight is None
@@ -337,25 +338,41 @@ class PackedLayer(nn.Module):
             "rotate": self.rotate,
         }
 
-    def apply_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's linear map (``F.linear`` / ``F.conv2d`` with its geometry)."""
-        raise NotImplementedError
+    def spec(self) -> LayerSpec:
+        """The layer as the kernels read it (:class:`~asqpost.packed.LayerSpec`)."""
+        inp = self.input_quant
+        return LayerSpec(
+            geometry=self.geometry,
+            weight=None if self.weight is None else self.weight.spec(),
+            float_weight=None if self.float_weight is None else self.float_weight.detach(),
+            input=None if inp is None else InputSpec(inp.qmin, inp.qmax, inp.adapter is not None),
+            bias=None if self.bias is None else self.bias.detach(),
+            smooth=self.smooth,
+            rotate=self.rotate,
+        )
 
-    def channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
-        """Shape that broadcasts a per-output-channel vector against the output ``y``."""
-        raise NotImplementedError
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .double(): plans follow the tensors
+        self.plans.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # plans follow the loaded codes
+        self.plans.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        """The layer's output; ``kernel`` overrides the kernel selection (:func:`asqpost.kernels.use_kernel`)."""
         self.check_input(x)
-        return packed_forward(self, self.folded(x))
+        x = self.folded(x)
+        step = None if self.input_quant is None else self.input_quant.step_of(x)
+        return self.plans.run(x, step, kernel)
 
     def folded(self, x: torch.Tensor) -> torch.Tensor:
         """SmoothQuant's ``x / s`` per input channel, then the Hadamard rotation (the weight was packed as
-        ``(W * s) R``), or ``x``. Every kernel path, the native one included, then sees the folded input; linked
-        layers (Q, K, V) fold their common input once (:meth:`PackedInput.folded_of`)."""
+        ``(W * s) R``), or ``x``. Every kernel then sees the folded input; linked layers (Q, K, V) fold their
+        common input once (:meth:`PackedInput.folded_of`)."""
         if self.smooth is None and self.rotate is None:
             return x
         if self.input_quant is None:
@@ -366,15 +383,7 @@ class PackedLayer(nn.Module):
         if self.smooth is not None:
             shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
             x = x / self.smooth.reshape(shape).to(x.dtype)
-        return x if self.rotate is None else rotate_channels(x, self.rotate)
-
-    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded-float path: fake-quantized input times the dequantized weight (``x`` already :meth:`folded`)."""
-        if self.input_quant is not None:
-            x_int, step = self.input_quant(x)
-            x = x_int * step
-        w = self.float_weight if self.weight is None else self.weight.dequantize(x.dtype)
-        return self.apply_op(x, w, self.bias)
+        return x if self.rotate is None else rotate(x, self.rotate)
 
     def extra_repr(self) -> str:
         bits = None if self.weight is None else self.weight.bits
@@ -385,25 +394,21 @@ class PackedLinear(PackedLayer):
     """Packed ``nn.Linear``: inputs ``(N, C)`` or ``(N, T, C)``."""
 
     kind = "linear"
+    geometry_type = LinearGeometry
 
     @staticmethod
     def geometry_of(layer: nn.Module) -> dict:
         return {"in_features": layer.in_features, "out_features": layer.out_features}
 
     def check_input(self, x):
-        check_linear_input(x, self.geometry["in_features"], "PackedLinear")
-
-    def apply_op(self, x, w, bias=None):
-        return F.linear(x, w, bias)
-
-    def channel_shape(self, y):
-        return (1,) * (y.dim() - 1) + (-1,)
+        check_linear_input(x, self.geometry.in_features, "PackedLinear")
 
 
 class PackedConv2d(PackedLayer):
     """Packed ``nn.Conv2d`` (stride, padding, dilation, groups; zero padding only)."""
 
     kind = "conv2d"
+    geometry_type = ConvGeometry
 
     @staticmethod
     def geometry_of(layer: nn.Module) -> dict:
@@ -422,14 +427,7 @@ class PackedConv2d(PackedLayer):
         }
 
     def check_input(self, x):
-        check_conv_input(x, self.geometry["in_channels"], "PackedConv2d")
-
-    def apply_op(self, x, w, bias=None):
-        g = self.geometry
-        return F.conv2d(x, w, bias, tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]), g["groups"])
-
-    def channel_shape(self, y):
-        return (1, -1, 1, 1)
+        check_conv_input(x, self.geometry.in_channels, "PackedConv2d")
 
 
 PACKED_LAYERS: dict[str, type[PackedLayer]] = {"linear": PackedLinear, "conv2d": PackedConv2d}
@@ -439,8 +437,8 @@ QUANT_TO_PACKED: dict[type[nn.Module], type[PackedLayer]] = {QuantLinear: Packed
 @dataclass(frozen=True)
 class LayerKernel:
     """One packed layer's entry in :func:`kernel_report`: its module name, kind (``linear`` / ``conv2d``), the
-    path its float32 CPU inputs take (``native avx512_vnni``, ``native avx2``, ``native scalar``, ``torch sums``,
-    ``reference`` or ``float``; see :func:`asqpost.kernels.layer_path`) and why."""
+    backend its float32 inputs on the layer's device take (``triton``, ``native avx512_vnni``, ``native avx2``,
+    ``native scalar``, ``torch sums``, ``reference`` or ``float``) and why."""
 
     name: str
     kind: str
@@ -448,14 +446,18 @@ class LayerKernel:
     reason: str
 
 
-def kernel_report(model: nn.Module) -> list[LayerKernel]:
-    """Each packed layer of ``model`` with the kernel path it takes and why, in module order (builds the native
-    plans the first forward would build)."""
+def kernel_report(model: nn.Module, kernel: str | None = None) -> list[LayerKernel]:
+    """Each packed layer of ``model`` with the backend it takes and why, in module order, from the kernel registry
+    under the selection ``kernel`` (default: the one in force). Builds the plans the first forward would build."""
     return [
-        LayerKernel(name, module.kind, *layer_path(module))
+        LayerKernel(name, module.kind, *module.plans.describe(_device_of(module), kernel))
         for name, module in model.named_modules()
         if isinstance(module, PackedLayer)
     ]
+
+
+def _device_of(layer: PackedLayer) -> torch.device:
+    return (layer.float_weight if layer.weight is None else layer.weight.codes).device
 
 
 def kernel_summary(report: list[LayerKernel]) -> str:

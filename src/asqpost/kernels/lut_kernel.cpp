@@ -93,7 +93,7 @@ struct Args {
   const uint8_t* row(int64_t m, int64_t tap) const { return x + (offsets ? offsets[m * taps + tap] : m * Kp()); }
 };
 
-// The fields of asqpost.kernels.native.NativePlan, read from it by name and checked once per call (read_plan).
+// The fields of asqpost.kernels.native.NativePlan, passed as typed arguments and checked once per call (make_plan).
 struct Plan {
   torch::Tensor weights;    // uint8 (ceil(n / 16), Kp * 8): the tile layout above; direct: int8 (.., Kp * 16)
   torch::Tensor lut_even;   // int8 (16,)
@@ -507,14 +507,20 @@ std::string kernel_path(const Plan& plan) {
   return chosen;
 }
 
-Plan read_plan(const pybind11::handle& p) {
-  Plan plan{p.attr("weights").cast<torch::Tensor>(), p.attr("lut_even").cast<torch::Tensor>(),
-            p.attr("lut_odd").cast<torch::Tensor>(),  p.attr("has_odd").cast<bool>(),
-            p.attr("n").cast<int64_t>(),              p.attr("col_scale").cast<torch::Tensor>(),
-            p.attr("bias").cast<torch::Tensor>(),     p.attr("path").cast<std::string>(),
-            p.attr("offset").cast<int64_t>(),         p.attr("correction_even").cast<torch::Tensor>(),
-            p.attr("correction_odd").cast<torch::Tensor>(),
-            p.attr("direct").cast<bool>()};
+// The plan's fields as typed arguments (the order of asqpost.kernels.native.NativePlan.kernel_args), checked once.
+#define ASQPOST_PLAN_PARAMS                                                                            \
+  torch::Tensor weights, torch::Tensor lut_even, torch::Tensor lut_odd, bool has_odd, int64_t n,       \
+      torch::Tensor col_scale, torch::Tensor bias, std::string requested_path, int64_t offset,         \
+      torch::Tensor correction_even, torch::Tensor correction_odd, bool direct
+#define ASQPOST_PLAN_ARGS \
+  weights, lut_even, lut_odd, has_odd, n, col_scale, bias, requested_path, offset, correction_even, correction_odd, direct
+#define ASQPOST_PLAN_PYARGS                                                                                           \
+  arg("weights"), arg("lut_even"), arg("lut_odd"), arg("has_odd"), arg("n"), arg("col_scale"), arg("bias"),        \
+      arg("path"), arg("offset"), arg("correction_even"), arg("correction_odd"), arg("direct")
+
+Plan make_plan(ASQPOST_PLAN_PARAMS) {
+  Plan plan{weights,        lut_even, lut_odd,         has_odd,        n,     col_scale,
+            bias,           requested_path, offset, correction_even, correction_odd, direct};
   const torch::Tensor& w = plan.weights;
   TORCH_CHECK(w.dtype() == (plan.direct ? torch::kInt8 : torch::kUInt8) && w.dim() == 2 && w.is_contiguous(),
               "weights must be contiguous tiles: uint8 codes, or int8 values when direct");
@@ -605,17 +611,17 @@ Rescale make_rescale(torch::Tensor& y, const Plan& plan, const torch::Tensor& st
 }
 
 // Activation codes of rows [m0, m1) of K values: code = clamp(round_half_even(x / step), qmin, qmax) in float32,
-// as the reference computes it, plus offset (unsigned bytes); step index m / rows_per_step. A NaN or inf flags
-// its row in bad[m].
+// as the reference computes it, plus offset (unsigned bytes); step index m / rows_per_step. A NaN quotient flags
+// its row in bad[m] (an infinite one clamps to qmin or qmax, as the reference's clamp does).
 void quantize_rows_scalar(const float* x, const float* step, int64_t rows_per_step, int64_t K, int64_t Kp, int qmin,
                           int qmax, int offset, uint8_t* codes, char* bad, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const float s = step[m / rows_per_step];
     for (int64_t k = 0; k < K; ++k) {
       const float v = std::nearbyint(x[m * K + k] / s);
-      if (!std::isfinite(v)) bad[m] = 1;
+      if (std::isnan(v)) bad[m] = 1;
       const float clamped = std::min<float>(std::max<float>(v, qmin), qmax);
-      codes[m * Kp + k] = std::isfinite(v) ? static_cast<uint8_t>(static_cast<int>(clamped) + offset) : 0;
+      codes[m * Kp + k] = std::isnan(v) ? 0 : static_cast<uint8_t>(static_cast<int>(clamped) + offset);
     }
     std::memset(codes + m * Kp + K, 0, Kp - K);
   }
@@ -627,26 +633,25 @@ ASQPOST_AVX512 void quantize_rows_avx512(const float* x, const float* step, int6
                                          int64_t m0, int64_t m1) {
   const __m512 lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(static_cast<float>(qmax));
   const __m512i shift = _mm512_set1_epi32(offset);
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t m = m0; m < m1; ++m) {
     const __m512 s = _mm512_set1_ps(step[m / rows_per_step]);
-    __mmask16 finite = 0xFFFF;
+    __mmask16 nan = 0;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 lanes = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
       const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + m * K + k), s),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(q, q), zero, _CMP_EQ_OQ) | static_cast<__mmask16>(~lanes);
+      nan |= _mm512_mask_cmp_ps_mask(lanes, q, q, _CMP_UNORD_Q);
       const __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)), shift);
       _mm512_mask_cvtepi32_storeu_epi8(codes + m * Kp + k, lanes, c);
     }
     std::memset(codes + m * Kp + K, 0, Kp - K);
-    if (finite != 0xFFFF) bad[m] = 1;
+    if (nan) bad[m] = 1;
   }
 }
 #endif  // ASQPOST_X86
 
 // (M, K) float32 rows -> (M + zero_rows, Kp) uint8 codes + offset, the last zero_rows holding the code of 0
-// (offset); bad[m] set for rows holding a NaN or inf.
+// (offset); bad[m] set for rows with a NaN quotient.
 torch::Tensor quantize(const torch::Tensor& x, const torch::Tensor& step, int64_t rows_per_step, int64_t qmin,
                        int64_t qmax, int64_t offset, int64_t Kp, std::vector<char>& bad, const std::string& path,
                        int64_t zero_rows = 0) {
@@ -775,14 +780,14 @@ std::string capability() { return available_paths().front(); }
 // The intra-op threads the kernel splits its work over: torch's setting (torch.set_num_threads), read by ATen.
 int64_t threads() { return at::get_num_threads(); }
 
-std::string plan_kernel_path(pybind11::handle plan_object) { return kernel_path(read_plan(plan_object)); }
+std::string plan_kernel_path(ASQPOST_PLAN_PARAMS) { return kernel_path(make_plan(ASQPOST_PLAN_ARGS)); }
 
 // x: uint8 (M, Kp), Kp a multiple of 8 matching the plan's weights, holding codes + the plan's offset. Returns the
 // int32 sums of the codes themselves (the offset's correction subtracted) (acc_even, acc_odd), each (M, n)
 // (acc_odd empty without odd levels).
-std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_object) {
+std::vector<torch::Tensor> lut_linear(torch::Tensor x, ASQPOST_PLAN_PARAMS) {
   TORCH_CHECK(x.dtype() == torch::kUInt8 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous uint8 (M, Kp)");
-  const Plan plan = read_plan(plan_object);
+  const Plan plan = make_plan(ASQPOST_PLAN_ARGS);
   const int64_t M = x.size(0), Kp = x.size(1), N = plan.n;
   auto out_even = torch::empty({M, N}, torch::dtype(torch::kInt32));
   auto out_odd = plan.has_odd ? torch::empty({M, N}, torch::dtype(torch::kInt32)) : torch::zeros({0}, torch::kInt32);
@@ -798,11 +803,10 @@ std::vector<torch::Tensor> lut_linear(torch::Tensor x, pybind11::handle plan_obj
 //   y[m, n] = (acc_even + acc_odd * SQRT1_2) * col_scale[n] * step[m] + bias[n]   (float64, then float32)
 // x: (..., K), read in place when it is contiguous float32 (other float types are converted; y is returned in
 // x's type); step: one value or one per row of x (any shape holding them); plan: a NativePlan (weights, tables,
-// col_scale = scale * unit, bias). Returns (..., n). A row with a NaN or inf input gives NaN outputs, as the
+// col_scale = scale * unit, bias). Returns (..., n). A row with a NaN quotient gives NaN outputs, as the
 // reference. Shapes and types are handled here, not in Python: at batch 1 every Python step of a layer shows.
-torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax,
-                                 pybind11::handle plan_object) {
-  const Plan plan = read_plan(plan_object);
+torch::Tensor lut_linear_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, ASQPOST_PLAN_PARAMS) {
+  const Plan plan = make_plan(ASQPOST_PLAN_ARGS);
   const std::string path = kernel_path(plan);
   TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "x must be a float tensor (..., K)");
   const auto rows = x.reshape({-1, x.size(-1)}).to(torch::kFloat32).contiguous();  // a view of a float32 x
@@ -859,11 +863,11 @@ torch::Tensor conv_offsets(int64_t B, int64_t H, int64_t W, int64_t Cp, std::vec
 // x: float32 (B, H, W, C) contiguous (NHWC); step: one value or one per sample; offsets: conv_offsets for this
 // input; plan: a NativePlan whose weights are the codes reordered to (Cout, kh, kw, Cp), Cp = C padded to a
 // multiple of 8.
-// Returns y (B * OH * OW, Cout) float32 (NHWC rows), or an empty tensor when the input holds a NaN or inf (the
-// caller then runs the reference path, whose NaNs reach exactly the outputs that see them).
+// Returns y (B * OH * OW, Cout) float32 (NHWC rows); an output pixel whose taps read a pixel with a NaN quotient is NaN
+// in every channel, as in the reference.
 torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax, torch::Tensor offsets,
-                                 pybind11::handle plan_object) {
-  const Plan plan = read_plan(plan_object);
+                                 ASQPOST_PLAN_PARAMS) {
+  const Plan plan = make_plan(ASQPOST_PLAN_ARGS);
   const std::string path = kernel_path(plan);
   TORCH_CHECK(x.dim() == 4, "x must be NHWC (B, H, W, C)");
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.dim() == 4 && offsets.is_contiguous() &&
@@ -876,12 +880,23 @@ torch::Tensor lut_conv2d_forward(torch::Tensor x, torch::Tensor step, int64_t qm
   std::vector<char> bad;
   // + the zero row (codes of 0)
   auto codes = quantize(x.reshape({B * H * W, C}), step, H * W, qmin, qmax, plan.offset, Cp, bad, path, 1);
-  if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) return torch::empty({0});
   auto y = torch::empty({M, plan.n}, torch::dtype(torch::kFloat32));
   Args a = make_args(codes.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), M, taps, Cp, plan);
   std::vector<double> row_steps;
   a.rescale = make_rescale(y, plan, step, M / std::max<int64_t>(B, 1), row_steps);
   run_kernel(a, plan, path);
+  if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) {  // NaN where a tap reads a NaN pixel
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t pixel = off[m * taps + t] / Cp;
+        if (pixel < B * H * W && bad[pixel]) {
+          std::fill(yp + m * plan.n, yp + (m + 1) * plan.n, std::numeric_limits<float>::quiet_NaN());
+          break;
+        }
+      }
+  }
   return y;
 }
 
@@ -936,14 +951,15 @@ torch::Tensor rescale_sums(torch::Tensor acc_even, torch::Tensor acc_odd, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;
-  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"), arg("plan"));
+  m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"),
+        ASQPOST_PLAN_PYARGS);
   m.def("lut_linear_forward", &lut_linear_forward, "a packed linear layer: quantize, LUT accumulate, rescale",
-        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("plan"));
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), ASQPOST_PLAN_PYARGS);
   m.def("conv_offsets", &conv_offsets, "per output pixel and tap: offsets of the input codes (zero row for padding)",
         arg("batch"), arg("height"), arg("width"), arg("padded_channels"), arg("kernel_size"), arg("stride"),
         arg("padding"), arg("dilation"));
   m.def("lut_conv2d_forward", &lut_conv2d_forward, "a packed Conv2d: NHWC codes, indirect LUT convolution, rescale",
-        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), arg("plan"));
+        arg("x"), arg("step"), arg("qmin"), arg("qmax"), arg("offsets"), ASQPOST_PLAN_PYARGS);
   m.def("rescale_sums", &rescale_sums, "the reference's rescale of exact sums computed elsewhere", arg("acc_even"),
         arg("acc_odd"), arg("col_scale"), arg("bias"), arg("step"));
   m.def("embedding_rows", &embedding_rows, "rows of a packed embedding (whole-byte rows) from their codes",
@@ -953,5 +969,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
   m.def("capability", &capability, "the fastest kernel path this CPU runs");
   m.def("threads", &threads, "the intra-op threads the kernel splits its work over (torch's setting)");
-  m.def("kernel_path", &plan_kernel_path, "the path a NativePlan runs on this CPU (exact for its tables)", arg("plan"));
+  m.def("kernel_path", &plan_kernel_path, "the path a NativePlan runs on this CPU (exact for its tables)",
+        ASQPOST_PLAN_PYARGS);
 }

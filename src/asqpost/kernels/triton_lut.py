@@ -19,15 +19,14 @@ outside these bounds (or a grouped conv, a float64 input) returns ``None``: the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..levels import SQRT1_2
-
-if TYPE_CHECKING:
-    from ..export.modules import PackedLayer
+from ..packed import ConvGeometry, InputSpec, LayerSpec
+from .backends import Backend, integer_reason
 
 BLOCK_K = 64  # the k chunk whose float32 sums the fp16 bound is stated for
 SPLIT_BASE = 1024  # w = SPLIT_BASE * hi + lo when the fp16 levels would be too large
@@ -70,12 +69,14 @@ class TritonPlan:
     register_table: bool  # codes of <= 4 bits: the table as 64-bit words in registers
     k: int
     n: int
+    input: InputSpec
+    conv: ConvGeometry | None  # a conv layer's geometry (None: linear)
 
 
-def _dot_form(layer: PackedLayer, w_low: int, w_high: int) -> tuple[bool, bool] | None:
+def _dot_form(spec: LayerSpec, w_low: int, w_high: int) -> tuple[bool, bool] | None:
     """``(dot_int8, split)`` for the layer's activation range and level integers ``[w_low, w_high]``, or ``None``
     when no form is exact."""
-    inp, fan_in = layer.input_quant, layer.weight.code_count // layer.weight.shape[0]
+    inp, fan_in = spec.input, spec.weight.fan_in
     x_max, w_max = max(-inp.qmin, inp.qmax), max(-w_low, w_high)
     if inp.qmin >= -128 and inp.qmax <= 127 and w_low >= -128 and w_high <= 127:
         return (True, False) if x_max * w_max * fan_in < 2**31 else None
@@ -88,41 +89,51 @@ def _dot_form(layer: PackedLayer, w_low: int, w_high: int) -> tuple[bool, bool] 
     return False, split
 
 
-def _plan(layer: PackedLayer, device: torch.device) -> TritonPlan | None:
-    weight, inp, lut = layer.weight, layer.input_quant, layer.weight.lut()
-    if inp.qmin > 0 or inp.qmax < 0:  # a zero input (padding, masked k) must quantize to code 0
-        return None
-    if layer.kind == "conv2d" and layer.geometry["groups"] != 1:
-        return None
-    even, odd = lut.even, lut.odd
-    form = _dot_form(layer, int(min(even.min(), odd.min())), int(max(even.max(), odd.max())))
-    if form is None:
-        return None
-    dot_int8, split = form
-    codes = weight.code_tensor().reshape(weight.shape[0], -1)
-    has_odd = bool(odd[codes].any())  # as the reference: no odd sum where no weight is odd
-    planes = [even, odd]
+def ineligible_reason(spec: LayerSpec) -> str | None:
+    """Why the kernel cannot take this integer layer, or ``None``."""
+    if spec.input.qmin > 0 or spec.input.qmax < 0:
+        return "a zero input does not quantize to code 0"  # padding and masked k must add nothing
+    if isinstance(spec.geometry, ConvGeometry) and spec.geometry.groups != 1:
+        return f"grouped conv (groups={spec.geometry.groups})"
+    if _dot_form(spec, *_level_range(spec)) is None:
+        return "no exact dot form for these activation and level ranges"
+    return None
+
+
+def _level_range(spec: LayerSpec) -> tuple[int, int]:
+    even, odd = spec.lut.even, spec.lut.odd
+    return int(min(even.min(), odd.min())), int(max(even.max(), odd.max()))
+
+
+def triton_plan(spec: LayerSpec, device: torch.device) -> TritonPlan:
+    """The plan of an eligible layer on ``device``."""
+    weight, lut = spec.weight, spec.lut
+    dot_int8, split = _dot_form(spec, *_level_range(spec))
+    codes = weight.codes.reshape(weight.out_channels, -1)
+    planes = [lut.even, lut.odd]
     if split:
         hi = [torch.round(p.double() / SPLIT_BASE).long() for p in planes]
         planes = [p - h * SPLIT_BASE for p, h in zip(planes, hi, strict=True)] + hi
     bits = weight.bits
     register_table = bits <= 4
     tables = _register_words(planes, 8 if dot_int8 else 16) if register_table else _entry_table(planes, bits, dot_int8)
-    bias = None if layer.bias is None else layer.bias.detach().double().to(device)
+    col_scale, bias = spec.rescale()
     return TritonPlan(
         words=_code_words(codes, bits).to(device),
         tables=tables.to(device),
-        col_scale=(weight.scale.detach().double() * lut.unit).to(device),
-        bias=bias,
+        col_scale=col_scale.to(device),
+        bias=None if spec.bias is None else bias.to(device),
         sqrt1_2=torch.tensor([SQRT1_2], dtype=torch.float64, device=device),
         bits=bits,
         per_word=32 // bits,
         dot_int8=dot_int8,
-        has_odd=has_odd,
+        has_odd=bool(lut.odd[codes].any()),  # as the reference: no odd sum where no weight is odd
         split=split,
         register_table=register_table,
         k=codes.shape[1],
         n=codes.shape[0],
+        input=spec.input,
+        conv=spec.geometry if isinstance(spec.geometry, ConvGeometry) else None,
     )
 
 
@@ -158,60 +169,58 @@ def _entry_table(planes: list[torch.Tensor], bits: int, dot_int8: bool) -> torch
     return table
 
 
-def prepare(layer: PackedLayer, device: torch.device) -> TritonPlan | None:
-    """The layer's plan on ``device`` (built once, kept in the weight's cache), or ``None`` if not eligible."""
-    key = f"triton-{device}"
-    cache = layer.weight._cache
-    if key not in cache:
-        cache[key] = None if layer.weight.lut() is None else _plan(layer, device)
-    return cache[key]  # type: ignore[return-value]
+class TritonBackend(Backend):
+    """The Triton kernel: CUDA inputs (any input under the interpreter when the selection is ``triton``)."""
+
+    name = "triton"
+    modes = frozenset({"auto", "triton"})
+
+    def takes(self, device: torch.device, dtype: torch.dtype, kernel: str) -> bool:
+        if kernel == "auto":  # CPU inputs never import triton
+            return device.type == "cuda" and available()
+        return True
+
+    def missing(self, device: torch.device) -> str | None:
+        if available() and (device.type == "cuda" or interpreted()):
+            return None
+        return "kernel=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1 set before triton loads)"
+
+    def eligible(self, spec: LayerSpec) -> str | None:
+        return integer_reason(spec) or ineligible_reason(spec)
+
+    def prepare(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> TritonPlan:
+        return triton_plan(spec, device)
+
+    def run(self, plan: TritonPlan, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
+        """``None`` (the next backend runs) for inputs outside the kernel's exact forms."""
+        if not runs_on(x) or x.dtype not in QUOTIENT_CODES or x.numel() == 0:
+            return None
+        quotient = torch.result_type(x, step)
+        if step.dtype not in QUOTIENT_CODES or quotient not in QUOTIENT_CODES:
+            return None
+        if quotient != torch.float32 and not _representable(plan.input, quotient):
+            return None
+        if plan.conv is not None:
+            return _conv_forward(plan, x, step, quotient)
+        if x.numel() >= 2**31:  # the kernel's offsets are int32
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        step_rows = step.expand(*x.shape[:-1], 1).reshape(-1) if step.numel() != 1 else step.reshape(1)
+        y = lut_linear(rows, step_rows, plan, quotient)
+        return y.reshape(*x.shape[:-1], plan.n).to(x.dtype)
 
 
-def forward(layer: PackedLayer, x: torch.Tensor, strict: bool = False) -> torch.Tensor | None:
-    """The packed layer on the Triton kernel, equal to the reference; ``None`` when this layer or input is not for
-    the kernel (the caller runs the reference). ``strict``: raise when the kernel cannot run here at all."""
-    if not runs_on(x):
-        if strict:
-            raise RuntimeError(
-                "ASQPOST_KERNEL=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1 set before triton loads)"
-            )
-        return None
-    if layer.input_quant is None or layer.weight is None or x.dtype not in QUOTIENT_CODES or x.numel() == 0:
-        return None
-    plan = prepare(layer, x.device)
-    if plan is None:
-        return None
-    step = layer.input_quant.step_of(x)
-    quotient = torch.result_type(x, step)
-    if step.dtype not in QUOTIENT_CODES or quotient not in QUOTIENT_CODES:
-        return None
-    if quotient != torch.float32 and not _representable(layer, quotient):
-        return None
-    if layer.kind == "conv2d":
-        return _conv_forward(layer, x, step, plan, quotient)
-    if x.numel() >= 2**31:  # the kernel's offsets are int32
-        return None
-    rows = x.reshape(-1, x.shape[-1])
-    step_rows = step.expand(*x.shape[:-1], 1).reshape(-1) if step.numel() != 1 else step.reshape(1)
-    y = lut_linear(rows, step_rows, layer.input_quant.qmin, layer.input_quant.qmax, plan, quotient)
-    return y.reshape(*x.shape[:-1], plan.n).to(x.dtype)
-
-
-def _representable(layer: PackedLayer, dtype: torch.dtype) -> bool:
+def _representable(inp: InputSpec, dtype: torch.dtype) -> bool:
     """Whether qmin and qmax are exact in ``dtype`` (the reference clamps the half-precision quotient)."""
-    bounds = torch.tensor([layer.input_quant.qmin, layer.input_quant.qmax], dtype=torch.float64)
+    bounds = torch.tensor([inp.qmin, inp.qmax], dtype=torch.float64)
     return torch.equal(bounds.to(dtype).double(), bounds)
 
 
-def _conv_forward(
-    layer: PackedLayer, x: torch.Tensor, step: torch.Tensor, plan: TritonPlan, quotient: torch.dtype
-) -> torch.Tensor | None:
-    g = layer.geometry
+def _conv_forward(plan: TritonPlan, x: torch.Tensor, step: torch.Tensor, quotient: torch.dtype) -> torch.Tensor | None:
+    g = plan.conv
     batch, _, height, width = x.shape
-    kh, kw = g["kernel_size"]
-    out_h = (height + 2 * g["padding"][0] - g["dilation"][0] * (kh - 1) - 1) // g["stride"][0] + 1
-    out_w = (width + 2 * g["padding"][1] - g["dilation"][1] * (kw - 1) - 1) // g["stride"][1] + 1
-    cols = F.unfold(x, (kh, kw), dilation=g["dilation"], padding=g["padding"], stride=g["stride"])
+    out_h, out_w = g.output_size(height, width)
+    cols = F.unfold(x, g.kernel_size, dilation=g.dilation, padding=g.padding, stride=g.stride)
     if cols.numel() >= 2**31:  # the kernel's offsets are int32
         return None
     rows = cols.transpose(1, 2).reshape(batch * out_h * out_w, -1)  # one row per output pixel
@@ -219,69 +228,62 @@ def _conv_forward(
         step_rows = step.reshape(1)
     else:  # one ASQ step per sample, repeated for its pixels
         step_rows = step.reshape(batch, 1).expand(batch, out_h * out_w).reshape(-1)
-    y = lut_linear(rows, step_rows, layer.input_quant.qmin, layer.input_quant.qmax, plan, quotient)
+    y = lut_linear(rows, step_rows, plan, quotient)
     return y.view(batch, out_h, out_w, plan.n).permute(0, 3, 1, 2).to(x.dtype)
 
 
 def lut_linear(
-    rows: torch.Tensor,
-    step_rows: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    plan: TritonPlan,
-    quotient: torch.dtype = torch.float32,
+    rows: torch.Tensor, step_rows: torch.Tensor, plan: TritonPlan, quotient: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``y (m, n)`` for float rows ``(m, k)`` and steps ``(m,)`` or ``(1,)``: float32 for float32 rows, else float64
-    (the caller rounds once to its dtype). ``quotient`` is the dtype ``rows / step`` rounds to in the reference."""
+    (the caller rounds once to its dtype). ``quotient`` is the dtype ``rows / step`` rounds to in the reference.
+    Runs the ``asqpost::triton_lut_linear`` custom op."""
     if rows.dim() != 2 or rows.shape[1] != plan.k:
         raise ValueError(f"rows must be (m, {plan.k}), got {tuple(rows.shape)}")
     if step_rows.numel() not in (1, rows.shape[0]):
         raise ValueError(f"step_rows must hold 1 or {rows.shape[0]} steps, got {step_rows.numel()}")
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
-    steps = step_rows.float().contiguous()
-    m = rows.shape[0]
-    y = torch.empty(
-        m, plan.n, device=rows.device, dtype=torch.float32 if rows.dtype == torch.float32 else torch.float64
-    )
+    tensors = (rows if rows.stride(1) == 1 else rows.contiguous(), step_rows.float().contiguous(), plan.words)
+    tensors += (plan.tables, plan.col_scale, plan.col_scale if plan.bias is None else plan.bias, plan.sqrt1_2)
+    flags = (plan.bits, plan.dot_int8, plan.has_odd, plan.split, plan.register_table, plan.bias is not None)
+    ints = (plan.n, plan.input.qmin, plan.input.qmax, QUOTIENT_CODES[quotient])
+    return torch.ops.asqpost.triton_lut_linear(*tensors, *flags, *ints)
+
+
+_LIBRARY = torch.library.Library("asqpost", "FRAGMENT")
+_LIBRARY.define(
+    "triton_lut_linear(Tensor rows, Tensor steps, Tensor words, Tensor tables, Tensor col_scale, Tensor bias, "
+    "Tensor sqrt1_2, int bits, bool dot_int8, bool has_odd, bool split, bool register_table, bool has_bias, int n, "
+    "int qmin, int qmax, int quotient) -> Tensor"
+)
+
+
+def _launch(rows, steps, words, tables, col_scale, bias, sqrt1_2, bits, dot_int8, has_odd, split, register_table,
+            has_bias, n, qmin, qmax, quotient):  # fmt: skip
+    m, k = rows.shape
+    y = torch.empty(m, n, device=rows.device, dtype=torch.float32 if rows.dtype == torch.float32 else torch.float64)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if m <= 16 else 64
-    grid = (-(-m // block_m), -(-plan.n // block_n))
-    entry_bits = 8 if plan.dot_int8 else 16
-    table_words = -(-(2**plan.bits) // (64 // entry_bits)) if plan.register_table else 0
-    _kernel()[grid](
-        rows,
-        steps,
-        plan.words,
-        plan.tables,
-        plan.col_scale,
-        plan.col_scale if plan.bias is None else plan.bias,
-        plan.sqrt1_2,
-        y,
-        m,
-        plan.n,
-        plan.k,
-        rows.stride(0),
-        0 if steps.numel() == 1 else 1,
-        qmin,
-        qmax,
-        bits=plan.bits,
-        per_word=plan.per_word,
-        register_table=plan.register_table,
-        entry_bits=entry_bits,
-        table_words=table_words,
-        table_stride=plan.tables.shape[1],
-        dot_int8=plan.dot_int8,
-        has_odd=plan.has_odd,
-        split=plan.split,
-        has_bias=plan.bias is not None,
-        quotient=QUOTIENT_CODES[quotient],
-        block_m=block_m,
-        block_n=block_n,
+    entry_bits = 8 if dot_int8 else 16
+    table_words = -(-(2**bits) // (64 // entry_bits)) if register_table else 0
+    _kernel()[(-(-m // block_m), -(-n // block_n))](
+        rows, steps, words, tables, col_scale, bias, sqrt1_2, y, m, n, k, rows.stride(0),
+        0 if steps.numel() == 1 else 1, qmin, qmax, bits=bits, per_word=32 // bits, register_table=register_table,
+        entry_bits=entry_bits, table_words=table_words, table_stride=tables.shape[1], dot_int8=dot_int8,
+        has_odd=has_odd, split=split, has_bias=has_bias, quotient=quotient, block_m=block_m, block_n=block_n,
         block_k=BLOCK_K,
         enable_fp_fusion=False,  # the float64 rescale rounds each operation as the reference does
-    )
+    )  # fmt: skip
     return y
+
+
+for _device in ("CPU", "CUDA"):  # CPU: under Triton's interpreter
+    _LIBRARY.impl("triton_lut_linear", _launch, _device)
+
+
+@torch.library.register_fake("asqpost::triton_lut_linear", lib=_LIBRARY)
+def _launch_fake(rows, steps, words, tables, col_scale, bias, sqrt1_2, *flags_and_ints):
+    n = flags_and_ints[6]  # after bits, dot_int8, has_odd, split, register_table, has_bias
+    return rows.new_empty((rows.shape[0], n), dtype=torch.float32 if rows.dtype == torch.float32 else torch.float64)
 
 
 def _kernel() -> Any | None:

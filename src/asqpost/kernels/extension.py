@@ -1,0 +1,150 @@
+"""The native CPU extension (``lut_kernel.cpp``), built on first use, and its layer entry points as ``torch.library``
+custom ops (``asqpost::lut_linear``, ``asqpost::lut_conv2d``, ``asqpost::conv_offsets``) with fake implementations,
+so ``torch.compile`` traces a packed model through them and an exporter can map them.
+
+The extension is compiled with torch's C++ extension tooling into the per-user torch extensions cache (so pip's
+isolated build never has to fetch its own torch); if that fails (no compiler, no ninja), the other backends run
+and one log line says so. Eager calls go to the extension directly (the dispatcher's few microseconds per call
+show at batch 1); inside ``torch.compile`` the same functions are reached through the ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+_STATE: dict[str, Any] = {}
+
+
+def extension() -> Any | None:
+    """The compiled extension module, or ``None`` (logged once) when it cannot be built here."""
+    if "module" not in _STATE:
+        module = None
+        try:
+            from torch.utils.cpp_extension import load
+
+            module = load(
+                name="asqpost_lut_kernel",
+                sources=[str(Path(__file__).with_name("lut_kernel.cpp"))],
+                # OpenMP: ATen's parallel_for is serial without it; no FMA contraction: the rescale must round
+                # each float64 operation as the reference does
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            log.info("asqpost native LUT kernel: %s path", module.capability())
+        except Exception as err:  # any build failure means: the other backends run
+            log.warning("asqpost native LUT kernel unavailable (%s); using the pure-torch reference path", err)
+        _STATE["module"] = module
+    return _STATE["module"]
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def module() -> Any:
+    """The extension, or a ``RuntimeError`` where it cannot be built."""
+    built = extension()
+    if built is None:
+        raise RuntimeError("the native LUT kernel is not available")
+    return built
+
+
+def capability() -> str:
+    """This CPU's fastest kernel path, or ``reference`` without the extension."""
+    built = extension()
+    return "reference" if built is None else built.capability()
+
+
+def threads() -> int:
+    """The intra-op threads the kernel splits its work over (torch's setting, as ATen reads it; 1 without it)."""
+    built = extension()
+    return 1 if built is None else built.threads()
+
+
+def available_paths() -> list[str]:
+    """The kernel paths this CPU runs, fastest first (chosen once, in C++; empty without the extension)."""
+    built = extension()
+    return [] if built is None else built.available_paths()
+
+
+def embedding_rows(
+    codes: torch.Tensor, byte_levels: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor | None:
+    """Rows ``(n, R * P)`` of a packed embedding with whole-byte rows: ``byte_levels[codes[ids], :] * scale[ids]``
+    (``codes`` uint8 ``(V, R)``, ``byte_levels`` float32 ``(256, P)``, ``scale`` float32 ``(V,)``, ``ids`` int64),
+    in one native pass; ``None`` without the extension or when an id lies outside ``[0, V)``."""
+    built = extension()
+    return None if built is None else built.embedding_rows(codes, byte_levels, scale, ids)
+
+
+def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor | None:
+    """:func:`asqpost.rotation.walsh_hadamard` of float32 CPU ``x`` in one native pass (the same bits), or
+    ``None`` without the extension."""
+    built = extension()
+    return None if built is None else built.hadamard_rows(x, block, 1 / math.sqrt(block))
+
+
+# The plan's fields, in the C++ order (asqpost.kernels.native.NativePlan.kernel_args)
+_PLAN = (
+    "Tensor weights, Tensor lut_even, Tensor lut_odd, bool has_odd, int n, Tensor col_scale, Tensor bias, str path, "
+    "int offset, Tensor correction_even, Tensor correction_odd, bool direct"
+)
+_LIBRARY = torch.library.Library("asqpost", "FRAGMENT")
+_LIBRARY.define(f"lut_linear(Tensor x, Tensor step, int qmin, int qmax, {_PLAN}) -> Tensor")
+_LIBRARY.define(f"lut_conv2d(Tensor x, Tensor step, int qmin, int qmax, Tensor offsets, {_PLAN}) -> Tensor")
+_LIBRARY.define("conv_offsets(int b, int h, int w, int c, int[] kernel, int[] stride, int[] pad, int[] dil) -> Tensor")
+_LIBRARY.impl("lut_linear", lambda *args: module().lut_linear_forward(*args), "CPU")
+_LIBRARY.impl("lut_conv2d", lambda *args: module().lut_conv2d_forward(*args), "CPU")
+_LIBRARY.impl("conv_offsets", lambda *args: module().conv_offsets(*args), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("asqpost::lut_linear", lib=_LIBRARY)
+def _lut_linear_fake(x, step, qmin, qmax, weights, lut_even, lut_odd, has_odd, n, *rest):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("asqpost::lut_conv2d", lib=_LIBRARY)
+def _lut_conv2d_fake(x, step, qmin, qmax, offsets, weights, lut_even, lut_odd, has_odd, n, *rest):
+    return x.new_empty((offsets.shape[0] * offsets.shape[1] * offsets.shape[2], n), dtype=torch.float32)
+
+
+@torch.library.register_fake("asqpost::conv_offsets", lib=_LIBRARY)
+def _conv_offsets_fake(batch, height, width, padded_channels, kernel_size, stride, padding, dilation):
+    sides = zip((height, width), padding, dilation, kernel_size, stride, strict=True)
+    size = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in sides]
+    return torch.empty((batch, *size, kernel_size[0] * kernel_size[1]), dtype=torch.int64)
+
+
+def lut_linear(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, plan_args: tuple) -> torch.Tensor:
+    """``asqpost::lut_linear``: the whole packed linear layer (quantize, LUT accumulate, rescale), ``(..., n)``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.asqpost.lut_linear(x, step, qmin, qmax, *plan_args)
+    return module().lut_linear_forward(x, step, qmin, qmax, *plan_args)
+
+
+def lut_conv2d(
+    x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, offsets: torch.Tensor, plan_args: tuple
+) -> torch.Tensor:
+    """``asqpost::lut_conv2d``: a packed conv over NHWC float32 ``x``, NHWC rows ``(B * OH * OW, n)``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.asqpost.lut_conv2d(x, step, qmin, qmax, offsets, *plan_args)
+    return module().lut_conv2d_forward(x, step, qmin, qmax, offsets, *plan_args)
+
+
+def conv_offsets(shape: tuple[int, int, int, int], geometry: Any, padded_channels: int) -> torch.Tensor:
+    """``asqpost::conv_offsets`` for an NHWC input of ``shape`` and a :class:`~asqpost.packed.ConvGeometry`."""
+    batch, height, width, _ = shape
+    args = (batch, height, width, padded_channels, *(list(getattr(geometry, f)) for f in _CONV_FIELDS))
+    if torch.compiler.is_compiling():
+        return torch.ops.asqpost.conv_offsets(*args)
+    return module().conv_offsets(*args)
+
+
+_CONV_FIELDS = ("kernel_size", "stride", "padding", "dilation")
