@@ -27,7 +27,6 @@ import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
 from typing import Any
 
 import torch
@@ -40,9 +39,10 @@ MASK_KEY = "attention_mask"
 # shared ASQ steps); the post-hook calls it when the forward ends
 FORWARD_SCOPED = "asqpost_forward_scoped"
 
-_current: ContextVar[torch.Tensor | None] = ContextVar("asqpost_token_mask", default=None)
-# one entry per hooked forward in progress: (id of the module, token to restore, or None when it set nothing)
-_saved: ContextVar[tuple[tuple[int, Token | None], ...]] = ContextVar("asqpost_token_mask_saved", default=())
+# plain lists, which torch.compile reads: the masks set by open blocks and hooked forwards (innermost last), and
+# one entry per hooked forward in progress: (id of the module, whether it pushed a mask)
+_masks: list[torch.Tensor | None] = []
+_saved: list[tuple[int, bool]] = []
 
 
 def as_token_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def as_token_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def current_mask() -> torch.Tensor | None:
     """The token mask of the forward in progress, or ``None``."""
-    return _current.get()
+    return _masks[-1] if _masks else None
 
 
 @contextmanager
@@ -81,16 +81,16 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
     ``None`` clears an outer mask for the block. A hooked model called with its own ``attention_mask``
     inside the block uses that one for its forward.
     """
-    reset = _current.set(None if mask is None else as_token_mask(mask))
+    _masks.append(None if mask is None else as_token_mask(mask))
     try:
         yield
     finally:
-        _current.reset(reset)
+        _masks.pop()
 
 
 def mask_for(x: torch.Tensor) -> torch.Tensor | None:
     """The current mask (on ``x``'s device) if it fits ``x``: ``x`` is ``(N, T, C)``, the mask ``(N, T)``."""
-    mask = _current.get()
+    mask = current_mask()
     if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape:
         return None
     return mask.to(x.device)
@@ -154,26 +154,26 @@ def mask_in_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 def _set_mask_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     mask = mask_in_call(module, args, kwargs)
-    reset = None if mask is None else _current.set(None if _no_padding(mask) else mask)
-    _saved.set((*_saved.get(), (id(module), reset)))
+    if mask is not None:
+        _masks.append(None if _no_padding(mask) else mask)
+    _saved.append((id(module), mask is not None))
 
 
 def _no_padding(mask: torch.Tensor) -> bool:
     """A CPU mask without padding (checked without a device sync): no mask gives the same means
-    (:func:`token_mean`) without the masking passes."""
-    return mask.device.type == "cpu" and bool(mask.all())
+    (:func:`token_mean`) without the masking passes. Inside ``torch.compile`` the mask stays (no data-dependent
+    branch in the graph)."""
+    return mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all())
 
 
 def _restore_mask_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
     for item in getattr(module, FORWARD_SCOPED, ()):
         item.forget()
-    saved = _saved.get()
-    if not saved or saved[-1][0] != id(module):
+    if not _saved or _saved[-1][0] != id(module):
         return  # the pre-hook did not run for this call (an earlier pre-hook raised)
-    _saved.set(saved[:-1])
-    reset = saved[-1][1]
-    if reset is not None:
-        _current.reset(reset)
+    _, pushed = _saved.pop()
+    if pushed:
+        _masks.pop()
 
 
 def has_mask_hooks(model: nn.Module) -> bool:

@@ -19,7 +19,6 @@ import abc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,22 +36,23 @@ def check_kernel(name: str, source: str = "kernel") -> str:
 
 
 DEFAULT_KERNEL = check_kernel(os.environ.get("ASQPOST_KERNEL", "auto"), "ASQPOST_KERNEL")
-_SELECTED: ContextVar[str | None] = ContextVar("asqpost_kernel", default=None)
+_SELECTED: list[str] = []  # the open use_kernel blocks, innermost last (a plain list: torch.compile reads it)
 
 
 @contextmanager
 def use_kernel(name: str) -> Iterator[None]:
-    """Run packed layers inside the block with the kernel selection ``name`` (see the module docstring)."""
-    token = _SELECTED.set(check_kernel(name))
+    """Run packed layers inside the block with the kernel selection ``name`` (see the module docstring). The
+    selection holds for the whole process while the block is open."""
+    _SELECTED.append(check_kernel(name))
     try:
         yield
     finally:
-        _SELECTED.reset(token)
+        _SELECTED.pop()
 
 
 def current_kernel() -> str:
     """The selection in force: the innermost :func:`use_kernel`, else ``ASQPOST_KERNEL`` at import."""
-    return _SELECTED.get() or DEFAULT_KERNEL
+    return _SELECTED[-1] if _SELECTED else DEFAULT_KERNEL
 
 
 def integer_reason(spec: LayerSpec) -> str | None:
@@ -165,10 +165,17 @@ class PlanCache:
         backend = get_backend(backend) if isinstance(backend, str) else backend
         key = PlanKey(backend.name, torch.device(device), dtype)
         entry = self._plans.get(key)
-        if entry is None:
-            reason = backend.eligible(self.spec)
-            entry = Ineligible(reason) if reason else backend.prepare(self.spec, key.device, dtype)
-            self._plans[key] = entry
+        return self._build(backend, key) if entry is None else entry
+
+    def _build(self, backend: Backend, key: PlanKey) -> Any:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "a packed model builds its kernel plans on its first forward: run it once (eagerly, on inputs of "
+                "the dtype and device it will see) before torch.compile"
+            )
+        reason = backend.eligible(self.spec)
+        entry = Ineligible(reason) if reason else backend.prepare(self.spec, key.device, key.dtype)
+        self._plans[key] = entry
         return entry
 
     def run(self, x: torch.Tensor, step: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:

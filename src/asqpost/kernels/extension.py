@@ -96,30 +96,38 @@ _PLAN = (
     "Tensor weights, Tensor lut_even, Tensor lut_odd, bool has_odd, int n, Tensor col_scale, Tensor bias, str path, "
     "int offset, Tensor correction_even, Tensor correction_odd, bool direct"
 )
-_LIBRARY = torch.library.Library("asqpost", "FRAGMENT")
-_LIBRARY.define(f"lut_linear(Tensor x, Tensor step, int qmin, int qmax, {_PLAN}) -> Tensor")
-_LIBRARY.define(f"lut_conv2d(Tensor x, Tensor step, int qmin, int qmax, Tensor offsets, {_PLAN}) -> Tensor")
-_LIBRARY.define("conv_offsets(int b, int h, int w, int c, int[] kernel, int[] stride, int[] pad, int[] dil) -> Tensor")
-_LIBRARY.impl("lut_linear", lambda *args: module().lut_linear_forward(*args), "CPU")
-_LIBRARY.impl("lut_conv2d", lambda *args: module().lut_conv2d_forward(*args), "CPU")
-_LIBRARY.impl("conv_offsets", lambda *args: module().conv_offsets(*args), "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("asqpost::lut_linear", lib=_LIBRARY)
 def _lut_linear_fake(x, step, qmin, qmax, weights, lut_even, lut_odd, has_odd, n, *rest):
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.register_fake("asqpost::lut_conv2d", lib=_LIBRARY)
 def _lut_conv2d_fake(x, step, qmin, qmax, offsets, weights, lut_even, lut_odd, has_odd, n, *rest):
     return x.new_empty((offsets.shape[0] * offsets.shape[1] * offsets.shape[2], n), dtype=torch.float32)
 
 
-@torch.library.register_fake("asqpost::conv_offsets", lib=_LIBRARY)
 def _conv_offsets_fake(batch, height, width, padded_channels, kernel_size, stride, padding, dilation):
     sides = zip((height, width), padding, dilation, kernel_size, stride, strict=True)
     size = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in sides]
     return torch.empty((batch, *size, kernel_size[0] * kernel_size[1]), dtype=torch.int64)
+
+
+def _register_ops() -> torch.library.Library:
+    library = torch.library.Library("asqpost", "FRAGMENT")
+    library.define(f"lut_linear(Tensor x, Tensor step, int qmin, int qmax, {_PLAN}) -> Tensor")
+    library.define(f"lut_conv2d(Tensor x, Tensor step, int qmin, int qmax, Tensor offsets, {_PLAN}) -> Tensor")
+    library.define("conv_offsets(int b, int h, int w, int c, int[] kernel, int[] stride, int[] pad, int[] d) -> Tensor")
+    library.impl("lut_linear", lambda *args: module().lut_linear_forward(*args), "CPU")
+    library.impl("lut_conv2d", lambda *args: module().lut_conv2d_forward(*args), "CPU")
+    library.impl("conv_offsets", lambda *args: module().conv_offsets(*args), "CompositeExplicitAutograd")
+    for name, fake in (("lut_linear", _lut_linear_fake), ("lut_conv2d", _lut_conv2d_fake)):
+        torch.library.register_fake(f"asqpost::{name}", fake, lib=library)
+    torch.library.register_fake("asqpost::conv_offsets", _conv_offsets_fake, lib=library)
+    return library
+
+
+# once per process (a module imported again finds them: the dispatcher keeps the first library alive)
+_LIBRARY = None if hasattr(torch.ops.asqpost, "lut_linear") else _register_ops()
 
 
 def lut_linear(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, plan_args: tuple) -> torch.Tensor:

@@ -249,14 +249,6 @@ def lut_linear(
     return torch.ops.asqpost.triton_lut_linear(*tensors, *flags, *ints)
 
 
-_LIBRARY = torch.library.Library("asqpost", "FRAGMENT")
-_LIBRARY.define(
-    "triton_lut_linear(Tensor rows, Tensor steps, Tensor words, Tensor tables, Tensor col_scale, Tensor bias, "
-    "Tensor sqrt1_2, int bits, bool dot_int8, bool has_odd, bool split, bool register_table, bool has_bias, int n, "
-    "int qmin, int qmax, int quotient) -> Tensor"
-)
-
-
 def _launch(rows, steps, words, tables, col_scale, bias, sqrt1_2, bits, dot_int8, has_odd, split, register_table,
             has_bias, n, qmin, qmax, quotient):  # fmt: skip
     m, k = rows.shape
@@ -276,14 +268,26 @@ def _launch(rows, steps, words, tables, col_scale, bias, sqrt1_2, bits, dot_int8
     return y
 
 
-for _device in ("CPU", "CUDA"):  # CPU: under Triton's interpreter
-    _LIBRARY.impl("triton_lut_linear", _launch, _device)
-
-
-@torch.library.register_fake("asqpost::triton_lut_linear", lib=_LIBRARY)
 def _launch_fake(rows, steps, words, tables, col_scale, bias, sqrt1_2, *flags_and_ints):
     n = flags_and_ints[6]  # after bits, dot_int8, has_odd, split, register_table, has_bias
     return rows.new_empty((rows.shape[0], n), dtype=torch.float32 if rows.dtype == torch.float32 else torch.float64)
+
+
+def _register_op() -> torch.library.Library:
+    library = torch.library.Library("asqpost", "FRAGMENT")
+    library.define(
+        "triton_lut_linear(Tensor rows, Tensor steps, Tensor words, Tensor tables, Tensor col_scale, Tensor bias, "
+        "Tensor sqrt1_2, int bits, bool dot_int8, bool has_odd, bool split, bool register_table, bool has_bias, "
+        "int n, int qmin, int qmax, int quotient) -> Tensor"
+    )
+    for device in ("CPU", "CUDA"):  # CPU: under Triton's interpreter
+        library.impl("triton_lut_linear", _launch, device)
+    torch.library.register_fake("asqpost::triton_lut_linear", _launch_fake, lib=library)
+    return library
+
+
+# once per process (a module imported again finds it: the dispatcher keeps the first library alive)
+_LIBRARY = None if hasattr(torch.ops.asqpost, "triton_lut_linear") else _register_op()
 
 
 def _kernel() -> Any | None:
