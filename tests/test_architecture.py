@@ -22,6 +22,7 @@ LAYERS = (
     (
         "asqpost.version",
         "asqpost.files",
+        "asqpost.cpp",
         "asqpost.timing",
         "asqpost.devices",
         "asqpost.registry",

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from asqpost import cpp
 from asqpost.functional import (
+    _fused,
     fake_quantize,
     fake_quantize_reference,
     grad_scale,
@@ -10,6 +12,7 @@ from asqpost.functional import (
     sum_to_shape,
 )
 from asqpost.levels import post
+from numerics import assert_beyond_rounding
 
 pytestmark = pytest.mark.numerics
 
@@ -95,3 +98,87 @@ def test_level_set_rounder():
 
 def test_lsq_grad_scale_value():
     assert lsq_grad_scale(100, 4) == pytest.approx(1 / 20)
+
+
+needs_extension = pytest.mark.skipif(not cpp.available(), reason="the C++ extension could not be built here")
+ROW_STEPS = [((8, 4, 5, 5), ()), ((8, 4, 5, 5), (8, 1, 1, 1)), ((5, 7), (5, 1)), ((3, 9, 6), (3, 9, 1))]
+
+
+def _float32_inputs(shape, step_shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=generator) * 3).requires_grad_()
+    step = (torch.rand(step_shape, generator=generator) * 0.5 + 0.2).requires_grad_()
+    return x, step, torch.randn(shape, generator=generator)
+
+
+@needs_extension
+@pytest.mark.parametrize(("shape", "step_shape"), ROW_STEPS)
+@pytest.mark.parametrize("levels", [None, post(4)], ids=["integer", "post"])
+def test_the_fused_native_pass_gives_the_torch_composite_bits(shape, step_shape, levels):
+    """Forward and x gradient: the same float32 operations, the same bits; the step gradient is summed in float64
+    (torch sums in float32), so it is compared with a float64 computation of the same sum."""
+    lo, hi = (-1, 1) if levels is not None else (-8, 7)
+    x, step, g = _float32_inputs(shape, step_shape)
+    assert _fused(x, step) is not None
+    y = fake_quantize(x, step, lo, hi, levels=levels)
+    gx, gs = torch.autograd.grad(y, (x, step), g)
+    y_torch = fake_quantize(x, step, lo, hi, levels=levels, fused=False)
+    gx_torch, gs_torch = torch.autograd.grad(y_torch, (x, step), g)
+    assert torch.equal(y, y_torch) and torch.equal(gx, gx_torch)
+    v = x.detach() / step.detach()
+    rounder = torch.round if levels is None else levels.project
+    inside = ((v >= lo) & (v <= hi)).float()
+    terms = (g * rounder(v.clamp(lo, hi)) - (g * inside) * v).double()
+    exact = sum_to_shape(terms, step.shape)
+    assert torch.allclose(gs.double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+    assert_beyond_rounding(gs_torch * 1.01, gs)  # the bound can fail
+
+
+@needs_extension
+def test_the_fused_pass_does_not_depend_on_the_thread_count():
+    x, step, g = _float32_inputs((4, 50000), ())  # one step for 200000 elements: several pieces
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads.append(torch.autograd.grad(fake_quantize(x, step, -8, 7), (x, step), g))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@needs_extension
+def test_the_fused_pass_keeps_nan_and_infinities_as_torch_does():
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.5, 2.0]], requires_grad=True)
+    step = torch.tensor(0.25, requires_grad=True)
+    for levels, (lo, hi) in ((None, (-8.0, 7.0)), (post(3), (-1.0, 1.0))):
+        fused, plain = (fake_quantize(x, step, lo, hi, levels=levels, fused=f) for f in (True, False))
+        assert torch.equal(torch.isnan(fused), torch.isnan(plain))
+        assert torch.equal(fused[~torch.isnan(fused)], plain[~torch.isnan(plain)])
+
+
+def test_steps_that_are_not_one_per_row_take_the_torch_ops():
+    x = torch.randn(4, 6)
+    assert _fused(x, torch.ones(6)) is None  # one per column
+    assert _fused(x, torch.ones(1, 6)) is None
+    assert _fused(x.t(), torch.ones(6, 1)) is None  # not contiguous
+    assert _fused(x.double(), torch.ones(4, 1, dtype=torch.float64)) is None
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (2, 16, 32, 32)])
+def test_the_adapters_plane_means_backward_gives_torchs_bits(shape):
+    from asqpost.adapters import _PlaneMeans
+
+    x = torch.randn(shape, requires_grad=True)
+    x.data[0, 0, 0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+    g_mean, g_abs = torch.randn(shape[:2]), torch.randn(shape[:2])
+    means, abs_means = _PlaneMeans.apply(x)
+    grad = torch.autograd.grad((means * g_mean).sum() + (abs_means * g_abs).sum(), x)[0]
+    torch_means, torch_abs = x.mean(dim=(2, 3)), x.abs().mean(dim=(2, 3))
+    torch_grad = torch.autograd.grad((torch_means * g_mean).sum() + (torch_abs * g_abs).sum(), x)[0]
+    assert torch.equal(means, torch_means) or torch.isnan(means).any()
+    assert torch.equal(grad, torch_grad)
+    only_abs = torch.autograd.grad(_PlaneMeans.apply(x)[1].sum(), x)[0]
+    assert torch.equal(only_abs, torch.autograd.grad(x.abs().mean(dim=(2, 3)).sum(), x)[0])

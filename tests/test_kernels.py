@@ -4,14 +4,13 @@ import subprocess
 import sys
 import sysconfig
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.cpp_extension import include_paths
 
-from asqpost import QATConfig, calibrate, prepare_qat
+from asqpost import QATConfig, calibrate, cpp, prepare_qat
 from asqpost.config import recipe_names
 from asqpost.export import convert_to_packed, integer_lut
 from asqpost.kernels import Ineligible, backends, current_kernel, extension, get_backend, native, use_kernel
@@ -65,7 +64,7 @@ def test_kernel_source_compiles_for_aarch64():
     cxx = shutil.which("aarch64-linux-gnu-g++")
     if cxx is None:
         pytest.skip("no aarch64 cross-compiler (Debian package g++-aarch64-linux-gnu)")
-    source = Path(extension.__file__).with_name("lut_kernel.cpp")
+    source = cpp.SOURCE
     includes = [*include_paths(), sysconfig.get_paths()["include"]]
     command = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror"]
     command += ["-DTORCH_EXTENSION_NAME=asqpost_lut_kernel", "-DTORCH_API_INCLUDE_EXTENSION_H"]

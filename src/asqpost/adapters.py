@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpp import extension
 from .masking import mask_for, token_count, token_mean
 
 POSITIVE_MAPS = ("softplus", "exp", "relu")
@@ -145,6 +146,9 @@ class StepAdapter(nn.Module):
         :func:`~asqpost.masking.token_mean`'s ``where(mask, ., 0).sum(T) / count``, and ``|where(mask, x, 0)|`` is
         ``where(mask, |x|, 0)`` exactly. Fewer full-size temporaries: an activation-sized buffer costs its page
         faults again whenever the allocator hands it back to the system."""
+        if x.dim() == 4:
+            means, abs_means = _plane_means(x)
+            return means, self._scale_of(abs_means)
         if self.per_token or x.dim() != 3:
             return self.statistics(x), self.input_scale(x)
         mask = mask_for(x)
@@ -194,3 +198,29 @@ class StepAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, positive={self.positive}, per_token={self.per_token}, form={self.form}"
+
+
+class _PlaneMeans(torch.autograd.Function):
+    """``(x.mean((2, 3)), x.abs().mean((2, 3)))`` of NCHW ``x`` by torch's ops; the backward in one native pass over
+    ``x`` (the extension's ``plane_means_backward``: torch's mean and abs backward, the same bits)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.mean(dim=(2, 3)), x.abs().mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, g_mean, g_abs):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        g_mean = torch.zeros(x.shape[:2]) if g_mean is None else g_mean
+        g_abs = torch.zeros(x.shape[:2]) if g_abs is None else g_abs
+        return extension().plane_means_backward(x, g_mean.contiguous(), g_abs.contiguous())
+
+
+def _plane_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel means of NCHW ``x`` and of ``|x|``: through :class:`_PlaneMeans` where autograd wants a graph
+    through a contiguous float32 CPU ``x`` and the extension is built, else torch's ops."""
+    graph = torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+    if graph and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and extension() is not None:
+        return _PlaneMeans.apply(x)
+    return x.mean(dim=(2, 3)), x.abs().mean(dim=(2, 3))

@@ -82,6 +82,11 @@ class LevelSet:
         """The levels as a 1-D tensor (cached per device and dtype)."""
         return self._tensors(torch.device(device or "cpu"), dtype)[0]
 
+    def midpoints(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``len - 1`` boundaries between neighbouring levels (cached per device and dtype): a value goes to
+        the level above a boundary only when it is greater than it (``torch.bucketize``)."""
+        return self._tensors(torch.device(device or "cpu"), dtype)[1]
+
     def _tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
         if key not in self._cache:

@@ -1,59 +1,21 @@
-"""The native CPU extension (``lut_kernel.cpp``), built on first use, and its layer entry points as ``torch.library``
-custom ops (``asqpost::lut_linear``, ``asqpost::lut_conv2d``, ``asqpost::conv_offsets``) with fake implementations,
-so ``torch.compile`` traces a packed model through them and an exporter can map them.
+"""The native CPU extension's packed-layer entry points as ``torch.library`` custom ops (``asqpost::lut_linear``,
+``asqpost::lut_conv2d``, ``asqpost::conv_offsets``) with fake implementations, so ``torch.compile`` traces a packed
+model through them and an exporter can map them; and the extension's small helpers (paths, threads, embedding
+rows, the Hadamard rotation). The extension itself is :mod:`asqpost.cpp`.
 
-The extension is compiled with torch's C++ extension tooling into the per-user torch extensions cache (so pip's
-isolated build never has to fetch its own torch); if that fails (no compiler, no ninja), the other backends run
-and one log line says so. Eager calls go to the extension directly (the dispatcher's few microseconds per call
-show at batch 1); inside ``torch.compile`` the same functions are reached through the ops.
+Eager calls go to the extension directly (the dispatcher's few microseconds per call show at batch 1); inside
+``torch.compile`` the same functions are reached through the ops.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-_STATE: dict[str, Any] = {}
-
-
-def extension() -> Any | None:
-    """The compiled extension module, or ``None`` (logged once) when it cannot be built here."""
-    if "module" not in _STATE:
-        module = None
-        try:
-            from torch.utils.cpp_extension import load
-
-            module = load(
-                name="asqpost_lut_kernel",
-                sources=[str(Path(__file__).with_name("lut_kernel.cpp"))],
-                # OpenMP: ATen's parallel_for is serial without it; no FMA contraction: the rescale must round
-                # each float64 operation as the reference does
-                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-            log.info("asqpost native LUT kernel: %s path", module.capability())
-        except Exception as err:  # any build failure means: the other backends run
-            log.warning("asqpost native LUT kernel unavailable (%s); using the pure-torch reference path", err)
-        _STATE["module"] = module
-    return _STATE["module"]
-
-
-def available() -> bool:
-    return extension() is not None
-
-
-def module() -> Any:
-    """The extension, or a ``RuntimeError`` where it cannot be built."""
-    built = extension()
-    if built is None:
-        raise RuntimeError("the native LUT kernel is not available")
-    return built
+from ..cpp import available as available  # re-exported: the backends ask here
+from ..cpp import extension, module
 
 
 def capability() -> str:

@@ -35,7 +35,7 @@ class LevelSetQuantizer(Quantizer):
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         scale = grad_scale(self.scale, lsq_grad_scale(w.numel() // self.raw_scale.numel(), 1.0))
-        return fake_quantize(w, scale, self.levels.lo, self.levels.hi, self.levels.project)
+        return fake_quantize(w, scale, self.levels.lo, self.levels.hi, levels=self.levels)
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Level indices (int64) of ``w``: what an export packs."""

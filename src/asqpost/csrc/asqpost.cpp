@@ -1,4 +1,6 @@
-// asqpost LUT kernel: u8 activations x 4-bit weight codes decoded through two 16-entry int8 tables.
+// asqpost's C++ extension: the packed LUT kernels and, at the end, the fused fake-quant op of training.
+//
+// The LUT kernel: u8 activations x 4-bit weight codes decoded through two 16-entry int8 tables.
 //
 // acc_even[m, n] = sum_k x[m, k] * lut_even[code[n, k]]     (exact int32)
 // acc_odd[m, n]  = sum_k x[m, k] * lut_odd[code[n, k]]      (POST's odd powers of sqrt 2)
@@ -949,6 +951,198 @@ torch::Tensor rescale_sums(torch::Tensor acc_even, torch::Tensor acc_odd, torch:
   return y;
 }
 
+
+// ------------------------------------------------------------------------------------------------------------------
+// Fused fake quantization (asqpost.functional.fake_quantize), one pass forward and one pass backward:
+//   y = Q(clamp(x / s, lo, hi)) * s,  Q = round half to even, or the nearest level of a table (bucketize on the
+//   midpoints between its levels, as LevelSet.project); grad_x = g * inside;  grad_s = sum g * Q(clamp(v)) - grad_x * v
+// x: float32 (R, L) rows (contiguous), one step per row or one for all. The float32 operations are those of the torch
+// composite, one by one (no FMA contraction), so y and grad_x are its bits; grad_s sums each row in float64 over
+// fixed pieces (the same result for any thread count).
+namespace {
+
+struct FakeQuant {
+  const float* x;
+  const float* step;
+  int64_t row_len;
+  bool per_row;
+  float lo, hi;
+  const float* table;  // nullptr: round half to even
+  const float* mid;
+  int64_t n_mid;
+};
+
+inline float fq_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }  // NaN stays NaN
+
+inline float fq_level(const FakeQuant& q, float v) {
+  if (std::isnan(v)) return q.table[q.n_mid];  // torch.bucketize puts NaN past every boundary
+  return q.table[std::lower_bound(q.mid, q.mid + q.n_mid, v) - q.mid];
+}
+
+// Elements [b, e) of the forward: the inner loop over one row's run vectorises (vroundps) in the wider targets.
+#define ASQPOST_FQ_FORWARD(NAME, TARGET)                                                        \
+  TARGET void NAME(const FakeQuant& q, float* y, int64_t b, int64_t e) {                        \
+    for (int64_t i = b; i < e;) {                                                               \
+      const int64_t row = i / q.row_len, end = std::min(e, (row + 1) * q.row_len);              \
+      const float s = q.step[q.per_row ? row : 0], lo = q.lo, hi = q.hi;                        \
+      const float* x = q.x;                                                                     \
+      if (q.table) {                                                                            \
+        for (; i < end; ++i) y[i] = fq_level(q, fq_clamp(x[i] / s, lo, hi)) * s;                \
+      } else {                                                                                  \
+        for (; i < end; ++i) y[i] = std::nearbyint(fq_clamp(x[i] / s, lo, hi)) * s;             \
+      }                                                                                         \
+    }                                                                                           \
+  }
+
+// Elements [b, e) of one row of the backward; returns the piece's float64 sum of the step gradient terms, added in
+// 16 lanes (element i to lane (i - b) % 16) so that the loop vectorises without reassociating any sum.
+#define ASQPOST_FQ_BACKWARD(NAME, TARGET)                                                              \
+  TARGET double NAME(const FakeQuant& q, const float* g, float* gx, int64_t b, int64_t e, bool step) { \
+    const float s = q.step[q.per_row ? b / q.row_len : 0], lo = q.lo, hi = q.hi;                     \
+    const float* x = q.x;                                                                              \
+    double lanes[16] = {};                                                                             \
+    const auto one = [&](int64_t i, int l) {                                                           \
+      const float v = x[i] / s;                                                                        \
+      const float grad_x = g[i] * ((v >= lo && v <= hi) ? 1.0f : 0.0f);                               \
+      gx[i] = grad_x;                                                                                  \
+      if (step) {                                                                                      \
+        const float c = fq_clamp(v, lo, hi);                                                           \
+        const float level = q.table ? fq_level(q, c) : std::nearbyint(c);                              \
+        lanes[l] += static_cast<double>(g[i] * level - grad_x * v);                                    \
+      }                                                                                                \
+    };                                                                                                 \
+    int64_t i = b;                                                                                     \
+    for (; i + 16 <= e; i += 16)                                                                       \
+      for (int l = 0; l < 16; ++l) one(i + l, l);                                                      \
+    for (int l = 0; i < e; ++i, ++l) one(i, l);                                                        \
+    double acc = 0.0;                                                                                  \
+    for (double lane : lanes) acc += lane;                                                             \
+    return acc;                                                                                        \
+  }
+
+ASQPOST_FQ_FORWARD(fq_forward_scalar, )
+ASQPOST_FQ_BACKWARD(fq_backward_scalar, )
+#if ASQPOST_X86
+ASQPOST_FQ_FORWARD(fq_forward_avx512, __attribute__((target("avx512f"))))
+ASQPOST_FQ_BACKWARD(fq_backward_avx512, __attribute__((target("avx512f"))))
+ASQPOST_FQ_FORWARD(fq_forward_avx2, __attribute__((target("avx2"))))
+ASQPOST_FQ_BACKWARD(fq_backward_avx2, __attribute__((target("avx2"))))
+#endif
+
+constexpr int64_t kFqPiece = 1 << 14;  // elements per parallel piece (and per float64 partial sum)
+
+FakeQuant fake_quant_args(const torch::Tensor& x, const torch::Tensor& step, double lo, double hi,
+                          const torch::Tensor& table, const torch::Tensor& midpoints) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(), "x must be contiguous float32");
+  TORCH_CHECK(step.dtype() == torch::kFloat32 && step.is_contiguous() && step.numel() > 0, "step must be float32");
+  TORCH_CHECK(x.numel() % step.numel() == 0, "x must hold whole rows, one per step");
+  TORCH_CHECK(table.numel() == 0 || (table.dtype() == torch::kFloat32 && midpoints.dtype() == torch::kFloat32 &&
+                                     midpoints.numel() == table.numel() - 1 && table.is_contiguous() &&
+                                     midpoints.is_contiguous()),
+              "table must be float32 (n,) with its n - 1 float32 midpoints");
+  return FakeQuant{x.data_ptr<float>(),
+                   step.data_ptr<float>(),
+                   std::max<int64_t>(1, x.numel() / step.numel()),
+                   step.numel() != 1,
+                   static_cast<float>(lo),
+                   static_cast<float>(hi),
+                   table.numel() ? table.data_ptr<float>() : nullptr,
+                   table.numel() ? midpoints.data_ptr<float>() : nullptr,
+                   midpoints.numel()};
+}
+
+}  // namespace
+
+torch::Tensor fake_quant_forward(torch::Tensor x, torch::Tensor step, double lo, double hi, torch::Tensor table,
+                                 torch::Tensor midpoints) {
+  const FakeQuant q = fake_quant_args(x, step, lo, hi, table, midpoints);
+  auto y = torch::empty_like(x);
+  const std::string& path = available_paths().front();
+#if ASQPOST_X86
+  auto run = path == "avx512_vnni" ? fq_forward_avx512 : path == "avx2" ? fq_forward_avx2 : fq_forward_scalar;
+#else
+  auto run = fq_forward_scalar;
+#endif
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kFqPiece, [&](int64_t b, int64_t e) { run(q, yp, b, e); });
+  return y;
+}
+
+// Returns (grad_x, grad_step (R,) float32; empty unless step_grad).
+std::vector<torch::Tensor> fake_quant_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor step, double lo,
+                                               double hi, torch::Tensor table, torch::Tensor midpoints,
+                                               bool step_grad) {
+  const FakeQuant q = fake_quant_args(x, step, lo, hi, table, midpoints);
+  TORCH_CHECK(grad.dtype() == torch::kFloat32 && grad.is_contiguous() && grad.sizes() == x.sizes(),
+              "grad must be contiguous float32 shaped like x");
+  auto grad_x = torch::empty_like(x);
+  const std::string& path = available_paths().front();
+#if ASQPOST_X86
+  auto run = path == "avx512_vnni" ? fq_backward_avx512 : path == "avx2" ? fq_backward_avx2 : fq_backward_scalar;
+#else
+  auto run = fq_backward_scalar;
+#endif
+  const int64_t rows = q.per_row ? step.numel() : 1, row_len = q.per_row ? q.row_len : x.numel();
+  const int64_t pieces_per_row = std::max<int64_t>(1, (row_len + kFqPiece - 1) / kFqPiece);
+  std::vector<double> partial(rows * pieces_per_row, 0.0);
+  const float* gp = grad.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  at::parallel_for(0, rows * pieces_per_row, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t row = p / pieces_per_row, piece = p % pieces_per_row;
+      const int64_t b = row * row_len + piece * kFqPiece, e = std::min(row * row_len + row_len, b + kFqPiece);
+      if (b < e) partial[p] = run(q, gp, gxp, b, e, step_grad);
+    }
+  });
+  auto grad_step = torch::empty({step_grad ? step.numel() : 0}, torch::dtype(torch::kFloat32));
+  if (step_grad) {
+    float* sp = grad_step.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      double total = 0.0;
+      for (int64_t piece = 0; piece < pieces_per_row; ++piece) total += partial[r * pieces_per_row + piece];
+      sp[r] = static_cast<float>(total);
+    }
+  }
+  return {grad_x, grad_step};
+}
+
+// The gradient of the ASQ adapter's per-channel means of x and |x| over the positions of NCHW x, in one pass:
+//   grad_x = g_mean / HW + (g_abs / HW) * sign(x)
+// (torch's mean and abs backward, operation by operation: the same bits). x: float32 (N, C, H, W) contiguous;
+// g_mean, g_abs: float32 (N, C).
+namespace {
+#define ASQPOST_MEANS_BACKWARD(NAME, TARGET)                                                              \
+  TARGET void NAME(const float* x, float a, float b, float* grad, int64_t n) {                           \
+    for (int64_t i = 0; i < n; ++i) grad[i] = a + b * (x[i] > 0.0f ? 1.0f : (x[i] < 0.0f ? -1.0f : 0.0f)); \
+  }
+ASQPOST_MEANS_BACKWARD(means_backward_scalar, )
+#if ASQPOST_X86
+ASQPOST_MEANS_BACKWARD(means_backward_avx512, __attribute__((target("avx512f"))))
+ASQPOST_MEANS_BACKWARD(means_backward_avx2, __attribute__((target("avx2"))))
+#endif
+}  // namespace
+
+torch::Tensor plane_means_backward(torch::Tensor x, torch::Tensor g_mean, torch::Tensor g_abs) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(), "x must be contiguous float32 NCHW");
+  const int64_t planes = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
+  for (const torch::Tensor* g : {&g_mean, &g_abs})
+    TORCH_CHECK(g->dtype() == torch::kFloat32 && g->is_contiguous() && g->numel() == planes, "grads must be (N, C)");
+  auto grad = torch::empty_like(x);
+  const std::string& path = available_paths().front();
+#if ASQPOST_X86
+  auto run = path == "avx512_vnni" ? means_backward_avx512 : path == "avx2" ? means_backward_avx2 : means_backward_scalar;
+#else
+  auto run = means_backward_scalar;
+#endif
+  const float *xp = x.data_ptr<float>(), *gm = g_mean.data_ptr<float>(), *ga = g_abs.data_ptr<float>();
+  float* out = grad.data_ptr<float>();
+  const float count = static_cast<float>(hw);
+  at::parallel_for(0, planes, std::max<int64_t>(1, kFqPiece / std::max<int64_t>(1, hw)), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) run(xp + p * hw, gm[p] / count, ga[p] / count, out + p * hw, hw);
+  });
+  return grad;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;
   m.def("lut_linear", &lut_linear, "u8 x 4-bit LUT codes -> exact int32 even/odd accumulators", arg("x"),
@@ -966,6 +1160,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("codes"), arg("byte_levels"), arg("scale"), arg("ids"));
   m.def("hadamard_rows", &hadamard_rows, "the block Hadamard rotation of each row (fast Walsh-Hadamard, scaled)",
         arg("x"), arg("block"), arg("scale"));
+  m.def("fake_quant_forward", &fake_quant_forward, "fused fake quantization, forward", arg("x"), arg("step"),
+        arg("lo"), arg("hi"), arg("table"), arg("midpoints"));
+  m.def("fake_quant_backward", &fake_quant_backward, "fused fake quantization, backward: (grad_x, grad_step)",
+        arg("grad"), arg("x"), arg("step"), arg("lo"), arg("hi"), arg("table"), arg("midpoints"), arg("step_grad"));
+  m.def("plane_means_backward", &plane_means_backward, "the gradient of the per-channel means of x and |x| (NCHW)",
+        arg("x"), arg("g_mean"), arg("g_abs"));
   m.def("available_paths", &available_paths, "the kernel paths this CPU runs, fastest first");
   m.def("capability", &capability, "the fastest kernel path this CPU runs");
   m.def("threads", &threads, "the intra-op threads the kernel splits its work over (torch's setting)");
