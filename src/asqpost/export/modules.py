@@ -85,10 +85,6 @@ class PackedWeight(nn.Module):
             packed.scale.copy_(scale.float())
         return packed
 
-    @property
-    def code_count(self) -> int:
-        return math.prod(self.shape)
-
     def code_tensor(self) -> torch.Tensor:
         """Unpacked codes, int64, shaped like the weight, on the CPU (decoded on each call: kernels keep their own
         form in their plans)."""

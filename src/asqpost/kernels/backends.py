@@ -99,6 +99,7 @@ class Backend(abc.ABC):
 
 
 _REGISTRY: list[Backend] = []
+_GENERATION = [0]  # bumped by each registration: the layers' remembered routes are then stale
 
 
 def register_backend(backend: Backend, before: str | None = None) -> Backend:
@@ -110,6 +111,7 @@ def register_backend(backend: Backend, before: str | None = None) -> Backend:
     if before is not None and before not in names:
         raise ValueError(f"unknown kernel backend {before!r}; registered: {names}")
     _REGISTRY.insert(len(_REGISTRY) if before is None else names.index(before), backend)
+    _GENERATION[0] += 1
     return backend
 
 
@@ -147,10 +149,14 @@ class PlanCache:
         self._build_spec = build_spec
         self._spec: LayerSpec | None = None
         self._plans: dict[PlanKey, Any] = {}
+        # (selection, device, dtype) -> (backend, plan) that the selection reached first: one lookup per call
+        self._routes: dict[tuple[str, torch.device, torch.dtype], tuple[Backend, Any]] = {}
+        self._generation = _GENERATION[0]
 
     def clear(self) -> None:
         self._spec = None
         self._plans.clear()
+        self._routes.clear()
 
     @property
     def spec(self) -> LayerSpec:
@@ -181,6 +187,14 @@ class PlanCache:
     def run(self, x: torch.Tensor, step: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
         """The layer's output on the first backend that takes ``x`` and the layer."""
         kernel = current_kernel() if kernel is None else check_kernel(kernel)
+        if self._generation != _GENERATION[0]:
+            self._routes.clear()
+            self._generation = _GENERATION[0]
+        route = self._routes.get((kernel, x.device, x.dtype))
+        if route is not None:  # at batch 1 every Python step of a layer shows
+            y = route[0].run(route[1], x, step)
+            if y is not None:
+                return y
         device, dtype = x.device, x.dtype
         for backend in _REGISTRY:
             if kernel not in backend.modes or not backend.takes(device, dtype, kernel):
@@ -189,6 +203,7 @@ class PlanCache:
                 raise RuntimeError(why)
             plan = self.plan(backend, device, dtype)
             if not isinstance(plan, Ineligible):
+                self._routes.setdefault((kernel, device, dtype), (backend, plan))
                 y = backend.run(plan, x, step)
                 if y is not None:
                     return y
