@@ -55,6 +55,12 @@ def current_kernel() -> str:
     return _SELECTED[-1] if _SELECTED else DEFAULT_KERNEL
 
 
+def grouped_reason(spec: LayerSpec) -> str | None:
+    """Why a kernel that runs convolutions as one product per output pixel cannot take ``spec``: a grouped conv."""
+    groups = getattr(spec.geometry, "groups", 1)
+    return None if groups == 1 else f"grouped conv (groups={groups})"
+
+
 def integer_reason(spec: LayerSpec) -> str | None:
     """Why ``spec`` has no integer form (every integer backend's first rule), or ``None``."""
     if spec.input is None:

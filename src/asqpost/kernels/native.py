@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..packed import ConvGeometry, LayerSpec
 from . import extension
-from .backends import Backend, integer_reason
+from .backends import Backend, grouped_reason, integer_reason
 from .extension import available, capability
 from .reference import ReferencePlan, integer_accumulators, reference_plan
 
@@ -158,8 +158,8 @@ def ineligible_reason(spec: LayerSpec) -> str | None:
     w, inp, lut = spec.weight, spec.input, spec.lut
     if inp.qmax + inp.offset > 255:
         return f"activation codes [{inp.qmin}, {inp.qmax}] span more than 8 bits"
-    if isinstance(spec.geometry, ConvGeometry) and spec.geometry.groups != 1:
-        return f"grouped conv (groups={spec.geometry.groups})"
+    if why := grouped_reason(spec):
+        return why
     if w.bits > 4:  # direct int8 weights
         if lut.has_odd:
             return f"{w.bits}-bit weight codes with odd levels (two sums; single-sum mode stores one)"

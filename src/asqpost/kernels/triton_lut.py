@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..levels import SQRT1_2
 from ..packed import ConvGeometry, InputSpec, LayerSpec
-from .backends import Backend, integer_reason
+from .backends import Backend, grouped_reason, integer_reason
 
 BLOCK_K = 64  # the k chunk whose float32 sums the fp16 bound is stated for
 SPLIT_BASE = 1024  # w = SPLIT_BASE * hi + lo when the fp16 levels would be too large
@@ -93,8 +93,8 @@ def ineligible_reason(spec: LayerSpec) -> str | None:
     """Why the kernel cannot take this integer layer, or ``None``."""
     if spec.input.qmin > 0 or spec.input.qmax < 0:
         return "a zero input does not quantize to code 0"  # padding and masked k must add nothing
-    if isinstance(spec.geometry, ConvGeometry) and spec.geometry.groups != 1:
-        return f"grouped conv (groups={spec.geometry.groups})"
+    if why := grouped_reason(spec):
+        return why
     if _dot_form(spec, *_level_range(spec)) is None:
         return "no exact dot form for these activation and level ranges"
     return None
