@@ -109,9 +109,6 @@ class ReferenceBackend(Backend):
         acc = acc_even.double() if acc_odd is None else acc_even.double() + acc_odd.double() * SQRT1_2
         return combine(plan, acc, step).to(x.dtype)
 
-    def describe(self, plan: ReferencePlan, spec: LayerSpec) -> tuple[str, str]:
-        return self.name, ""
-
 
 @dataclass(frozen=True, eq=False)
 class FloatPlan:
