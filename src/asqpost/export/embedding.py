@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import current_kernel, extension
+from ..kernels import EmbeddingPlan, current_kernel, embedding_rows, extension
 from ..nn import QuantEmbedding
 from .modules import PackedWeight
 
@@ -161,6 +161,8 @@ class PackedEmbedding(nn.Module):
         return cache[dtype]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if current_kernel() == "onnx":
+            return self._onnx_rows(ids)
         out = self._native_rows(ids) if self.max_norm is None else None
         if out is not None:
             return out.reshape(*ids.shape, self.embedding_dim)
@@ -190,6 +192,15 @@ class PackedEmbedding(nn.Module):
             codes = self.weight.codes.view(self.num_embeddings, -1)
             self._native_lookup_args = (codes, levels.view(torch.float32).reshape(256, -1))
         return extension.embedding_rows(*self._native_lookup_args, self.weight.scale, ids)
+
+    def _onnx_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows in ONNX's standard operators (the ``onnx`` kernel selection, which ONNX export traces): the
+        same arithmetic as :meth:`rows`, so the same bits."""
+        if self.max_norm is not None:
+            raise ValueError("ONNX export of a PackedEmbedding with max_norm is not supported (its rows renormalise)")
+        weight = self.weight
+        codes = weight.code_tensor().to(torch.uint8)
+        return embedding_rows(ids, EmbeddingPlan(codes, weight.table.cpu().float(), weight.scale.cpu().float()))
 
     def dequantize(self) -> torch.Tensor:
         """The whole float table (for inspection; lookups never build it)."""

@@ -2,7 +2,8 @@
 order: ``triton`` (CUDA inputs, :mod:`~asqpost.kernels.triton_lut`), ``native`` (the C++ CPU kernel,
 :mod:`~asqpost.kernels.native`), ``torch sums`` (torch's exact sums, native rescale), ``reference`` (exact sums
 and float64 rescale in torch: the oracle, :mod:`~asqpost.kernels.reference`) and ``float`` (decoded weights, for
-layers without an integer form). Every backend reads a :class:`~asqpost.packed.LayerSpec` and nothing else.
+layers without an integer form); ``onnx`` (ONNX's standard operators, :mod:`~asqpost.kernels.onnx_graph`) runs
+only when selected. Every backend reads a :class:`~asqpost.packed.LayerSpec` and nothing else.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from .backends import (
     use_kernel,
 )
 from .native import NativeBackend, NativePlan, TorchSumsBackend
+from .onnx_graph import EmbeddingPlan, OnnxBackend, embedding_rows
 from .reference import FloatBackend, ReferenceBackend
 from .triton_lut import TritonBackend
 
-for _backend in (TritonBackend(), NativeBackend(), TorchSumsBackend(), ReferenceBackend(), FloatBackend()):
+_BACKENDS = (TritonBackend(), NativeBackend(), TorchSumsBackend(), ReferenceBackend(), FloatBackend(), OnnxBackend())
+for _backend in _BACKENDS:
     register_backend(_backend)
 
 
@@ -44,11 +47,13 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
 __all__ = [
     "KERNELS",
     "Backend",
+    "EmbeddingPlan",
     "Ineligible",
     "NativePlan",
     "PlanCache",
     "PlanKey",
     "current_kernel",
+    "embedding_rows",
     "get_backend",
     "list_backends",
     "register_backend",

@@ -7,7 +7,8 @@ activation step (:meth:`Backend.run`; ``None`` hands that one input to the next 
 layer's :class:`PlanCache` tries the registered backends in order and runs the first that takes the input and
 the layer.
 
-The kernel selection (``auto``, ``native``, ``triton`` or ``reference``) says which backends are tried: an
+The kernel selection (``auto``, ``native``, ``triton``, ``reference`` or ``onnx``: ONNX's standard operators, the
+form ONNX export traces) says which backends are tried: an
 explicit ``kernel=`` argument, else the innermost :func:`use_kernel` block, else ``ASQPOST_KERNEL`` as read
 when :mod:`asqpost.kernels` is imported (default ``auto``). Naming ``native`` or ``triton`` makes a layer with an
 integer form fail where that kernel cannot run, instead of falling back.
@@ -26,7 +27,7 @@ import torch
 
 from ..packed import LayerSpec
 
-KERNELS = ("auto", "native", "triton", "reference")
+KERNELS = ("auto", "native", "triton", "reference", "onnx")
 
 
 def check_kernel(name: str, source: str = "kernel") -> str:
