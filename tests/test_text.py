@@ -370,3 +370,28 @@ def test_rotated_w4a4_run_trains_exports_and_runs_the_same(tmp_path, st_dir, for
         expected, got = fake(**inputs), load_packed(export)(**inputs)
     cosine = torch.nn.functional.cosine_similarity(got, expected)
     assert cosine.min() > 0.999, cosine
+
+
+def test_cli_exports_the_encoder_to_onnx_and_runs_it(tmp_path, st_dir, fortune_dir, capsys):
+    pytest.importorskip("onnxruntime")
+    from asqpost.export import OnnxRuntimeModel
+
+    run = tmp_path / "run"
+    fit(_distill_config(st_dir, fortune_dir, epochs=1), run)
+    for name in ("model.onnx", "model.safetensors"):
+        assert main(["export", str(run / "checkpoint.pt"), str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    inputs = load_tokenizer(st_dir)(_sentences(), padding=True, return_tensors="pt")
+    onnx_model = OnnxRuntimeModel(tmp_path / "model.onnx")
+    assert list(onnx_model.inputs) == ["input_ids", "token_type_ids", "attention_mask"]
+    with torch.no_grad():
+        expected = load_packed(tmp_path / "model.safetensors")(**inputs)
+    cosine = torch.nn.functional.cosine_similarity(onnx_model(**inputs), expected)
+    assert cosine.min() >= 0.9999, cosine
+    data = ["--data", "fortunes", "--data-root", str(fortune_dir), "--subset", "10", "--json"]
+    results = []
+    for name in ("model.onnx", "model.safetensors"):
+        assert main(["run", str(tmp_path / name), *data]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["samples"] == results[1]["samples"] == 10
+    assert results[0]["cos_mean"] == pytest.approx(results[1]["cos_mean"], abs=1e-4)

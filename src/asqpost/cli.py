@@ -207,23 +207,55 @@ def _check_reusable(run_dir: Path, config: RunConfig) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import convert_to_packed, save_packed
+    from .export import convert_to_packed, save_packed, to_onnx
     from .train.checkpoint import build_from_checkpoint, load_checkpoint
 
+    fmt = _export_format(args.out, args.format)
     payload = load_checkpoint(args.checkpoint)
     if payload["qat"] is None:
         raise ValueError(f"{args.checkpoint} is a float checkpoint; export a QAT checkpoint (asqpost train with quant)")
     packed = convert_to_packed(build_from_checkpoint(payload), single_sum=args.single_sum)
-    size = save_packed(packed, args.out, payload["model"], payload.get("normalizer"))
+    spec, normalizer = payload["model"], payload.get("normalizer")
+    if fmt == "onnx":
+        info = to_onnx(packed, args.out, _example_inputs(spec), model_spec=spec, normalizer=normalizer)
+        size = info.size_bytes
+        layers = f"{info.integer_layers} layers on integers, {info.float_layers} on float weights"
+        print(f"{args.out}: ONNX, inputs {', '.join(info.inputs)}; {layers}")
+    else:
+        size = save_packed(packed, args.out, spec, normalizer)
     ckpt_size = Path(args.checkpoint).stat().st_size
     print(f"{args.out}: {size / 1024:.1f} KiB ({ckpt_size / size:.1f}x smaller than the checkpoint)")
     return 0
+
+
+def _export_format(out: str, fmt: str | None) -> str:
+    """``--format``, else the output's extension: ``.onnx`` is ONNX, anything else safetensors."""
+    if fmt is not None:
+        return fmt
+    return "onnx" if Path(out).suffix.lower() == ".onnx" else "safetensors"
+
+
+def _example_inputs(spec: dict | None) -> Any:
+    """What the ONNX trace feeds the model: a padded pair of tokenized sentences for a text model, two random
+    images of the dataset's shape otherwise."""
+    import torch
+
+    from .text import is_text_spec, load_tokenizer
+
+    if is_text_spec(spec):
+        texts = ["An example sentence.", "A second, longer example sentence."]
+        return dict(load_tokenizer(spec)(texts, padding=True, return_tensors="pt"))
+    if not spec or "input_shape" not in spec:
+        raise ValueError("the checkpoint records no input shape; export it from Python with asqpost.export.to_onnx")
+    return torch.randn(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .export import format_kernel_report
     from .train.evaluation import evaluate_export
 
+    if args.kernels and Path(args.export).suffix.lower() == ".onnx":
+        raise ValueError("--kernels reports a safetensors export's packed layers; an ONNX file runs in ONNX Runtime")
     report = _kernel_report(args.export, args.device) if args.kernels else None
     if report is not None and not args.json:
         print(format_kernel_report(report) + "\n")
@@ -326,9 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="pack a QAT checkpoint: b-bit codes + LUT + scales (safetensors + JSON)")
+    p = sub.add_parser(
+        "export", help="pack a QAT checkpoint: b-bit codes + LUT + scales (safetensors + JSON), or an ONNX graph"
+    )
     p.add_argument("checkpoint")
-    p.add_argument("out", help="output file (.safetensors)")
+    p.add_argument("out", help="output file: .safetensors, or .onnx (integer ONNX graph for ONNX Runtime)")
+    p.add_argument(
+        "--format", choices=["safetensors", "onnx"], help="the output format (default: from the file's extension)"
+    )
     p.add_argument(
         "--single-sum",
         action="store_true",
@@ -337,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="evaluate an exported (packed) model on a dataset split")
+    p = sub.add_parser("run", help="evaluate an exported model on a dataset split (a .onnx file runs in ONNX Runtime)")
     p.add_argument("export")
     _add_eval_args(p)
     p.add_argument(

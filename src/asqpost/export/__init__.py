@@ -17,11 +17,15 @@ from .modules import (
     link_inputs,
     log_kernel_plan,
 )
+from .onnx import OnnxExport, read_onnx_metadata, to_onnx
+from .onnx_runtime import OnnxRuntimeModel
 
 __all__ = [
     "ExportError",
     "IntegerLUT",
     "LayerKernel",
+    "OnnxExport",
+    "OnnxRuntimeModel",
     "PackedConv2d",
     "PackedEmbedding",
     "PackedInput",
@@ -40,7 +44,9 @@ __all__ = [
     "pack_codes",
     "packed_nbytes",
     "read_export",
+    "read_onnx_metadata",
     "read_packed",
     "save_packed",
+    "to_onnx",
     "unpack_codes",
 ]

@@ -4,6 +4,7 @@ to the float teacher), and the accuracy of a checkpoint or an exported (packed) 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ..beta_report import DEFAULT_GAINS, BetaReport, beta_report, gained_inputs,
 from ..data import Normalizer, TensorBatches, TextBatches, TextSet, load_dataset
 from ..devices import resolve_device
 from ..export import read_packed
+from ..export.onnx_runtime import OnnxRuntimeModel
 from ..runconfig import RunConfig
 from ..size import model_size_bytes
 from ..text import is_hf_model_spec, is_text_spec, load_tokenizer, pretrained_encoder
@@ -101,7 +103,7 @@ def evaluate_text_model(
     dataset = load_dataset(data, split, data_root).subset(subset, seed=0)
     if not isinstance(dataset, TextSet):
         raise ValueError(f"a text model is evaluated on text data; {data!r} is an image dataset")
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     teacher = pretrained_encoder(spec).to(device)
     batches = TextBatches(dataset, load_tokenizer(spec), batch_size, max_length)
     stats = evaluate_agreement(model, teacher, batches, device)
@@ -119,9 +121,9 @@ def evaluate_export(
     subset: int | None = None,
 ) -> Accuracy | Agreement:
     """Accuracy of an exported (packed) model, computed from its packed form (text models: cosine to the float
-    model, :func:`evaluate_text_model`); ``subset``: a fixed random subset of that many samples."""
-    model, meta = read_packed(path)
-    model = model.to(resolve_device(device))
+    model, :func:`evaluate_text_model`); ``subset``: a fixed random subset of that many samples. A ``.onnx``
+    file runs in ONNX Runtime on the CPU (:class:`~asqpost.export.onnx_runtime.OnnxRuntimeModel`)."""
+    model, meta = _read_model(path, device)
     spec = meta.get("model")
     if is_text_spec(spec):
         _no_shift_for_text(shift)
@@ -132,6 +134,17 @@ def evaluate_export(
     return _evaluate_model(
         model, spec["input_shape"], meta.get("normalizer"), data, data_root, split, shift, batch_size, path, subset
     )
+
+
+def _read_model(path: str | Path, device: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The exported model and its metadata: a safetensors export on ``device``, an ONNX file in ONNX Runtime."""
+    if Path(path).suffix.lower() != ".onnx":
+        model, meta = read_packed(path)
+        return model.to(resolve_device(device)), meta
+    if resolve_device(device).type != "cpu":
+        raise ValueError(f"{path} runs in ONNX Runtime on the CPU; pass --device cpu (or auto)")
+    model = OnnxRuntimeModel(path)
+    return model, model.meta
 
 
 def evaluate_checkpoint(
