@@ -1,15 +1,13 @@
 """ONNX export: the integer graph that ONNX Runtime runs, against asqpost's packed model.
 
-Exactness: ONNX Runtime's uint8 x int8 ``MatMulInteger`` / ``ConvInteger`` sum exactly in int32 on CPUs with
-VNNI or AMX (and off x86); on x86 without them its ``vpmaddubsw`` path saturates pair sums at int16, which wide
-activations times 8-bit weights can reach. The layer tests use 4-bit weights (pair sums far below the limit); the
-8-bit first and last layers of the end-to-end models are compared exactly only where the sums are exact.
+The layer tests use 4-bit weights and activations (integer sums exact on every CPU); the 8-bit first and last
+layers of the end-to-end models are compared to float rounding only where ONNX Runtime's sums are exact
+(:func:`onnx_support.exact_u8s8`).
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +24,14 @@ from asqpost.export import (
     to_onnx,
 )
 from asqpost.kernels import onnx_graph, use_kernel
+from onnx_support import exact_u8s8
 from tiny_bert import VOCAB, tiny_bert_config
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 
-def _exact_u8s8() -> bool:
-    """Whether ONNX Runtime's u8 x s8 integer products are exact on this CPU (module docstring)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-EXACT = _exact_u8s8()
+EXACT = exact_u8s8()  # else the 8-bit first and last layers are compared by prediction only
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -173,13 +163,16 @@ def test_resnet20_predicts_the_same_classes_in_onnxruntime(recipe, tmp_path):
         torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
 
 
-def _encoder(recipe: str):
+def _encoder(recipe: str, **fields):
     transformers = pytest.importorskip("transformers")
     from asqpost.text import SentenceEncoder
 
     torch.manual_seed(0)
     bert = transformers.BertModel(tiny_bert_config(transformers), add_pooling_layer=False).eval()
-    q = prepare_qat(SentenceEncoder(bert, normalize=True), QATConfig.recipe(recipe, 4, embeddings=4)).eval()
+    if not EXACT:  # 4-bit first and last layers too: sums exact on every CPU
+        fields = {"first": None, "last": None, **fields}
+    config = QATConfig.recipe(recipe, 4, embeddings=4, **fields)
+    q = prepare_qat(SentenceEncoder(bert, normalize=True), config).eval()
     calibrate(q, [_tokens(4, 9, seed=1)])
     return convert_to_packed(q)
 
@@ -216,6 +209,19 @@ def test_tiny_bert_runs_at_any_batch_and_length_with_its_mask(recipe, padded_exa
         "token_type_embeddings": (2, 32),
     }
     assert all(t.data_type == onnx.TensorProto.UINT4 for t in codes.values())  # 4-bit rows, two per byte
+
+
+@pytest.mark.parametrize("act", [{"rotate": 32}, {"smooth": 0.5, "per_token": True}])
+def test_rotated_smoothed_and_per_token_inputs_export(act, tmp_path):
+    """Hadamard rotations and SmoothQuant factors are folded into the graph as in the packed layer; per-token
+    ASQ steps are computed per row of the sequence."""
+    packed = _encoder("post-asq", act_bits=4, act=act)
+    to_onnx(packed, tmp_path / "m.onnx", _tokens(2, 6, seed=3))
+    tokens = _tokens(3, 13, seed=4)
+    with torch.no_grad():
+        expected = packed(**tokens)
+    got = OnnxRuntimeModel(tmp_path / "m.onnx")(**tokens)
+    assert torch.nn.functional.cosine_similarity(got, expected).min() >= 0.9999
 
 
 def test_what_the_graph_cannot_express_is_refused_by_name(tmp_path):
