@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpp import extension
-from .masking import mask_for, token_count, token_mean
+from .masking import mask_for, token_count, token_mean, token_sum
 
 POSITIVE_MAPS = ("softplus", "exp", "relu")
 ADAPTER_FORMS = ("paper", "scale")
@@ -152,8 +152,10 @@ class StepAdapter(nn.Module):
         if self.per_token or x.dim() != 3:
             return self.statistics(x), self.input_scale(x)
         mask = mask_for(x)
+        count = token_count(x, mask, x.dtype)
+        if torch.onnx.is_in_onnx_export():  # the masked sums as ONNX Runtime runs them fast
+            return token_sum(x, mask) / count, self._scale_of(token_sum(x.abs(), mask) / count)
         kept = x if mask is None else torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
-        count = token_count(x, mask, kept.dtype)
         means = kept.sum(dim=1) / count
         # in place where autograd needs no copy and kept is not x itself
         kept = kept.abs_() if mask is not None and not kept.requires_grad else kept.abs()

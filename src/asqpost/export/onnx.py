@@ -1,14 +1,14 @@
 """ONNX export: a packed model as a standard ONNX graph that ONNX Runtime runs on integers.
 
 :func:`to_onnx` traces the model under the ``onnx`` kernel selection (:mod:`asqpost.kernels.onnx_graph`): each
-packed layer with an integer form becomes activation codes (``Div``, ``Round``, ``Clip``, ``Cast`` to uint8 with
-the zero point ``-qmin`` for a signed range), its b-bit weight codes behind ``Gather`` of the int8 level table,
-``MatMulInteger`` / ``ConvInteger`` (two of them, on the even and odd tables, for POST's exact grid) and the
-float rescale and bias; the ASQ step is computed in the graph by the adapter's own ops (masked ``ReduceSum`` /
-``ReduceMean``, ``Gemm``, ``Relu``, ``Softplus``, ``Pow``); SmoothQuant and rotations are folded as in the packed
-layer; packed embeddings gather their rows from the codes. Weight codes are stored as ``uint4`` (two per byte),
-so a 4-bit file is half an int8 one; ONNX Runtime folds each ``Gather`` into an int8 weight when it loads the
-model.
+packed layer with an integer form becomes activation codes (``QuantizeLinear`` to uint8 with the zero point
+``-qmin`` for a signed range, a ``Clip`` for a range narrower than uint8's), its b-bit weight codes behind
+``Gather`` of the int8 level table, ``MatMulInteger`` / ``ConvInteger`` (two of them, on the even and odd tables,
+for POST's exact grid) and the float rescale and bias; the ASQ step is computed in the graph by the adapter's own
+ops (the masked token sum as a ``MatMul``, ``ReduceMean``, ``Gemm``, ``Relu``, ``Softplus``, ``Pow``); SmoothQuant
+and rotations are folded as in the packed layer; packed embeddings gather their rows from the codes. Weight codes
+are stored as ``uint4`` (two per byte), so a 4-bit file is half an int8 one; ONNX Runtime folds each ``Gather``
+into an int8 weight when it loads the model.
 
 The file carries asqpost's metadata (key ``asqpost`` of ``metadata_props``, JSON)::
 

@@ -3,7 +3,7 @@
 In torch it computes what the reference computes (exact integer sums, then the rescale in float32); traced by
 ``torch.onnx.export`` it becomes, per layer with an integer form::
 
-    x_u8 = Cast<uint8>(Clip(Round(x / s_a), qmin, qmax) + offset)       # offset = -qmin for a signed range
+    x_u8 = QuantizeLinear(x, s_a, offset) [-> Clip]                     # offset = -qmin for a signed range
     w_i8 = Gather(table_i8, Cast<int64>(codes))                         # codes: b-bit, table: the integer levels
     acc  = MatMulInteger(x_u8, w_i8, offset)   or   ConvInteger(...)    # exact int32 sums
     y    = Cast<float>(acc) * (scale * unit) * s_a + bias
@@ -156,11 +156,64 @@ def _scale_shape(plan: OnnxPlan, scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, 1, 1, 1) if isinstance(plan.geometry, ConvGeometry) else scale
 
 
+class _ActivationCodes(torch.autograd.Function):
+    """``clamp(round(x / step), qmin, qmax) + offset`` as uint8; ONNX: one ``QuantizeLinear`` (zero point
+    ``offset``; the step per tensor, or per sample / token along a flattened leading axis), then a ``Clip`` for
+    ranges narrower than uint8's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, spec: InputSpec) -> torch.Tensor:  # type: ignore[override]
+        return (spec.quantize(x, step) + spec.offset).to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, step: Any, spec: InputSpec) -> Any:
+        zero_point = _constant(g, torch.tensor(spec.offset, dtype=torch.uint8))
+        if _rank(step) == 0:
+            codes = g.op("QuantizeLinear", x, step, zero_point)
+        else:
+            codes = _per_row_codes(g, x, step, zero_point)
+        low, high = spec.qmin + spec.offset, spec.qmax + spec.offset
+        if (low, high) == (0, UINT8_MAX):
+            return codes
+        bounds = [_constant(g, torch.tensor(v, dtype=torch.uint8)) for v in (low, high)]
+        return g.op("Clip", codes, *bounds)
+
+
+def _rank(value: Any) -> int:
+    rank = value.type().dim()
+    if rank is None:
+        raise ValueError("ONNX export needs the rank of every activation step")
+    return rank
+
+
+def _per_row_codes(g: Any, x: Any, step: Any, zero_point: Any) -> Any:
+    """``QuantizeLinear`` with a step per sample (``(N, 1, ...)``) or per token (``(N, T, 1)``): ``x`` as rows
+    ``(-1, C)`` for a 3-D input (the step expanded to one per row), per axis 0 otherwise."""
+    if _rank(x) == 3:
+        shape = g.op("Shape", x)
+        rows_shape = g.op("Concat", g.op("Slice", shape, *_ints(g, [0], [2])), _ints(g, [1])[0], axis_i=0)
+        step = g.op("Expand", step, rows_shape)
+        channels = g.op("Slice", shape, *_ints(g, [2], [3]))
+        x_rows = g.op("Reshape", x, g.op("Concat", *_ints(g, [-1]), channels, axis_i=0))
+    else:
+        shape, x_rows = None, x
+    step = g.op("Reshape", step, _ints(g, [-1])[0])
+    zero_points = g.op("Expand", zero_point, g.op("Shape", step))
+    codes = g.op("QuantizeLinear", x_rows, step, zero_points, axis_i=0)
+    return codes if shape is None else g.op("Reshape", codes, shape)
+
+
+def _ints(g: Any, *values: list[int]) -> list[Any]:
+    return [_constant(g, torch.tensor(v, dtype=torch.int64)) for v in values]
+
+
 def run_onnx_plan(plan: OnnxPlan, x: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
     if plan.even is not None:
-        x_u8 = (plan.input.quantize(x, step) + plan.input.offset).to(torch.uint8)
-        acc = _IntegerSum.apply(x_u8, plan).to(x.dtype)
+        x_u8 = _ActivationCodes.apply(x, step, plan.input)
+        acc = _IntegerSum.apply(x_u8, plan)
         shape = plan.geometry.channel_shape(acc)
+        # the native kernels' order; never Mul(Cast(acc), Mul(..)): ONNX Runtime would fuse that into a
+        # MatMulIntegerToFloat that reads a per-sample step as a scalar one
         y = acc * plan.scale.to(x.dtype).reshape(shape) * step
         return y if plan.bias is None else y + plan.bias.to(x.dtype).reshape(shape)
     if plan.input is not None:
