@@ -8,6 +8,7 @@ layers of the end-to-end models are compared to float rounding only where ONNX R
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,28 @@ def test_tiny_bert_runs_at_any_batch_and_length_with_its_mask(recipe, padded_exa
         "token_type_embeddings": (2, 32),
     }
     assert all(t.data_type == onnx.TensorProto.UINT4 for t in codes.values())  # 4-bit rows, two per byte
+
+
+def test_constants_are_stored_once_and_linked_layers_share_their_codes(tmp_path):
+    """Equal constants are stored once and intermediate values get short names, so ONNX Runtime's
+    common-subexpression pass computes the codes of Q, K and V (one linked quantizer) once per block."""
+    packed = _encoder("post-asq")
+    path = tmp_path / "bert.onnx"
+    to_onnx(packed, path, _tokens(2, 5, seed=2))
+    graph = onnx.load(str(path)).graph
+    tensors = [n.attribute[0].t for n in graph.node if n.op_type == "Constant"] + list(graph.initializer)
+    contents = [(t.data_type, tuple(t.dims), t.raw_data or onnx.numpy_helper.to_array(t).tobytes()) for t in tensors]
+    assert len(set(contents)) == len(contents)
+    io = {v.name for v in [*graph.input, *graph.output]}
+    assert all(re.fullmatch(r"v\d+", o) for n in graph.node for o in n.output if o not in io)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    ops = [n.op_type for n in optimized.node]
+    blocks = 2  # per block: one code tensor for Q / K / V, one each for the attention output and the two FFN layers
+    assert ops.count("QuantizeLinear") == 4 * blocks and ops.count("MatMulInteger") == 2 * 6 * blocks
 
 
 @pytest.mark.parametrize("act", [{"rotate": 32}, {"smooth": 0.5, "per_token": True}])

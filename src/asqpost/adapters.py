@@ -153,8 +153,10 @@ class StepAdapter(nn.Module):
             return self.statistics(x), self.input_scale(x)
         mask = mask_for(x)
         count = token_count(x, mask, x.dtype)
-        if torch.onnx.is_in_onnx_export():  # the masked sums as ONNX Runtime runs them fast
-            return token_sum(x, mask) / count, self._scale_of(token_sum(x.abs(), mask) / count)
+        if torch.onnx.is_in_onnx_export():  # (N, 1, C) masked sums as ONNX Runtime runs them fast: fewer graph nodes
+            count = count.unsqueeze(-1)
+            sums, abs_sums = token_sum(x, mask, keepdim=True), token_sum(x.abs(), mask, keepdim=True)
+            return sums / count, self._scale_of(abs_sums / count)
         kept = x if mask is None else torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
         means = kept.sum(dim=1) / count
         # in place where autograd needs no copy and kept is not x itself
@@ -196,7 +198,7 @@ class StepAdapter(nn.Module):
         beta = _positive(z, self.positive)  # (N, 1) or (N, T, 1)
         if self.form == "scale":
             beta = torch.pow(r / self.r_ref, self.gamma) * beta
-        return beta.reshape(beta.shape + (1,) * (x.dim() - beta.dim()))
+        return beta if beta.dim() == x.dim() else beta.reshape(beta.shape + (1,) * (x.dim() - beta.dim()))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, positive={self.positive}, per_token={self.per_token}, form={self.form}"

@@ -111,15 +111,17 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
     return token_sum(x, mask) / token_count(x, mask, x.dtype)
 
 
-def token_sum(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def token_sum(x: torch.Tensor, mask: torch.Tensor | None, keepdim: bool = False) -> torch.Tensor:
     """``(N, C)`` sum of ``(N, T, C)`` ``x`` over its real tokens (``mask``, or all of them): ``where(mask, x, 0)``
-    summed over ``T``. Traced for ONNX it is the batched product ``mask (N, 1, T) @ x``, one pass that ONNX Runtime
-    runs far faster than a masked ``ReduceSum`` (the same sum to float rounding)."""
+    summed over ``T``; ``(N, 1, C)`` with ``keepdim``. Traced for ONNX it is the batched product
+    ``mask (N, 1, T) @ x``, one pass that ONNX Runtime runs far faster than a masked ``ReduceSum`` (the same sum to
+    float rounding)."""
     if mask is None:
-        return x.sum(dim=1)
+        return x.sum(dim=1, keepdim=keepdim)
     if torch.onnx.is_in_onnx_export():
-        return torch.matmul(mask.to(x.dtype).unsqueeze(1), x).squeeze(1)
-    return torch.where(mask.unsqueeze(-1), x, x.new_zeros(())).sum(dim=1)
+        sums = torch.matmul(mask.to(x.dtype).unsqueeze(1), x)
+        return sums if keepdim else sums.squeeze(1)
+    return torch.where(mask.unsqueeze(-1), x, x.new_zeros(())).sum(dim=1, keepdim=keepdim)
 
 
 def token_count(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -199,6 +199,8 @@ def to_onnx(
         packed.train(was_training)
     proto = onnx.load_from_string(graph)
     _codes_as_uint4(onnx, proto)
+    _share_constants(onnx, proto)
+    _short_value_names(proto, set(names) | set(outputs))
     meta = {
         "format": ONNX_FORMAT,
         "version": ONNX_VERSION,
@@ -227,10 +229,13 @@ def _flat(out: Any) -> tuple[torch.Tensor, ...]:
 
 def _addcdiv(g: Any, self: Any, tensor1: Any, tensor2: Any, value: Any) -> Any:
     """``aten::addcdiv`` (the scale-form ASQ adapter's first layer) as ``self + value * (tensor1 / tensor2)``:
-    torch's arithmetic, so with ``value = 1`` the same bits."""
+    torch's arithmetic (no ``Mul`` for ``value = 1``), so the same bits."""
+    from torch.onnx import symbolic_helper
+
     quotient = g.op("Div", tensor1, tensor2)
-    scaled = g.op("Mul", quotient, g.op("Cast", value, to_i=onnx_module().TensorProto.FLOAT))
-    return g.op("Add", self, scaled)
+    if symbolic_helper._maybe_get_const(value, "f") != 1:
+        quotient = g.op("Mul", quotient, g.op("Cast", value, to_i=onnx_module().TensorProto.FLOAT))
+    return g.op("Add", self, quotient)
 
 
 def _trace(wrapper: nn.Module, tensors: tuple, names: tuple, outputs: tuple, axes: dict) -> bytes:
@@ -278,6 +283,66 @@ def _codes_as_uint4(onnx: Any, proto: Any) -> None:
         packed = (pairs[0::2] | (pairs[1::2] << 4)).astype("uint8").tobytes()
         dims = list(attribute.t.dims)
         attribute.t.CopyFrom(onnx.helper.make_tensor(attribute.t.name, onnx.TensorProto.UINT4, dims, packed, raw=True))
+
+
+def _share_constants(onnx: Any, proto: Any) -> None:
+    """One copy of each constant value: consumers of an equal ``Constant`` or initializer read the first one, so
+    ONNX Runtime's common-subexpression pass merges what layers compute alike (a shared quantizer's step and
+    codes for Q / K / V), and the file holds each value once."""
+    graph = proto.graph
+    canonical: dict[bytes, str] = {}
+    alias: dict[str, str] = {}
+
+    def seen(name: str, tensor: Any) -> bool:
+        key = _value_key(onnx, tensor)
+        if key in canonical:
+            alias[name] = canonical[key]
+            return True
+        canonical[key] = name
+        return False
+
+    kept = [t for t in graph.initializer if not seen(t.name, t)]
+    nodes = [n for n in graph.node if not (_is_constant(n) and seen(n.output[0], n.attribute[0].t))]
+    if not alias:
+        return
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    for output in graph.output:
+        if output.name in alias:
+            raise ExportError(f"graph output {output.name!r} is a constant")
+
+
+def _is_constant(node: Any) -> bool:
+    return node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"
+
+
+def _value_key(onnx: Any, tensor: Any) -> bytes:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = ""
+    return copy.SerializeToString(deterministic=True)
+
+
+def _short_value_names(proto: Any, kept: set[str]) -> None:
+    """Name every intermediate value ``v<i>`` (the tracer's names repeat the module path at every use: 5% of a
+    4-bit MiniLM file); graph inputs, outputs and initializers keep theirs, nodes keep their module-path names."""
+    graph = proto.graph
+    if any(a.g.ByteSize() or len(a.graphs) for node in graph.node for a in node.attribute):
+        return  # a subgraph may read outer values by name
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in kept:
+                renamed[name] = node.output[i] = f"v{len(renamed)}"
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
 
 
 def graph_digest(proto: Any) -> str:

@@ -157,9 +157,11 @@ def _scale_shape(plan: OnnxPlan, scale: torch.Tensor) -> torch.Tensor:
 
 
 class _ActivationCodes(torch.autograd.Function):
-    """``clamp(round(x / step), qmin, qmax) + offset`` as uint8; ONNX: one ``QuantizeLinear`` (zero point
-    ``offset``; the step per tensor, or per sample / token along a flattened leading axis), then a ``Clip`` for
-    ranges narrower than uint8's."""
+    """``clamp(round(x / step), qmin, qmax) + offset`` as uint8; ONNX: ``QuantizeLinear`` (zero point ``offset``) of
+    ``x`` by a per-tensor step, or of ``Div(x, step)`` by a unit scale for a step per sample or per token (the same
+    quotient, rounded half to even as torch rounds), then a ``Clip`` for ranges narrower than uint8's. The ``Div``
+    form has the same inputs for every layer that shares a quantizer (linked Q / K / V), so ONNX Runtime computes
+    their codes once."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, step: torch.Tensor, spec: InputSpec) -> torch.Tensor:  # type: ignore[override]
@@ -171,7 +173,8 @@ class _ActivationCodes(torch.autograd.Function):
         if _rank(step) == 0:
             codes = g.op("QuantizeLinear", x, step, zero_point)
         else:
-            codes = _per_row_codes(g, x, step, zero_point)
+            unit = _constant(g, torch.tensor(1.0, dtype=torch.float32))
+            codes = g.op("QuantizeLinear", g.op("Div", x, step), unit, zero_point)
         low, high = spec.qmin + spec.offset, spec.qmax + spec.offset
         if (low, high) == (0, UINT8_MAX):
             return codes
@@ -184,27 +187,6 @@ def _rank(value: Any) -> int:
     if rank is None:
         raise ValueError("ONNX export needs the rank of every activation step")
     return rank
-
-
-def _per_row_codes(g: Any, x: Any, step: Any, zero_point: Any) -> Any:
-    """``QuantizeLinear`` with a step per sample (``(N, 1, ...)``) or per token (``(N, T, 1)``): ``x`` as rows
-    ``(-1, C)`` for a 3-D input (the step expanded to one per row), per axis 0 otherwise."""
-    if _rank(x) == 3:
-        shape = g.op("Shape", x)
-        rows_shape = g.op("Concat", g.op("Slice", shape, *_ints(g, [0], [2])), _ints(g, [1])[0], axis_i=0)
-        step = g.op("Expand", step, rows_shape)
-        channels = g.op("Slice", shape, *_ints(g, [2], [3]))
-        x_rows = g.op("Reshape", x, g.op("Concat", *_ints(g, [-1]), channels, axis_i=0))
-    else:
-        shape, x_rows = None, x
-    step = g.op("Reshape", step, _ints(g, [-1])[0])
-    zero_points = g.op("Expand", zero_point, g.op("Shape", step))
-    codes = g.op("QuantizeLinear", x_rows, step, zero_points, axis_i=0)
-    return codes if shape is None else g.op("Reshape", codes, shape)
-
-
-def _ints(g: Any, *values: list[int]) -> list[Any]:
-    return [_constant(g, torch.tensor(v, dtype=torch.int64)) for v in values]
 
 
 def run_onnx_plan(plan: OnnxPlan, x: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
