@@ -18,7 +18,7 @@ from .modules import (
     log_kernel_plan,
 )
 from .onnx import OnnxExport, read_onnx_metadata, to_onnx
-from .onnx_runtime import OnnxRuntimeModel
+from .onnx_runtime import OnnxRuntimeModel, session_options, u8s8_saturates
 
 __all__ = [
     "ExportError",
@@ -47,6 +47,8 @@ __all__ = [
     "read_onnx_metadata",
     "read_packed",
     "save_packed",
+    "session_options",
     "to_onnx",
+    "u8s8_saturates",
     "unpack_codes",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +31,51 @@ def onnxruntime_module() -> Any:
     return onnxruntime
 
 
+# ONNX Runtime's session entry that multiplies uint8 x int8 exactly on x86 CPUs without VNNI (it re-encodes the
+# weights as uint8 where they leave [-64, 63]; kOrtSessionOptionsAvx2PrecisionMode)
+EXACT_U8S8_KEY = "session.x64quantprecision"
+
+
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's fast uint8 x int8 products can saturate on this CPU: x86 without AVX-512 VNNI,
+    AVX-VNNI or AMX, where its kernels add pairs of products in 16 bits (``vpmaddubsw``): 255 x 127 x 2 exceeds
+    32767. Elsewhere (VNNI, AMX, ARM) the sums are exact int32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def session_options(threads: int | None = None) -> Any:
+    """ONNX Runtime CPU session options for an asqpost file: ``threads`` intra-op threads (``None``: its default),
+    and exact integer products where :func:`u8s8_saturates` (ONNX Runtime's ``session.x64quantprecision``; an
+    8-bit layer would otherwise sum wrongly there)."""
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+    if u8s8_saturates():
+        options.add_session_config_entry(EXACT_U8S8_KEY, "1")
+    return options
+
+
 class OnnxRuntimeModel(nn.Module):
     """An ONNX export (:func:`~asqpost.export.to_onnx`) in an ONNX Runtime CPU session: ``model(x)`` or
     ``model(input_ids=..., attention_mask=...)`` with torch tensors, returning torch tensors (one output: the
     tensor; several: a tuple). The file's metadata and checksum are verified on load (:class:`ExportError`).
 
-    ``threads``: ONNX Runtime's intra-op threads (``None``: its default, every core). ``meta`` is the file's
-    asqpost metadata (model spec, normaliser, input and output names)."""
+    ``threads``: ONNX Runtime's intra-op threads (``None``: its default, every core). The session multiplies
+    exactly on every CPU (:func:`session_options`). ``meta`` is the file's asqpost metadata (model spec,
+    normaliser, input and output names)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__()
         ort = onnxruntime_module()
+        options = session_options(threads)
         self.meta, raw = read_onnx_metadata(path)
-        options = ort.SessionOptions()
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's own exception types (Fail, InvalidGraph...)
