@@ -13,7 +13,7 @@ from asqpost.export import convert_to_packed
 from asqpost.kernels import Backend, backends, extension, get_backend
 from asqpost.models import create_model
 from asqpost.packed import LayerSpec
-from numerics import assert_float32_close
+from numerics import assert_float32_close, relative_error
 from tiny_bert import tiny_bert_config
 
 pytestmark = pytest.mark.numerics
@@ -167,11 +167,14 @@ def test_a_packed_encoder_with_linked_inputs_and_padding_compiles_without_graph_
 @pytest.mark.skipif(not extension.available(), reason="native LUT kernel could not be built here")
 def test_inductor_compiles_a_packed_cnn_to_the_same_predictions():
     """Inductor fuses the float ops around the kernels (the adapter, BatchNorm, the residual adds), which may
-    round differently in the last bits; the integer ops are the same calls."""
+    round differently in the last bits; the integer ops are the same calls. A last-bit difference can flip a 4-bit
+    activation code that sits on a rounding tie (on some CPUs it does: a 2% move of that sample's logits), so the
+    bound is a code flip's, far below what a wrong kernel, scale or step gives (order 1); ``aot_eager``, which
+    keeps torch's float ops, is bit-identical (the tests above)."""
     packed, x = _packed_cnn()
     with torch.no_grad():
         eager = packed(x)
         torch._dynamo.reset()
         compiled = torch.compile(packed, fullgraph=True)(x)
-    assert_float32_close(compiled, eager)
+    assert relative_error(compiled, eager) <= 0.1
     assert torch.equal(compiled.argmax(1), eager.argmax(1))

@@ -319,5 +319,32 @@ def test_cli_exports_onnx_and_runs_it_like_the_safetensors_file(tmp_path, capsys
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert results[0]["samples"] == results[1]["samples"] > 0
     assert abs(results[0]["accuracy"] - results[1]["accuracy"]) <= 2 / results[0]["samples"]
+    assert main(["run", str(tmp_path / "m.onnx"), "--data", "synthetic"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(ONNX Runtime)")
     assert main(["run", str(tmp_path / "m.onnx"), "--data", "synthetic", "--kernels"]) == 2
     assert "ONNX Runtime" in capsys.readouterr().err
+
+
+def test_sessions_multiply_exactly_where_the_fast_kernel_saturates():
+    """uint8 255 x int8 127 summed over 64 terms: 2,072,640 exactly. On x86 without VNNI ONNX Runtime's default
+    kernel adds product pairs in 16 bits and gets 32 x 32767; the asqpost session options sum exactly."""
+    from asqpost.export import u8s8_saturates
+
+    helper = onnx.helper
+    weights = onnx.numpy_helper.from_array(np.full((64, 1), 127, dtype=np.int8), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
+        "product",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 1])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+    x = {"x": np.full((1, 64), 255, dtype=np.uint8)}
+    exact = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
+    assert int(exact.run(None, x)[0][0, 0]) == 255 * 127 * 64
+    plain = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    expected = 32 * 32767 if u8s8_saturates() else 255 * 127 * 64
+    assert int(plain.run(None, x)[0][0, 0]) == expected
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        session_options(0)

@@ -254,7 +254,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .export import format_kernel_report
     from .train.evaluation import evaluate_export
 
-    if args.kernels and Path(args.export).suffix.lower() == ".onnx":
+    onnx_file = Path(args.export).suffix.lower() == ".onnx"
+    if args.kernels and onnx_file:
         raise ValueError("--kernels reports a safetensors export's packed layers; an ONNX file runs in ONNX Runtime")
     report = _kernel_report(args.export, args.device) if args.kernels else None
     if report is not None and not args.json:
@@ -263,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.export, args.data, args.data_root, args.split, args.shift, device=args.device, subset=args.subset
     )
     extra = {} if report is None else {"kernels": [dataclasses.asdict(entry) for entry in report]}
-    _print_accuracy(args, result, " (packed model)", extra)
+    _print_accuracy(args, result, " (ONNX Runtime)" if onnx_file else " (packed model)", extra)
     return 0
 
 
