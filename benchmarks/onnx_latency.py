@@ -146,6 +146,19 @@ def code_agreement(path: Path, packed: nn.Module, inputs: dict[str, torch.Tensor
     return equal / sum(a.size for a in theirs)
 
 
+def timed_calls(models: dict, files: dict, labels, threads: int) -> dict:
+    """The calls timed at ``threads``: the torch baselines, ORT's float and int8 files, then each variant's
+    packed model (where :func:`native_timed`) and its ONNX file."""
+    runners = {name: torch_runner(model) for name, model in models.items() if not name.startswith("asqpost")}
+    runners.update({name: ort_runner(files[name], threads) for name in ("ORT float", "ORT int8 dynamic")})
+    for label in labels:
+        native = models[f"asqpost native {label}"]
+        if native_timed(native):
+            runners[f"asqpost native {label}"] = torch_runner(native)
+        runners[f"asqpost ONNX {label}"] = ort_runner(files[f"asqpost ONNX {label}"], threads, True)
+    return runners
+
+
 def latency_rows(runners: dict, inputs: dict, label: str, repeats: int, report: dict) -> list[list[str]]:
     medians = interleaved_medians({name: (lambda f=f: f(inputs)) for name, f in runners.items()}, repeats, lead_in=True)
     rows = []
@@ -222,12 +235,7 @@ def minilm(args: argparse.Namespace, tmp: Path, report: dict) -> list[str]:
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        runners = {name: torch_runner(m) for name, m in list(models.items())[:2]}
-        runners.update({name: ort_runner(files[name], threads) for name in ("ORT float", "ORT int8 dynamic")})
-        for label in MINILM_VARIANTS:
-            if native_timed(models[f"asqpost native {label}"]):
-                runners[f"asqpost native {label}"] = torch_runner(models[f"asqpost native {label}"])
-            runners[f"asqpost ONNX {label}"] = ort_runner(files[f"asqpost ONNX {label}"], threads, True)
+        runners = timed_calls(models, files, MINILM_VARIANTS, threads)
         for batch, length in SHAPES:
             ids = torch.randint(1000, 20000, (batch, length), generator=torch.Generator().manual_seed(length))
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -282,12 +290,7 @@ def resnet(args: argparse.Namespace, tmp: Path, report: dict) -> list[str]:
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        runners = {"torch float": torch_runner(float_model)}
-        runners.update({name: ort_runner(files[name], threads) for name in ("ORT float", "ORT int8 dynamic")})
-        for label in cells:
-            if native_timed(models[f"asqpost native {label}"]):
-                runners[f"asqpost native {label}"] = torch_runner(models[f"asqpost native {label}"])
-            runners[f"asqpost ONNX {label}"] = ort_runner(files[f"asqpost ONNX {label}"], threads, True)
+        runners = timed_calls(models, files, cells, threads)
         for batch in BATCHES:
             rows += latency_rows(
                 runners, {"input": images[:batch]}, f"{threads} | {batch}", args.repeats, report["resnet_ms"]
