@@ -39,7 +39,8 @@ EXACT_U8S8_KEY = "session.x64quantprecision"
 def u8s8_saturates() -> bool:
     """Whether ONNX Runtime's fast uint8 x int8 products can saturate on this CPU: x86 without AVX-512 VNNI,
     AVX-VNNI or AMX, where its kernels add pairs of products in 16 bits (``vpmaddubsw``): 255 x 127 x 2 exceeds
-    32767. Elsewhere (VNNI, AMX, ARM) the sums are exact int32."""
+    32767. Elsewhere (VNNI, AMX, ARM) the sums are exact int32. An x86 CPU whose flags cannot be read (no
+    ``/proc/cpuinfo``) counts as saturating: exact sums first."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     cpuinfo = Path("/proc/cpuinfo")
