@@ -322,10 +322,11 @@ def _is_constant(node: Any) -> bool:
 
 
 def _value_key(onnx: Any, tensor: Any) -> bytes:
+    """The SHA-256 of ``tensor`` serialized without its name: type, shape and contents."""
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     copy.name = ""
-    return copy.SerializeToString(deterministic=True)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
 
 
 def _short_value_names(proto: Any, kept: set[str]) -> None:
