@@ -135,16 +135,19 @@ def test_paths_are_reported_once_fastest_first():
 
 
 @needs_native
-@pytest.mark.parametrize(("biggest", "avx2_runs"), [(64, "avx2"), (65, "scalar"), (127, "scalar"), (-128, "scalar")])
-def test_avx2_runs_scalar_where_its_int16_pairs_could_saturate(biggest, avx2_runs):
-    """AVX2 adds u8 x s8 products in int16 pairs: exact only while 2 * 255 * max|lut| <= 32767."""
+@pytest.mark.parametrize("biggest", [64, 65, 96, 127, -128])
+def test_avx2_sums_every_int8_table_exactly(biggest):
+    """AVX2 adds u8 x s8 products in int16 pairs, which saturate once 2 * 255 * max|lut| > 32767: a table beyond
+    [-64, 64] runs split in two narrow ones (POST on the int8 lattice reaches 96), still on AVX2."""
     if "avx2" not in extension.available_paths():
         pytest.skip("this CPU has no AVX2")
     table = torch.full((16,), biggest)
+    table[::3] = -biggest // 2  # mixed signs
     codes = torch.randint(0, 16, (21, 40))
     x = torch.full((3, 40), 255, dtype=torch.uint8)  # the largest pairs: 2 * 255 * biggest
+    x[1] = torch.randint(0, 256, (40,), dtype=torch.uint8)
     plan = _plan_of(table, codes, "avx2")
-    assert native.kernel_path(plan) == avx2_runs
+    assert native.kernel_path(plan) == "avx2"
     even, odd = native.lut_matmul(x, plan)
     assert odd is None
     assert torch.equal(even.long(), x.long() @ table[codes].T)

@@ -422,18 +422,43 @@ void avx512_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
     block_avx512<false>(a, m0, m1, t0, t1);
 }
 
-// AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. kernel_path only runs it when
-// 2 * 255 * max|lut| <= 32767, so the int16 pairs cannot saturate. A 64-byte block is two halves of 8 rows.
+// AVX2 without VNNI: vpmaddubsw (u8 x s8 -> saturating int16 pairs) then vpmaddwd. The int16 pairs cannot
+// saturate while 2 * 255 * max|lut| <= 32767 (|lut| <= 64); a wider table is split into two that are
+// (clamp(lut, -64, 64) and the rest, each within [-64, 64]), whose products add up exactly in int32.
+// A 64-byte block is two halves of 8 rows.
 ASQPOST_AVX2 static inline __m256i dot_u8s8(__m256i acc, __m256i x, __m256i w) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
 }
 
-template <int MR>
+// A 16-entry table in both 128-bit lanes, as it is (SPLIT false) or as its two narrow parts.
+struct Avx2Table {
+  __m256i first, rest;
+};
+
+template <bool SPLIT>
+ASQPOST_AVX2 static inline Avx2Table avx2_table(const int8_t* lut) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut));
+  const __m256i table = _mm256_set_m128i(t, t);
+  if constexpr (!SPLIT) return {table, _mm256_setzero_si256()};
+  const __m256i first = _mm256_min_epi8(_mm256_max_epi8(table, _mm256_set1_epi8(-64)), _mm256_set1_epi8(64));
+  return {first, _mm256_sub_epi8(table, first)};
+}
+
+// acc + x_lo . table[lo] + x_hi . table[hi], each product through the table's parts when SPLIT.
+template <bool SPLIT>
+ASQPOST_AVX2 static inline __m256i dot_codes(__m256i acc, const Avx2Table& table, __m256i lo, __m256i hi,
+                                             __m256i x_lo, __m256i x_hi) {
+  acc = dot_u8s8(dot_u8s8(acc, x_lo, _mm256_shuffle_epi8(table.first, lo)), x_hi,
+                 _mm256_shuffle_epi8(table.first, hi));
+  if constexpr (SPLIT)
+    acc = dot_u8s8(dot_u8s8(acc, x_lo, _mm256_shuffle_epi8(table.rest, lo)), x_hi,
+                   _mm256_shuffle_epi8(table.rest, hi));
+  return acc;
+}
+
+template <int MR, bool SPLIT>
 ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half) {
-  const __m128i te = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_even));
-  const __m128i to = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lut_odd));
-  const __m256i table_even = _mm256_set_m128i(te, te);
-  const __m256i table_odd = _mm256_set_m128i(to, to);
+  const Avx2Table table_even = avx2_table<SPLIT>(a.lut_even), table_odd = avx2_table<SPLIT>(a.lut_odd);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256i acc_e[MR], acc_o[MR];
   for (int i = 0; i < MR; ++i) acc_e[i] = acc_o[i] = _mm256_setzero_si256();
@@ -442,13 +467,11 @@ ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half)
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + b * 64));
     const __m256i lo = _mm256_and_si256(v, nibble);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    const __m256i e_lo = _mm256_shuffle_epi8(table_even, lo), e_hi = _mm256_shuffle_epi8(table_even, hi);
-    const __m256i o_lo = _mm256_shuffle_epi8(table_odd, lo), o_hi = _mm256_shuffle_epi8(table_odd, hi);
     for (int i = 0; i < MR; ++i) {
       const __m256i x_lo = _mm256_set1_epi32(load_i32(xr[i] + c));
       const __m256i x_hi = _mm256_set1_epi32(load_i32(xr[i] + c + 4));
-      acc_e[i] = dot_u8s8(dot_u8s8(acc_e[i], x_lo, e_lo), x_hi, e_hi);
-      if (a.has_odd) acc_o[i] = dot_u8s8(dot_u8s8(acc_o[i], x_lo, o_lo), x_hi, o_hi);
+      acc_e[i] = dot_codes<SPLIT>(acc_e[i], table_even, lo, hi, x_lo, x_hi);
+      if (a.has_odd) acc_o[i] = dot_codes<SPLIT>(acc_o[i], table_odd, lo, hi, x_lo, x_hi);
     }
   });
   const int64_t n = t * kTile + half * 8;
@@ -461,15 +484,23 @@ ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half)
   }
 }
 
-void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  if (a.direct) return scalar_block(a, m0, m1, t0, t1);  // kernel_path never asks for this; kept exact regardless
+template <bool SPLIT>
+void avx2_tiles(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int half = 0; half < 2 && t * kTile + half * 8 < a.N; ++half) {
       int64_t m = m0;
-      for (; m + 2 <= m1; m += 2) half_tile_avx2<2>(a, m, t, half);
-      if (m < m1) half_tile_avx2<1>(a, m, t, half);
+      for (; m + 2 <= m1; m += 2) half_tile_avx2<2, SPLIT>(a, m, t, half);
+      if (m < m1) half_tile_avx2<1, SPLIT>(a, m, t, half);
     }
   }
+}
+
+bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd);
+
+void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  if (a.direct) return scalar_block(a, m0, m1, t0, t1);  // kernel_path never asks for this; kept exact regardless
+  if (avx2_exact(a.lut_even, a.lut_odd)) return avx2_tiles<false>(a, m0, m1, t0, t1);
+  avx2_tiles<true>(a, m0, m1, t0, t1);
 }
 #endif  // ASQPOST_X86
 
@@ -492,21 +523,20 @@ const std::vector<std::string>& available_paths() {
   return paths;
 }
 
-// AVX2 adds u8 x s8 products in int16 pairs (vpmaddubsw), which saturate once 2 * 255 * max|lut| > 32767.
+// AVX2 adds u8 x s8 products in int16 pairs (vpmaddubsw), which saturate once 2 * 255 * max|lut| > 32767: such
+// tables run split in two (avx2_block).
 bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd) {
   int biggest = 0;
   for (int i = 0; i < 16; ++i) biggest = std::max({biggest, std::abs(int{lut_even[i]}), std::abs(int{lut_odd[i]})});
   return 2 * 255 * biggest <= std::numeric_limits<int16_t>::max();
 }
 
-// The path a plan runs: the one it asks for ("auto": this CPU's fastest), except that AVX2 runs scalar for tables
-// whose int16 pairs could saturate (AVX-512 VNNI's vpdpbusd adds in int32 and is exact for any int8 table).
-// Direct int8 weights run AVX-512 VNNI or scalar (AVX2's pairs could saturate on int8 weights up to 128).
+// The path a plan runs: the one it asks for ("auto": this CPU's fastest). AVX2 runs every table exactly (wide
+// ones split in two); direct int8 weights run AVX-512 VNNI or scalar (AVX2's pairs could saturate on int8 weights
+// up to 128).
 std::string kernel_path(const Plan& plan) {
   const std::string chosen = plan.path == "auto" ? available_paths().front() : plan.path;
-  if (chosen == "avx2" && (plan.direct || !avx2_exact(plan.lut_even.data_ptr<int8_t>(), plan.lut_odd.data_ptr<int8_t>())))
-    return "scalar";
-  return chosen;
+  return chosen == "avx2" && plan.direct ? "scalar" : chosen;
 }
 
 // The plan's fields as typed arguments (the order of asqpost.kernels.native.NativePlan.kernel_args), checked once.
