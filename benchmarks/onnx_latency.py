@@ -107,8 +107,8 @@ def ort_runner(path: Path, threads: int, asqpost_file: bool = False):
 
 
 def native_timed(packed: nn.Module) -> bool:
-    """Whether asqpost's own kernels are timed: not where a layer takes the scalar fallback (on x86 without
-    VNNI, the 8-bit layers' direct int8 weights), which is there for exactness, not speed."""
+    """Whether asqpost's own kernels are timed: not where a layer takes the scalar path (where it is asked for,
+    or on a CPU without AVX2), which is there for exactness, not speed."""
     return not any("scalar" in entry.path for entry in kernel_report(packed))
 
 

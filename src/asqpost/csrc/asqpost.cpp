@@ -484,13 +484,57 @@ ASQPOST_AVX2 void half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half)
   }
 }
 
-template <bool SPLIT>
+// Direct int8 weights, already in the decoded block layout (8 rows x 4 k per half and k group), each split into
+// clamp(w, -64, 64) and the rest so that no int16 pair can saturate.
+template <int MR>
+ASQPOST_AVX2 void direct_half_tile_avx2(const Args& a, int64_t m0, int64_t t, int half) {
+  const __m256i low = _mm256_set1_epi8(-64), high = _mm256_set1_epi8(64);
+  __m256i acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  const int8_t* wt = reinterpret_cast<const int8_t*>(a.tile(t)) + half * 32;
+  for_each_block<MR>(a, m0, [&](int64_t b, const uint8_t* const* xr, int64_t c) ASQPOST_AVX2 {
+    const int8_t* block = wt + b * decoded_bytes(false);
+    const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+    const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64));
+    const __m256i lo_first = _mm256_min_epi8(_mm256_max_epi8(w_lo, low), high);
+    const __m256i hi_first = _mm256_min_epi8(_mm256_max_epi8(w_hi, low), high);
+    const __m256i lo_rest = _mm256_sub_epi8(w_lo, lo_first), hi_rest = _mm256_sub_epi8(w_hi, hi_first);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x_lo = _mm256_set1_epi32(load_i32(xr[i] + c));
+      const __m256i x_hi = _mm256_set1_epi32(load_i32(xr[i] + c + 4));
+      acc[i] = dot_u8s8(dot_u8s8(acc[i], x_lo, lo_first), x_lo, lo_rest);
+      acc[i] = dot_u8s8(dot_u8s8(acc[i], x_hi, hi_first), x_hi, hi_rest);
+    }
+  });
+  const int64_t n = t * kTile + half * 8;
+  const int64_t count = std::min<int64_t>(8, a.N - n);
+  const int32_t none[8] = {};
+  for (int i = 0; i < MR; ++i) {
+    int32_t even[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(even), acc[i]);
+    store_sums(a, m0 + i, n, even, none, count);
+  }
+}
+
+// The half tiles of rows [m0, m1) x tiles [t0, t1), two rows at a time: tables as they are (SPLIT false), tables
+// split in two, or direct int8 weights.
+enum class Avx2Weights { kTable, kSplitTable, kDirect };
+
+template <Avx2Weights W, int MR>
+ASQPOST_AVX2 void avx2_half_tile(const Args& a, int64_t m0, int64_t t, int half) {
+  if constexpr (W == Avx2Weights::kDirect)
+    direct_half_tile_avx2<MR>(a, m0, t, half);
+  else
+    half_tile_avx2<MR, W == Avx2Weights::kSplitTable>(a, m0, t, half);
+}
+
+template <Avx2Weights W>
 void avx2_tiles(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int half = 0; half < 2 && t * kTile + half * 8 < a.N; ++half) {
       int64_t m = m0;
-      for (; m + 2 <= m1; m += 2) half_tile_avx2<2, SPLIT>(a, m, t, half);
-      if (m < m1) half_tile_avx2<1, SPLIT>(a, m, t, half);
+      for (; m + 2 <= m1; m += 2) avx2_half_tile<W, 2>(a, m, t, half);
+      if (m < m1) avx2_half_tile<W, 1>(a, m, t, half);
     }
   }
 }
@@ -498,9 +542,9 @@ void avx2_tiles(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
 bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd);
 
 void avx2_block(const Args& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  if (a.direct) return scalar_block(a, m0, m1, t0, t1);  // kernel_path never asks for this; kept exact regardless
-  if (avx2_exact(a.lut_even, a.lut_odd)) return avx2_tiles<false>(a, m0, m1, t0, t1);
-  avx2_tiles<true>(a, m0, m1, t0, t1);
+  if (a.direct) return avx2_tiles<Avx2Weights::kDirect>(a, m0, m1, t0, t1);
+  if (avx2_exact(a.lut_even, a.lut_odd)) return avx2_tiles<Avx2Weights::kTable>(a, m0, m1, t0, t1);
+  avx2_tiles<Avx2Weights::kSplitTable>(a, m0, m1, t0, t1);
 }
 #endif  // ASQPOST_X86
 
@@ -531,13 +575,9 @@ bool avx2_exact(const int8_t* lut_even, const int8_t* lut_odd) {
   return 2 * 255 * biggest <= std::numeric_limits<int16_t>::max();
 }
 
-// The path a plan runs: the one it asks for ("auto": this CPU's fastest). AVX2 runs every table exactly (wide
-// ones split in two); direct int8 weights run AVX-512 VNNI or scalar (AVX2's pairs could saturate on int8 weights
-// up to 128).
-std::string kernel_path(const Plan& plan) {
-  const std::string chosen = plan.path == "auto" ? available_paths().front() : plan.path;
-  return chosen == "avx2" && plan.direct ? "scalar" : chosen;
-}
+// The path a plan runs: the one it asks for ("auto": this CPU's fastest). Every path is exact for every plan
+// (AVX2 splits wide tables and direct int8 weights in two narrow parts).
+std::string kernel_path(const Plan& plan) { return plan.path == "auto" ? available_paths().front() : plan.path; }
 
 // The plan's fields as typed arguments (the order of asqpost.kernels.native.NativePlan.kernel_args), checked once.
 #define ASQPOST_PLAN_PARAMS                                                                            \
