@@ -184,6 +184,21 @@ def size_table(sizes: dict[str, int], quality: dict[str, float], quality_name: s
     return table(["file", "size (MB)", "vs ORT int8's", quality_name], rows)
 
 
+def section(title: str, shape: str, rows: list, sizes: str, fidelity: list, sample: str, agreement: list) -> list:
+    """A model's lines of the report: latency, files and quality, and each ONNX file against its packed model."""
+    return [
+        f"### {title}",
+        "",
+        table([f"threads | {shape}", "model", "latency (ms)", "vs ORT float", "vs ORT int8 dynamic"], rows),
+        "",
+        sizes,
+        "",
+        f"ONNX file against its packed model (codes: {sample}):",
+        "",
+        table(["model", "activation codes equal", *agreement], fidelity),
+    ]
+
+
 def minilm(args: argparse.Namespace, tmp: Path, report: dict) -> list[str]:
     model, tokenizer = load_minilm()
     encoder = SentenceEncoder(model, normalize=True).eval()
@@ -241,17 +256,9 @@ def minilm(args: argparse.Namespace, tmp: Path, report: dict) -> list[str]:
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             rows += latency_rows(runners, inputs, f"{threads} | {batch} x {length}", args.repeats, report["minilm_ms"])
     report["minilm_sizes"], report["minilm_cosine_to_float"] = sizes, quality
-    return [
-        f"### all-MiniLM-L6-v2 (W4A8, 4-bit embeddings, calibration only; {len(held['input_ids'])} held-out sentences)",
-        "",
-        table(["threads | batch x tokens", "model", "latency (ms)", "vs ORT float", "vs ORT int8 dynamic"], rows),
-        "",
-        size_table(sizes, quality, "mean cosine to float"),
-        "",
-        "ONNX file against its packed model (codes: the first 32 held-out sentences):",
-        "",
-        table(["model", "activation codes equal", "cosine mean", "cosine min"], fidelity),
-    ]
+    title = f"all-MiniLM-L6-v2 (W4A8, 4-bit embeddings, calibration only; {len(held['input_ids'])} held-out sentences)"
+    return section(title, "batch x tokens", rows, size_table(sizes, quality, "mean cosine to float"), fidelity,
+                   "the first 32 held-out sentences", ["cosine mean", "cosine min"])  # fmt: skip
 
 
 def resnet(args: argparse.Namespace, tmp: Path, report: dict) -> list[str]:
@@ -296,17 +303,9 @@ def resnet(args: argparse.Namespace, tmp: Path, report: dict) -> list[str]:
                 runners, {"input": images[:batch]}, f"{threads} | {batch}", args.repeats, report["resnet_ms"]
             )
     report["resnet_sizes"], report["resnet_accuracy"] = sizes, accuracy
-    return [
-        f"### ResNet-20 ({data}, {len(labels)} test images; `asqpost demo`'s W4A4 models, 8-bit first and last layers)",
-        "",
-        table(["threads | batch", "model", "latency (ms)", "vs ORT float", "vs ORT int8 dynamic"], rows),
-        "",
-        size_table(sizes, accuracy, "test accuracy"),
-        "",
-        "ONNX file against its packed model (codes: the first 256 test images):",
-        "",
-        table(["model", "activation codes equal", "same predictions"], fidelity),
-    ]
+    title = f"ResNet-20 ({data}, {len(labels)} test images; `asqpost demo`'s W4A4 models, 8-bit first and last layers)"
+    return section(title, "batch", rows, size_table(sizes, accuracy, "test accuracy"), fidelity,
+                   "the first 256 test images", ["same predictions"])  # fmt: skip
 
 
 RESNET_CELLS = {"LSQ + LSQ": "lsq", "POST + ASQ": "post-asq"}
